@@ -1,0 +1,409 @@
+"""Typed experiment config: one dataclass per YAML section, `--set a.b=c` overrides, and `validate`.
+
+Every field has a default except `data.domain`. `load_config(path, overrides)` is the only entry point the
+commands use; it raises `ConfigError` listing every problem, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raycpt.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "packaged:smollm2-135m"
+    """Local directory, Hugging Face hub id, or `packaged:smollm2-135m` / `packaged:tiny-gpt2`."""
+    dtype: str = "float32"
+    """Weights dtype when loading: float32 | bfloat16 | float16. Mixed precision is `train.precision`."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory; only worth it when a batch does not fit."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repo. Off unless you trust that repo."""
+
+
+@dataclass
+class DataConfig:
+    domain: str = ""
+    """Domain corpus: txt/jsonl/parquet/csv file, directory or glob, hub dataset, or `packaged:rotten-tomatoes`."""
+    general: str = ""
+    """General replay corpus (same forms), e.g. `packaged:news`. Empty means no replay (then mix_ratio must be 1)."""
+    text_field: str = "text"
+    """Column holding the text in jsonl/parquet/csv/hub sources."""
+    block_size: int = 128
+    """Tokens per training block; documents are joined with EOS and cut into blocks of this size."""
+    heldout_fraction: float = 0.05
+    """Fraction of each corpus' documents held out for perplexity, fixed before any trial starts."""
+    heldout_blocks: int = 8
+    """Held-out blocks per corpus used for eval/*_ppl (shared by every trial and the base model)."""
+    max_tokens: int = 0
+    """Cap on training tokens kept per corpus (0 = all)."""
+    seed: int = 0
+    """Seed for the held-out split and the mixture sampler."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    """Peak learning rate reached after warmup (re-warm) from the released weights."""
+    min_lr_ratio: float = 0.1
+    """Cosine re-decay floor as a fraction of lr."""
+    warmup_steps: int = 2
+    """Linear warmup steps."""
+    steps: int = 24
+    """Optimizer steps."""
+    batch_size: int = 4
+    """Blocks per micro-batch per worker."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (per worker)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    dropout: float = 0.0
+    """Dropout applied during CPT (attention and residual/MLP outputs); released models often ship with 0."""
+    mix_ratio: float = 0.8
+    """Fraction of training blocks drawn from the domain corpus; the rest is general replay."""
+    eval_every: int = 8
+    """Steps between held-out evaluations, reports and checkpoints (the last step always evaluates)."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0 = off)."""
+    early_stopping_patience: int = 0
+    """Stop a trial after this many evals without domain-ppl improvement (0 = off)."""
+    precision: str = "auto"
+    """fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU)."""
+    compile: bool = False
+    """torch.compile the model (pays a compile warm-up; worth it on GPU for long runs)."""
+    seed: int = 0
+    """Seed for dropout masks and the data order within the mixture."""
+
+
+@dataclass
+class EvalConfig:
+    task: str = ""
+    """Labelled downstream task source (csv/jsonl/parquet, hub dataset or `packaged:rotten-tomatoes`)."""
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] = field(default_factory=list)
+    """Keep only these labels (empty = all)."""
+    train_size: int = 300
+    """Texts in the probe's train split (0 = all that remain)."""
+    test_size: int = 300
+    """Texts in the probe's test split; these never enter the CPT corpus."""
+    seed: int = 0
+
+
+@dataclass
+class SearchConfig:
+    space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    """Dotted field -> one distribution: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]},
+    {grid: [...]}."""
+    num_samples: int = 4
+    """Samples drawn from the space (each grid point is sampled this many times)."""
+    scheduler: str = "asha"
+    """asha | none."""
+    metric: str = "eval/domain_ppl"
+    mode: str = "min"
+    grace_period: int = 1
+    """ASHA: reports a trial gets before it can be stopped."""
+    reduction_factor: int = 2
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    max_concurrent_trials: int = 0
+    """0 = as many as the cluster's CPUs (or GPUs) fit."""
+
+
+@dataclass
+class SelectConfig:
+    max_forgetting: float = 0.10
+    """A winner's general ppl may be at most (1 + max_forgetting) x the base model's."""
+    f1_tolerance: float = 0.005
+    """F1 values closer than this count as a tie, broken by domain ppl."""
+
+
+@dataclass
+class ResourcesConfig:
+    num_workers: int = 1
+    """Ray Train workers per trial (DDP)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    trial_cpus: float = 0.0
+    """CPU held by each trial's driver, which only waits on its workers; 0 = none (it then reserves a little
+    memory instead, since Ray needs a non-empty resource request)."""
+
+
+@dataclass
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    name: str = "raycpt"
+    """Experiment name: results go to <storage_path>/<name>."""
+    storage_path: str = "runs"
+    """Where experiments are written (local dir, shared FS on clusters)."""
+
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.train.batch_size * self.train.grad_accum * world_size * self.data.block_size
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _section_classes() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(ExperimentConfig) if f.default_factory
+            is not dataclasses.MISSING}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _coerce(value: Any, target: Any, where: str, problems: list[str]) -> Any:
+    """Convert YAML/CLI values to the field's type, recording a problem instead of raising."""
+    kind = target.__class__
+    if isinstance(target, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return target
+    if isinstance(target, (int, float)):
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            converted = kind(float(value)) if kind is float else int(str(value), 0) if isinstance(
+                value, str) else int(value)
+            if kind is int and not isinstance(value, str) and float(value) != converted:
+                raise ValueError
+            return converted
+        except (TypeError, ValueError):
+            problems.append(f"{where}: expected {'a number' if kind is float else 'an integer'}, got {value!r}")
+            return target
+    if isinstance(target, str):
+        if isinstance(value, (dict, list)):
+            problems.append(f"{where}: expected a string, got {value!r}")
+            return target
+        return "" if value is None else str(value)
+    if isinstance(target, list):
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return target
+        return [str(v) for v in value]
+    if isinstance(target, dict):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return target
+        return value
+    return value
+
+
+def _build(raw: dict[str, Any], problems: list[str]) -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    sections = _section_classes()
+    for key, value in raw.items():
+        if key in sections:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problems.append(f"{key}: expected a mapping of fields, got {value!r}")
+                continue
+            section = getattr(cfg, key)
+            names = [f.name for f in dataclasses.fields(section)]
+            for sub, subvalue in value.items():
+                if sub not in names:
+                    problems.append(f"{key}.{sub}: unknown field{_closest(sub, names)}")
+                    continue
+                setattr(section, sub, _coerce(subvalue, getattr(section, sub), f"{key}.{sub}", problems))
+        elif key in ("name", "storage_path"):
+            setattr(cfg, key, _coerce(value, getattr(cfg, key), key, problems))
+        else:
+            problems.append(f"{key}: unknown section{_closest(key, list(sections) + ['name', 'storage_path'])}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 3e-4); values are parsed as YAML so lists and numbers work."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a raw config mapping (`search.space.train.lr` keeps its dotted tail as one key)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "search" and len(parts) > 2 and parts[1] == "space":
+            raw.setdefault("search", {}).setdefault("space", {})
+            raw["search"]["space"] = dict(raw["search"]["space"] or {})
+            raw["search"]["space"][".".join(parts[2:])] = value
+        elif len(parts) == 1:
+            raw[key] = value
+        else:
+            section = raw.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                section = raw[parts[0]] = {}
+            section[".".join(parts[1:])] = value
+    return raw
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found; pass a YAML file such as experiments/laptop.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path}:{where}: YAML syntax error: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections (data:, train:, ...) at the top")
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | dict[str, Any] | None = None
+                ) -> ExperimentConfig:
+    """Read YAML, apply `--set` overrides, validate. Raises ConfigError with every problem found."""
+    raw = read_yaml(path) if path is not None else {}
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    raw = apply_overrides(raw, overrides or {})
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    problems: list[str] = []
+    cfg = _build(raw, problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
+    """A copy of `cfg` with dotted overrides applied (how a trial's sampled hyperparameters are applied)."""
+    return config_from_dict(apply_overrides(to_dict(cfg), overrides))
+
+
+def _check_range(problems: list[str], where: str, value: float, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hint: str = "") -> None:
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_txt = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_txt = "" if hi is None else f"<= {hi}"
+        allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
+        problems.append(f"{where}: {value} is out of range, must be {allowed}{hint}")
+
+
+def _validate_space(space: dict[str, Any], problems: list[str]) -> None:
+    sweepable = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)} | {"data.block_size"}
+    for key, spec in space.items():
+        if key not in sweepable:
+            problems.append(f"search.space.{key}: not a sweepable field{_closest(key, sorted(sweepable))}")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1:
+            problems.append(f"search.space.{key}: expected one distribution, e.g. {{loguniform: [1e-5, 1e-3]}}")
+            continue
+        (dist, args), = spec.items()
+        if dist not in DISTRIBUTIONS:
+            problems.append(f"search.space.{key}: unknown distribution '{dist}'{_closest(dist, list(DISTRIBUTIONS))}")
+        elif not isinstance(args, list) or not args:
+            problems.append(f"search.space.{key}.{dist}: expected a non-empty list")
+        elif dist in ("loguniform", "uniform"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                problems.append(f"search.space.{key}.{dist}: expected [low, high] numbers, got {args!r}")
+            elif args[0] >= args[1] or (dist == "loguniform" and args[0] <= 0):
+                problems.append(f"search.space.{key}.{dist}: need 0 < low < high for loguniform, low < high for "
+                                f"uniform, got {args!r}")
+        else:
+            probe = TrainConfig() if key.startswith("train.") else DataConfig()
+            for value in args:
+                sub: list[str] = []
+                _coerce(value, getattr(probe, key.split(".", 1)[1]), f"search.space.{key}", sub)
+                problems += sub[:1]
+
+
+def validate(cfg: ExperimentConfig) -> list[str]:
+    """Every problem in the config, each naming the field and what is allowed."""
+    p: list[str] = []
+    d, t, s, r, m, e = cfg.data, cfg.train, cfg.search, cfg.resources, cfg.model, cfg.eval
+    if not d.domain:
+        p.append("data.domain: required; give a corpus path, a hub dataset or packaged:rotten-tomatoes")
+    if not m.source:
+        p.append("model.source: required; a local dir, hub id or packaged:smollm2-135m")
+    if m.dtype not in DTYPES:
+        p.append(f"model.dtype: '{m.dtype}' is not allowed{_closest(m.dtype, list(DTYPES))}")
+    _check_range(p, "data.block_size", d.block_size, 8, 1 << 17)
+    _check_range(p, "data.heldout_fraction", d.heldout_fraction, 0, 0.5, lo_open=True)
+    _check_range(p, "data.heldout_blocks", d.heldout_blocks, 1)
+    _check_range(p, "data.max_tokens", d.max_tokens, 0)
+    _check_range(p, "train.lr", t.lr, 0, 1, lo_open=True)
+    _check_range(p, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    _check_range(p, "train.warmup_steps", t.warmup_steps, 0)
+    _check_range(p, "train.steps", t.steps, 1)
+    _check_range(p, "train.batch_size", t.batch_size, 1)
+    _check_range(p, "train.grad_accum", t.grad_accum, 1)
+    _check_range(p, "train.weight_decay", t.weight_decay, 0, 1)
+    _check_range(p, "train.dropout", t.dropout, 0, 0.9)
+    _check_range(p, "train.mix_ratio", t.mix_ratio, 0, 1)
+    _check_range(p, "train.eval_every", t.eval_every, 1)
+    _check_range(p, "train.grad_clip", t.grad_clip, 0)
+    _check_range(p, "train.early_stopping_patience", t.early_stopping_patience, 0)
+    if t.precision not in PRECISIONS:
+        p.append(f"train.precision: '{t.precision}' is not allowed{_closest(t.precision, list(PRECISIONS))}")
+    if not d.general and t.mix_ratio < 1 and "train.mix_ratio" not in s.space:
+        p.append("train.mix_ratio: below 1 needs general replay data; set data.general or train.mix_ratio=1")
+    if e.task:
+        _check_range(p, "eval.train_size", e.train_size, 0)
+        _check_range(p, "eval.test_size", e.test_size, 2)
+    _check_range(p, "search.num_samples", s.num_samples, 1)
+    if s.scheduler not in ("asha", "none"):
+        p.append(f"search.scheduler: '{s.scheduler}' is not allowed (valid: asha, none)")
+    if s.mode not in ("min", "max"):
+        p.append(f"search.mode: '{s.mode}' is not allowed (valid: min, max)")
+    if s.metric not in ("eval/domain_ppl", "eval/domain_loss", "eval/general_ppl", "train/loss"):
+        p.append(f"search.metric: '{s.metric}' is not reported during training (use eval/domain_ppl, "
+                 "eval/domain_loss, eval/general_ppl or train/loss)")
+    _check_range(p, "search.grace_period", s.grace_period, 1)
+    _check_range(p, "search.reduction_factor", s.reduction_factor, 2)
+    _check_range(p, "search.max_concurrent_trials", s.max_concurrent_trials, 0)
+    _validate_space(s.space, p)
+    _check_range(p, "select.max_forgetting", cfg.select.max_forgetting, 0)
+    _check_range(p, "select.f1_tolerance", cfg.select.f1_tolerance, 0)
+    _check_range(p, "resources.num_workers", r.num_workers, 1)
+    _check_range(p, "resources.cpus_per_worker", r.cpus_per_worker, 0, lo_open=True)
+    _check_range(p, "resources.trial_cpus", r.trial_cpus, 0)
+    if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
+        p.append(f"name: '{cfg.name}' must be a plain directory name (no '/', not starting with '.')")
+    return p

@@ -1,0 +1,321 @@
+"""Corpora -> tokenised, packed blocks (cached); the domain/general mixture; held-out splits; the labelled task.
+
+Flow (`prepare_data`): read documents -> drop any downstream-test text (leakage guard) -> split documents into
+train / held-out (seeded, fixed before any trial) -> tokenise once with the fast tokenizer (batched
+`datasets.map`, cached by datasets' fingerprints) with EOS after each document -> concatenate the whole stream
+and cut it into `block_size` blocks (only the stream's tail is dropped) -> `.npy` files in the cache, keyed by
+tokenizer + source fingerprint + block size. Trials memory-map those files; nothing is re-tokenised per trial.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import hashlib
+import io
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raycpt.errors import InputError
+from raycpt.packaged import cache_dir, packaged_file
+
+PACKAGED_CORPORA = ("rotten-tomatoes", "news")
+FILE_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                ".csv": "csv"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading sources
+
+
+def _packaged_parquet(name: str) -> Path:
+    """Convert a packaged corpus once into a parquet file with a `text` column (and `label` where labelled)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = cache_dir("corpora") / f"{name}.parquet"
+    if target.exists():
+        return target
+    if name == "rotten-tomatoes":
+        with bz2.open(packaged_file("rotten-tomatoes-csv"), "rt", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        table = pa.table({"text": [r["text"] for r in rows], "label": [r["category"] for r in rows],
+                          "movie": [r["movie_name"] for r in rows]})
+    else:  # news
+        with zipfile.ZipFile(packaged_file("news-zip")) as archive, archive.open("NewsArticles.csv") as raw:
+            rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace")))
+        texts = [f"{r['title'].strip()}\n\n{r['text'].strip()}".strip() for r in rows]
+        table = pa.table({"text": [t for t in texts if t]})
+    tmp = target.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def _source_files(source: str, field: str) -> tuple[str, list[str]]:
+    """(datasets loader name, files) for a local source, or raise InputError naming the problem."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in FILE_LOADERS and f.is_file())
+    elif any(ch in source for ch in "*?["):
+        files = sorted(f for f in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(f))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise InputError(f"{field} '{source}': no such file or directory; check the path")
+    if not files:
+        raise InputError(f"{field} '{source}': no .txt/.jsonl/.json/.parquet/.csv files found there")
+    loaders = {FILE_LOADERS.get(Path(f).suffix.lower()) for f in files}
+    if None in loaders:
+        raise InputError(f"{field} '{source}': unsupported file type; use .txt, .jsonl, .json, .parquet or .csv")
+    if len(loaders) > 1:
+        raise InputError(f"{field} '{source}': mixes file types {sorted(loaders)}; point it at one type")
+    return loaders.pop(), files
+
+
+def load_documents(source: str, text_field: str = "text", field: str = "data.domain"):
+    """A `datasets.Dataset` with the source's rows (the text in column `text_field`), file-backed and cached."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if source.startswith("packaged:"):
+        name = source.split(":", 1)[1]
+        if name not in PACKAGED_CORPORA:
+            raise InputError(f"{field} '{source}': unknown packaged corpus; valid: "
+                             + ", ".join(f"packaged:{n}" for n in PACKAGED_CORPORA))
+        loader, files, text_field = "parquet", [str(_packaged_parquet(name))], "text"
+    elif os.path.exists(os.path.expanduser(source)) or any(ch in source for ch in "*?[") or \
+            Path(source).suffix.lower() in FILE_LOADERS or source.startswith((".", "/", "~")):
+        loader, files = _source_files(source, field)
+        for f in files:
+            if os.path.getsize(f) == 0:
+                raise InputError(f"{field} '{f}': the file is empty; give a corpus with text in it")
+    else:
+        try:
+            ds = datasets.load_dataset(source, split="train")
+        except Exception as err:  # hub errors come in many types; report the first line
+            raise InputError(f"{field} '{source}': not a local file and cannot load it as a hub dataset "
+                             f"({str(err).splitlines()[0][:200]}); check the path or network") from None
+        return _check_text_field(ds, source, text_field, field)
+    try:
+        ds = datasets.load_dataset(loader, data_files=files, split="train",
+                                   cache_dir=str(cache_dir("datasets")))
+    except Exception as err:
+        message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if isinstance(err, UnicodeDecodeError) or "utf-8" in message.lower() or "decode" in message.lower():
+            raise InputError(f"{field} '{source}': not UTF-8 text; re-encode it as UTF-8") from None
+        raise InputError(f"{field} '{source}': cannot read it as {loader} ({message})") from None
+    if loader == "text":
+        text_field = "text"
+    return _check_text_field(ds, source, text_field, field)
+
+
+def _check_text_field(ds, source: str, text_field: str, field: str):
+    if text_field not in ds.column_names:
+        raise InputError(f"{field} '{source}': no text field '{text_field}' (columns: {', '.join(ds.column_names)})"
+                         f"; set data.text_field")
+    if len(ds) == 0:
+        raise InputError(f"{field} '{source}': no documents in it")
+    if text_field != "text":
+        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds.map(
+            lambda b: {"text": b[text_field]}, batched=True)
+    return ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Leakage guard, tokenising and packing
+
+
+def normalize_text(text: str) -> str:
+    """Case- and whitespace-insensitive form used to match downstream test texts against the corpus."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def remove_texts(ds, texts: list[str]):
+    """Drop documents whose normalised text is one of `texts`; returns (dataset, number removed)."""
+    if not texts:
+        return ds, 0
+    banned = {normalize_text(t) for t in texts}
+    kept = ds.filter(lambda b: [normalize_text(t) not in banned for t in b["text"]], batched=True)
+    return kept, len(ds) - len(kept)
+
+
+def tokenize_documents(ds, tokenizer):
+    """Batched fast-tokenizer map (cached by datasets) -> column `input_ids`, EOS appended to each document."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        return {"input_ids": [row + [eos] for row in ids]}
+
+    return ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names)
+
+
+def pack_blocks(ds, block_size: int) -> np.ndarray:
+    """Concatenate every document's ids (one stream) and cut into [n_blocks, block_size]; only the stream's
+    final partial block is dropped, not a tail per map batch as run_clm's group_texts does."""
+    column = ds.data.column("input_ids")
+    flat = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]) \
+        if column.num_chunks else np.zeros(0, np.int64)
+    n_blocks = len(flat) // block_size
+    return flat[: n_blocks * block_size].astype(np.int32).reshape(n_blocks, block_size)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(repr(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return f"{type(tokenizer).__name__}-{digest}-eos{tokenizer.eos_token_id}"
+
+
+@dataclass
+class PreparedCorpus:
+    train: str
+    """Path of the packed training blocks (.npy, int32 [n, block_size])."""
+    heldout: str
+    """Path of the fixed held-out blocks."""
+    documents: int
+    removed_for_leakage: int
+    train_tokens: int
+    heldout_tokens: int
+
+
+def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
+                   heldout_blocks: int, max_tokens: int, seed: int, exclude_texts: list[str], field: str
+                   ) -> PreparedCorpus:
+    """Read, guard, split, tokenise and pack one corpus; returns paths of cached .npy blocks."""
+    ds = load_documents(source, text_field, field)
+    ds, removed = remove_texts(ds, exclude_texts)
+    if len(ds) < 2:
+        raise InputError(f"{field} '{source}': only {len(ds)} non-empty document(s); need at least 2 to hold one "
+                         "out for perplexity")
+    split = ds.train_test_split(test_size=heldout_fraction, seed=seed, shuffle=True)
+    key = hashlib.sha256("|".join([split["train"]._fingerprint, split["test"]._fingerprint,
+                                   tokenizer_fingerprint(tokenizer), str(block_size)]).encode()).hexdigest()[:20]
+    out = cache_dir("blocks", key)
+    train_path, heldout_path = out / "train.npy", out / "heldout.npy"
+    if not (train_path.exists() and heldout_path.exists()):
+        for part, path in (("train", train_path), ("test", heldout_path)):
+            blocks = pack_blocks(tokenize_documents(split[part], tokenizer), block_size)
+            np.save(path.with_suffix(".tmp.npy"), blocks)
+            os.replace(path.with_suffix(".tmp.npy"), path)
+    train = np.load(train_path, mmap_mode="r")
+    heldout = np.load(heldout_path, mmap_mode="r")
+    if len(train) == 0 or len(heldout) == 0:
+        what = "training" if len(train) == 0 else "held-out"
+        raise InputError(f"{field} '{source}': too short, its {what} part is shorter than one block of "
+                         f"{block_size} tokens; add text or lower data.block_size / raise data.heldout_fraction")
+    if max_tokens and len(train) > max_tokens // block_size:
+        capped = out / f"train-max{max_tokens}.npy"
+        if not capped.exists():
+            np.save(capped.with_suffix(".tmp.npy"), np.asarray(train[: max(1, max_tokens // block_size)]))
+            os.replace(capped.with_suffix(".tmp.npy"), capped)
+        train_path, train = capped, np.load(capped, mmap_mode="r")
+    heldout = heldout[:heldout_blocks]
+    fixed = out / f"heldout-{len(heldout)}.npy"
+    if not fixed.exists():
+        np.save(fixed.with_suffix(".tmp.npy"), np.asarray(heldout))
+        os.replace(fixed.with_suffix(".tmp.npy"), fixed)
+    return PreparedCorpus(train=str(train_path), heldout=str(fixed), documents=len(ds), removed_for_leakage=removed,
+                          train_tokens=int(train.size), heldout_tokens=int(heldout.size))
+
+
+def load_blocks(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixture
+
+
+MIX_WINDOW = 64
+"""Blocks per stratification window: each window holds round(mix_ratio * window) domain blocks, so the realised
+share tracks mix_ratio closely even in short runs, while positions inside a window are shuffled by the seed."""
+
+
+def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Which corpus and which block each global training position draws: (is_domain[bool], index[int]).
+
+    Deterministic in its arguments, so a resumed run or another worker rebuilds the same plan. Each corpus is
+    read in a seeded random order, re-shuffled after each full pass.
+    """
+    rng = np.random.default_rng(seed)
+    is_domain = np.zeros(num_blocks, dtype=bool)
+    for start in range(0, num_blocks, MIX_WINDOW):
+        end = min(start + MIX_WINDOW, num_blocks)
+        # error diffusion across windows: the cumulative count is round(mix_ratio * end) at every window end
+        count = int(round(mix_ratio * end)) - int(round(mix_ratio * start))
+        is_domain[start + rng.permutation(end - start)[:count]] = True
+    index = np.zeros(num_blocks, dtype=np.int64)
+    for mask, n in ((is_domain, n_domain), (~is_domain, n_general)):
+        needed = int(mask.sum())
+        if needed == 0:
+            continue
+        if n == 0:
+            raise InputError("train.mix_ratio needs blocks from a corpus that has none; check data.general")
+        epochs = -(-needed // n)
+        index[mask] = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:needed]
+    return is_domain, index
+
+
+def worker_positions(step: int, micro: int, *, rank: int, world_size: int, batch_size: int, grad_accum: int
+                     ) -> slice:
+    """Global plan positions of one worker's micro-batch: workers take disjoint, interleaved shards."""
+    start = ((step * grad_accum + micro) * world_size + rank) * batch_size
+    return slice(start, start + batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labelled downstream task
+
+
+@dataclass
+class Task:
+    train_texts: list[str]
+    train_labels: list[str]
+    test_texts: list[str]
+    test_labels: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        return sorted(set(self.train_labels) | set(self.test_labels))
+
+
+def load_task(source: str, *, text_field: str, label_field: str, labels: list[str], train_size: int,
+              test_size: int, seed: int) -> Task:
+    """The labelled task, split once with a seed: the test split is fixed and removed from the CPT corpus."""
+    if source.startswith("packaged:rotten-tomatoes"):
+        text_field, label_field = "text", "label"
+    ds = load_documents(source, text_field, field="eval.task")
+    if label_field not in ds.column_names:
+        raise InputError(f"eval.task '{source}': no label field '{label_field}' (columns: "
+                         f"{', '.join(c for c in ds.column_names if c != 'text')}); set eval.label_field")
+    texts, raw_labels = ds["text"], [str(x) for x in ds[label_field]]
+    if labels:
+        missing = sorted(set(labels) - set(raw_labels))
+        if missing:
+            raise InputError(f"eval.labels: {missing} not found in '{source}' (labels there: "
+                             f"{sorted(set(raw_labels))[:10]})")
+        keep = [i for i, y in enumerate(raw_labels) if y in set(labels)]
+        texts, raw_labels = [texts[i] for i in keep], [raw_labels[i] for i in keep]
+    if len(set(raw_labels)) < 2:
+        raise InputError(f"eval.task '{source}': needs at least 2 classes in '{label_field}', found "
+                         f"{sorted(set(raw_labels))}")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    if test_size + 2 > len(order):
+        raise InputError(f"eval.test_size={test_size}: only {len(order)} labelled texts; lower eval.test_size")
+    test, rest = order[:test_size], order[test_size:]
+    train = rest[:train_size] if train_size else rest
+    task = Task([texts[i] for i in train], [raw_labels[i] for i in train], [texts[i] for i in test],
+                [raw_labels[i] for i in test])
+    for name, ys in (("train", task.train_labels), ("test", task.test_labels)):
+        if len(set(ys)) < 2:
+            raise InputError(f"eval.task '{source}': its {name} split has fewer than 2 classes; raise "
+                             f"eval.{name}_size or change eval.seed")
+    return task

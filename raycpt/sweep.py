@@ -1,0 +1,172 @@
+"""Ray Tune: the search space from config, ASHA, one TorchTrainer per trial, and the sweep from start to export.
+
+`train_driver_fn(config)` is the Tune function trainable: it applies a trial's sampled hyperparameters and runs
+that trial's TorchTrainer. It also runs alone (outside Tune) without the report callback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raycpt.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict, with_overrides
+from raycpt.errors import InputError
+from raycpt.files import write_json
+
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
+"""Logical memory a trial driver reserves when it holds no CPU (Ray rejects an empty resource request)."""
+
+
+def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """YAML distributions -> Tune's; integer fields sample integers."""
+    from ray import tune
+
+    result = {}
+    for key, spec in space.items():
+        (dist, args), = spec.items()
+        is_int = isinstance(getattr(TrainConfig(), key.split(".", 1)[1], 0.0), int) and not isinstance(
+            getattr(TrainConfig(), key.split(".", 1)[1], 0.0), bool) if key.startswith("train.") else True
+        if dist == "loguniform":
+            result[key] = tune.lograndint(int(args[0]), int(args[1]) + 1) if is_int else tune.loguniform(*args)
+        elif dist == "uniform":
+            result[key] = tune.randint(int(args[0]), int(args[1]) + 1) if is_int else tune.uniform(*args)
+        elif dist == "choice":
+            result[key] = tune.choice(args)
+        else:
+            result[key] = tune.grid_search(args)
+    return result
+
+
+def max_reports(cfg: ExperimentConfig) -> int:
+    """The most reports any trial can make (ASHA's max_t, in training iterations)."""
+    spec = cfg.search.space.get("train.steps")
+    steps = max(next(iter(spec.values()))) if spec else cfg.train.steps
+    every = cfg.search.space.get("train.eval_every")
+    eval_every = min(next(iter(every.values()))) if every else cfg.train.eval_every
+    return max(1, math.ceil(int(steps) / int(eval_every)))
+
+
+def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = None,
+                    data: dict[str, Any] | None = None, trials_dir: str = "") -> dict[str, Any]:
+    """One trial: apply the sampled hyperparameters, run a TorchTrainer on the core loop."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+    from raycpt.distributed import build_trainer
+
+    cfg = with_overrides(config_from_dict(base_cfg or {}), config.get("train_loop_config", {}))
+    in_tune = _in_tune_session()
+    # Names come from the trial id, never a timestamp, so a restored sweep finds its trials again.
+    name = f"trial_{tune.get_context().get_trial_id()}" if in_tune else "trial_standalone"
+    trainer = build_trainer(cfg, data or {}, storage_path=trials_dir, name=name,
+                            callbacks=[TuneReportCallback()] if in_tune else [])
+    result = trainer.fit()
+    # Nothing important after fit(): when Tune stops a trial, this line is never reached.
+    return result.metrics or {}
+
+
+def connect_ray(num_cpus: int | None = None) -> bool:
+    """Join RAY_ADDRESS when set, else start local Ray with the dashboard on (ASHA-stopped trials leak their
+    workers without it). Returns True when this process started Ray (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=True, log_to_driver=False,
+             configure_logging=True, logging_level="ERROR")
+    return True
+
+
+def trial_concurrency(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
+    """Trials that fit at once, set by the scarcest resource; raises InputError when one trial cannot fit."""
+    r = cfg.resources
+    cpus_needed = r.num_workers * r.cpus_per_worker + r.trial_cpus
+    cpus = cluster.get("CPU", 0.0)
+    if cpus_needed > cpus + 1e-9:
+        raise InputError(f"resources: one trial needs {cpus_needed:g} CPUs (num_workers x cpus_per_worker + "
+                         f"trial_cpus) but the cluster has {cpus:g}; lower resources.num_workers or cpus_per_worker")
+    fits = int((cpus + 1e-9) // cpus_needed)
+    if r.use_gpu:
+        gpus = cluster.get("GPU", 0.0)
+        if gpus < r.num_workers:
+            raise InputError(f"resources.num_workers={r.num_workers} with use_gpu needs {r.num_workers} GPUs but the "
+                             f"cluster has {gpus:g}; lower num_workers or set resources.use_gpu=false")
+        fits = min(fits, int(gpus // r.num_workers))
+    if cfg.search.max_concurrent_trials:
+        fits = min(fits, cfg.search.max_concurrent_trials)
+    return max(1, fits)
+
+
+def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, concurrency: int, callbacks: list):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s, r = cfg.search, cfg.resources
+    trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
+                                     trials_dir=str(exp_dir / "trials"))
+    resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_reports(cfg),
+                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        tune.with_resources(trainable, resources),
+        param_space={"train_loop_config": search_space(s.space)},
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=0, callbacks=callbacks),
+    )
+
+
+def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None) -> dict[str, Any]:
+    """The whole job: prepare data, measure the base model, run the Tune sweep, select and export the winner."""
+    from raycpt import analysis, report
+    from raycpt.prepare import measure_base, prepare_experiment
+
+    console = console or report.make_console()
+    exp_dir = cfg.experiment_dir()
+    if (exp_dir / "tune").exists():
+        if not force:
+            raise InputError(f"experiment dir {exp_dir} already holds a sweep; pass --force to replace it or "
+                             "--set name=<new name>")
+        for old in ("tune", "trials", "export"):
+            shutil.rmtree(exp_dir / old, ignore_errors=True)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    write_json(exp_dir / "raycpt_config.json", to_dict(cfg))
+    started = time.perf_counter()
+
+    with console.status("Preparing model and data (cached after the first run)"):
+        manifest = prepare_experiment(cfg)
+    write_json(exp_dir / "data_manifest.json", manifest)
+    report.print_data(console, manifest)
+    with console.status("Measuring the base model on the held-out sets"):
+        base = measure_base(cfg, manifest, exp_dir)
+    report.print_base(console, base)
+
+    started_ray = connect_ray()
+    try:
+        import ray
+
+        concurrency = trial_concurrency(cfg, ray.cluster_resources())
+        console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
+                      f"hyperparameter(s), {concurrency} trial(s) at a time, scheduler {cfg.search.scheduler}")
+        tuner = build_tuner(cfg, manifest, exp_dir, concurrency, [report.trial_line_callback()])
+        tuner.fit()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    summary = analysis.analyze(exp_dir, cfg, console=console, export=True)
+    summary["wall_time_s"] = time.perf_counter() - started
+    write_json(exp_dir / "summary.json", summary)
+    console.print(f"Sweep wall time: {summary['wall_time_s']:.0f} s; results in {exp_dir}")
+    return summary
