@@ -30,6 +30,17 @@ def _error_line(trial_path: Path) -> str:
     return lines[-1][:200] if lines else "failed"
 
 
+def _flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Tune may nest metrics whose names hold '/'; flatten them back to 'a/b/c'."""
+    flat: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict) and key != "config":
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def collect_trials(exp_dir: Path) -> pd.DataFrame:
     """One row per trial: id, status, sampled hyperparameters, last metrics, checkpoint path, error line."""
     from ray.tune import ExperimentAnalysis
@@ -54,9 +65,10 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
                "reports": last.get("training_iteration", 0)}
         row.update({f"hp/{k}": v for k, v in (trial.config.get("train_loop_config") or {}).items()})
         for key in ("step", "tokens", "train/loss", "eval/domain_loss", "eval/domain_ppl", "eval/general_loss",
-                    "eval/general_ppl", "eval/f1", "data/domain_fraction", "perf/tokens_per_s", "time/train_s",
-                    "checkpoint_path", "time_total_s"):
+                    "eval/general_ppl", "eval/f1", "eval/f1_sd", "eval/accuracy", "data/domain_fraction",
+                    "perf/tokens_per_s", "time/train_s", "checkpoint_path", "time_total_s"):
             row[key] = last.get(key)
+        row.update({k: v for k, v in _flatten(last).items() if k.startswith("eval/f1_class/")})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -192,8 +204,10 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
     reloaded = perplexity(heldout_loss(model, load_blocks(manifest["domain"]["heldout"]),
                                        batch_size=trial_cfg.train.batch_size))
     reported = _num(row.get("eval/domain_ppl"))
-    metrics = {k: row.get(k) for k in ("step", "tokens", "eval/domain_ppl", "eval/general_ppl", "eval/f1",
-                                       "data/domain_fraction", "train/loss")}
+    metrics = {k: row.get(k) for k in ("step", "tokens", "eval/domain_ppl", "eval/general_ppl", "eval/f1", "eval/f1_sd",
+                                       "eval/accuracy", "data/domain_fraction", "train/loss")}
+    metrics["eval/f1_per_class"] = {k.rsplit("/", 1)[1]: v for k, v in row.items()
+                                    if k.startswith("eval/f1_class/") and v is not None and not pd.isna(v)}
     card = {
         "model": "continued pre-training of " + cfg.model.source,
         "trial_id": row["trial_id"],
@@ -202,6 +216,7 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
         "metrics": metrics,
         "base": {k: v for k, v in base.items() if k.startswith("base/")},
         "lift": {"domain_ppl": _lift(reported, _num(base.get("base/domain_ppl"))),
+                 "f1": _lift(_num(row.get("eval/f1")), _num(base.get("base/f1"))),
                  "general_ppl": _lift(_num(row.get("eval/general_ppl")), _num(base.get("base/general_ppl")))},
         "data_mix": {"mix_ratio": trial_cfg.train.mix_ratio, "realised_domain_fraction":
                      row.get("data/domain_fraction"), "domain": cfg.data.domain, "general": cfg.data.general,

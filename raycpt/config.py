@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,11 @@ class EvalConfig:
     test_size: int = 300
     """Texts in the probe's test split; these never enter the CPT corpus."""
     seed: int = 0
+    """Seed of the train/test split (fixed for the whole sweep) and of the probe."""
+    seeds: int = 1
+    """Refit the probe on this many seeded 80% subsamples of the train split; F1 is their mean (± sd)."""
+    max_length: int = 128
+    """Tokens per text fed to the frozen model for probe features."""
 
 
 @dataclass
@@ -116,6 +122,8 @@ class SearchConfig:
     """ASHA: keep the top 1/reduction_factor at each rung."""
     max_concurrent_trials: int = 0
     """0 = as many as the cluster's CPUs (or GPUs) fit."""
+    seed: int = 0
+    """Seed of the random search, so a sweep samples the same hyperparameters again."""
 
 
 @dataclass
@@ -161,6 +169,17 @@ class ExperimentConfig:
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants a dot: `1.0e-4`), as users write it."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def _section_classes() -> dict[str, type]:
@@ -243,7 +262,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=_YamlLoader) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -273,7 +292,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path}: not found; pass a YAML file such as experiments/laptop.yaml")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -387,6 +406,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if e.task:
         _check_range(p, "eval.train_size", e.train_size, 0)
         _check_range(p, "eval.test_size", e.test_size, 2)
+        _check_range(p, "eval.seeds", e.seeds, 1, 100)
+        _check_range(p, "eval.max_length", e.max_length, 1)
     _check_range(p, "search.num_samples", s.num_samples, 1)
     if s.scheduler not in ("asha", "none"):
         p.append(f"search.scheduler: '{s.scheduler}' is not allowed (valid: asha, none)")

@@ -108,8 +108,11 @@ def load_documents(source: str, text_field: str = "text", field: str = "data.dom
                                    cache_dir=str(cache_dir("datasets")))
     except Exception as err:
         message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        if isinstance(err, UnicodeDecodeError) or "utf-8" in message.lower() or "decode" in message.lower():
-            raise InputError(f"{field} '{source}': not UTF-8 text; re-encode it as UTF-8") from None
+        cause: BaseException | None = err
+        while cause is not None:  # datasets wraps the reader's error in DatasetGenerationError
+            if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
+                raise InputError(f"{field} '{source}': not UTF-8 text; re-encode it as UTF-8") from None
+            cause = cause.__cause__ or cause.__context__
         raise InputError(f"{field} '{source}': cannot read it as {loader} ({message})") from None
     if loader == "text":
         text_field = "text"
@@ -233,22 +236,20 @@ def load_blocks(path: str) -> np.ndarray:
 # Mixture
 
 
-MIX_WINDOW = 64
-"""Blocks per stratification window: each window holds round(mix_ratio * window) domain blocks, so the realised
-share tracks mix_ratio closely even in short runs, while positions inside a window are shuffled by the seed."""
-
-
-def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: int, seed: int
+def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: int, seed: int, window: int = 64
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Which corpus and which block each global training position draws: (is_domain[bool], index[int]).
 
-    Deterministic in its arguments, so a resumed run or another worker rebuilds the same plan. Each corpus is
-    read in a seeded random order, re-shuffled after each full pass.
+    Stratified: every `window` positions (the trainer passes its global batch) hold round(mix_ratio * window)
+    domain blocks with the rounding error carried forward, so the realised share after any whole step is within
+    half a block of mix_ratio; inside a window, positions are shuffled by the seed. Deterministic in its
+    arguments, so a resumed run or another worker rebuilds the same plan. Each corpus is read in a seeded random
+    order, re-shuffled after each full pass.
     """
     rng = np.random.default_rng(seed)
     is_domain = np.zeros(num_blocks, dtype=bool)
-    for start in range(0, num_blocks, MIX_WINDOW):
-        end = min(start + MIX_WINDOW, num_blocks)
+    for start in range(0, num_blocks, window):
+        end = min(start + window, num_blocks)
         # error diffusion across windows: the cumulative count is round(mix_ratio * end) at every window end
         count = int(round(mix_ratio * end)) - int(round(mix_ratio * start))
         is_domain[start + rng.permutation(end - start)[:count]] = True

@@ -43,3 +43,69 @@ def heldout_loss(model: nn.Module, blocks: np.ndarray, *, batch_size: int, devic
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def text_features(model: nn.Module, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """Mask-aware mean of the last hidden state per text (frozen model), as float64 features for the probe.
+
+    Texts are run longest-first so each batch pads little; rows come back in the input order."""
+    was_training = model.training
+    model.eval()
+    lengths = [len(t) for t in texts]
+    order = np.argsort(lengths)[::-1]
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float64)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        encoded = [tokenizer(texts[i], add_special_tokens=False, truncation=True, max_length=max_length,
+                             verbose=False)["input_ids"] or [pad_id] for i in idx]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e)] = torch.as_tensor(e)
+            mask[row, : len(e)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        out[idx] = pooled.double().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def probe_scores(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: list[str], *,
+                 seeds: int = 1, seed: int = 0) -> dict[str, float | dict[str, float]]:
+    """scikit-learn LogisticRegression on frozen features: macro-F1, accuracy and per-class F1 on the test split.
+
+    With `seeds` > 1 the probe is refit on seeded 80% subsamples of the train split (the test split is fixed and
+    never changes, so nothing leaks): F1 is their mean, `f1_sd` their spread."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classes = sorted(set(train_y) | set(test_y))
+    train_y_arr, f1s, accs, per_class = np.asarray(train_y), [], [], []
+    for k in range(seeds):
+        if seeds == 1:
+            rows = np.arange(len(train_y_arr))
+        else:
+            rows = np.random.default_rng(seed + k).permutation(len(train_y_arr))[: max(2, int(0.8 * len(train_y)))]
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed + k))
+        probe.fit(train_x[rows], train_y_arr[rows])
+        predicted = probe.predict(test_x)
+        f1s.append(f1_score(test_y, predicted, average="macro", labels=classes, zero_division=0))
+        accs.append(accuracy_score(test_y, predicted))
+        per_class.append(f1_score(test_y, predicted, average=None, labels=classes, zero_division=0))
+    return {"f1": float(np.mean(f1s)), "f1_sd": float(np.std(f1s)), "accuracy": float(np.mean(accs)),
+            "per_class_f1": {c: float(v) for c, v in zip(classes, np.mean(per_class, axis=0), strict=True)}}
+
+
+def downstream_f1(model: nn.Module, tokenizer, task: dict, *, seeds: int = 1, seed: int = 0, max_length: int = 128,
+                  device: torch.device | str = "cpu") -> dict[str, float | dict[str, float]]:
+    """The linear probe of DESIGN.md on a task dict (train/test texts and labels), end to end."""
+    train_x = text_features(model, tokenizer, task["train_texts"], max_length=max_length, device=device)
+    test_x = text_features(model, tokenizer, task["test_texts"], max_length=max_length, device=device)
+    return probe_scores(train_x, task["train_labels"], test_x, task["test_labels"], seeds=seeds, seed=seed)

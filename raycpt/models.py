@@ -132,11 +132,9 @@ _DROPOUT_CONFIG_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", 
 
 
 def apply_dropout(model: nn.Module, p: float) -> int:
-    """Set dropout probability `p` everywhere the architecture has dropout, and add residual-branch dropout
-    where it has none (Llama-style models ship with only attention dropout, applied functionally).
-
-    Returns how many places now apply dropout, so callers and tests can see it took effect.
-    """
+    """Set dropout probability `p` wherever the architecture has dropout: its config fields, its nn.Dropout
+    modules, and attention modules that read `attention_dropout` in forward (Llama-style models such as SmolLM2,
+    which have no other dropout). Returns how many places apply it, so callers can see it took effect."""
     applied = 0
     for name in _DROPOUT_CONFIG_FIELDS:
         if isinstance(getattr(model.config, name, None), float):
@@ -146,19 +144,8 @@ def apply_dropout(model: nn.Module, p: float) -> int:
             module.p = p
             applied += 1
         elif isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = p  # Llama-style attention reads this attribute in forward
+            module.attention_dropout = p
             applied += 1
-    if not any(isinstance(m, nn.Dropout) for m in model.modules()):
-        # No residual dropout in the architecture: drop the MLP branch output in training mode, as GPT-2's
-        # resid_pdrop does. The hook is not saved with the weights, so exported models are unaffected.
-        for name, module in model.named_modules():
-            if name.endswith(".mlp"):
-                if hasattr(module, "_raycpt_dropout"):
-                    module._raycpt_dropout.remove()
-                if p > 0:
-                    module._raycpt_dropout = module.register_forward_hook(
-                        lambda mod, args, out: nn.functional.dropout(out, p, mod.training))
-                    applied += 1
     return applied
 
 

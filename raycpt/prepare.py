@@ -51,17 +51,18 @@ def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "domain": dataclasses.asdict(domain), "general": dataclasses.asdict(general) if general else None,
         "task": dataclasses.asdict(task) if task else None,
     }
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(
-        {k: v for k, v in manifest.items() if k != "task"}, sort_keys=True).encode()).hexdigest()[:16]
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     return manifest
 
 
 def measure_base(cfg: ExperimentConfig, manifest: dict[str, Any], exp_dir: Path) -> dict[str, Any]:
     """The base model's held-out metrics on the exact blocks trials use; cached in the experiment dir."""
     path = exp_dir / "base_metrics.json"
+    key = hashlib.sha256(json.dumps([manifest["fingerprint"], dataclasses.asdict(cfg.eval), cfg.model.source,
+                                     cfg.model.dtype], sort_keys=True).encode()).hexdigest()[:16]
     if path.exists():
         cached = read_json(path)
-        if cached.get("fingerprint") == manifest["fingerprint"]:
+        if cached.get("key") == key:
             return cached
     start = time.perf_counter()
     model = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
@@ -71,7 +72,11 @@ def measure_base(cfg: ExperimentConfig, manifest: dict[str, Any], exp_dir: Path)
         general_loss = heldout_loss(model, load_blocks(manifest["general"]["heldout"]),
                                     batch_size=cfg.train.batch_size)
         metrics.update({"base/general_loss": general_loss, "base/general_ppl": perplexity(general_loss)})
-    metrics.update({"fingerprint": manifest["fingerprint"], "time_s": time.perf_counter() - start,
+    if manifest.get("task"):
+        from raycpt.train import f1_metrics
+
+        metrics.update(f1_metrics(model, cfg, manifest["task"], "cpu", prefix="base"))
+    metrics.update({"key": key, "time_s": time.perf_counter() - start,
                     "threads": torch.get_num_threads()})
     write_json(path, metrics)
     return metrics

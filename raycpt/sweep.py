@@ -109,8 +109,11 @@ def trial_concurrency(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
 def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, concurrency: int, callbacks: list):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     s, r = cfg.search, cfg.resources
+    # Tune's own tables stay off the terminal (raycpt prints one line per report); its files are still written.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
                                      trials_dir=str(exp_dir / "trials"))
     resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
@@ -121,7 +124,8 @@ def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, conc
         tune.with_resources(trainable, resources),
         param_space={"train_loop_config": search_space(s.space)},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
-                                    max_concurrent_trials=concurrency),
+                                    # an explicit generator ignores TuneConfig's limit: give it its own
+                                    search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)),
         run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=0, callbacks=callbacks),
     )
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from raycpt.config import ExperimentConfig, to_dict
 from raycpt.data import load_blocks, mixture_plan, worker_positions
-from raycpt.evaluate import heldout_loss, perplexity
+from raycpt.evaluate import downstream_f1, heldout_loss, perplexity
 from raycpt.files import write_json
-from raycpt.models import apply_dropout, load_model
+from raycpt.models import apply_dropout, load_model, load_tokenizer
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 STATE_FILE = "trainer_state.pt"
@@ -72,10 +72,22 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any], cfg: Ex
     write_json(path / "metrics.json", metrics)
 
 
+def f1_metrics(model: nn.Module, cfg: ExperimentConfig, task: dict[str, Any], device: torch.device | str,
+               prefix: str = "eval") -> dict[str, float]:
+    """The linear probe's scores as flat metrics: `eval/f1` (macro), `eval/f1_sd`, `eval/accuracy`,
+    `eval/f1_class/<label>`."""
+    tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
+    scores = downstream_f1(model, tokenizer, task, seeds=cfg.eval.seeds, seed=cfg.eval.seed,
+                           max_length=cfg.eval.max_length, device=device)
+    flat = {f"{prefix}/f1": scores["f1"], f"{prefix}/f1_sd": scores["f1_sd"], f"{prefix}/accuracy": scores["accuracy"]}
+    flat.update({f"{prefix}/f1_class/{label}": v for label, v in scores["per_class_f1"].items()})
+    return flat
+
+
 def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkpoint_root: str | os.PathLike,
           resume_dir: str | None = None, rank: int = 0, world_size: int = 1,
-          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
-          final_eval: Callable[[nn.Module], dict[str, float]] | None = None) -> dict[str, Any]:
+          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m
+          ) -> dict[str, Any]:
     """Run one CPT trial. `data` is the manifest from `data.prepare_data`; returns the last metrics."""
     t, d = cfg.train, cfg.data
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.resources.use_gpu else "cpu"))
@@ -103,7 +115,7 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
     general_heldout = load_blocks(general["heldout"]) if general else None
     blocks_per_step = t.batch_size * t.grad_accum * world_size
     is_domain, index = mixture_plan(t.steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train),
-                                    seed=d.seed * 1_000_003 + t.seed)
+                                    seed=d.seed * 1_000_003 + t.seed, window=blocks_per_step)
 
     # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
     state: dict[str, Any] = {"step": 0, "train_time_s": 0.0, "best_domain_ppl": math.inf, "evals_since_best": 0}
@@ -176,8 +188,10 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
             state["evals_since_best"] += 1
         state["step"] = done
         stop_early = bool(t.early_stopping_patience) and state["evals_since_best"] >= t.early_stopping_patience
-        if (done == t.steps or stop_early) and final_eval is not None:
-            metrics.update(final_eval(unwrap(model)))
+        if (done == t.steps or stop_early) and data.get("task") and rank == 0:
+            # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
+            # trials Tune stops, and this keeps the probe on the trial's own resources).
+            metrics.update(f1_metrics(unwrap(model), cfg, data["task"], device))
         metrics["finished"] = done == t.steps or stop_early
         checkpoint_dir = None
         if rank == 0:

@@ -1,0 +1,73 @@
+"""Shared fixtures: a real GPT-2 BPE tokenizer and tiny models built from a config (no weights committed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raycpt.models import resolve_model_source
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir() -> str:
+    """The packaged 2-layer GPT-2 (seeded random init, real GPT-2 BPE tokenizer), built in the cache once."""
+    return resolve_model_source("packaged:tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_gpt2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama (the SmolLM2 architecture) from a config, with the GPT-2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+DOMAIN_SENTENCES = [
+    "The film's pacing drags, but the lead performance is luminous and the score soars.",
+    "A clumsy script undercuts a charming cast; the third act collapses under its own weight.",
+    "Gorgeously shot and fiercely acted, this drama earns every one of its tears.",
+    "The sequel recycles the original's jokes with less wit and more noise.",
+    "An absorbing thriller whose twists land because the characters feel real.",
+    "Overlong and self-serious, the epic mistakes spectacle for meaning.",
+]
+GENERAL_SENTENCES = [
+    "The senate voted on the budget bill late on Tuesday after a long debate.",
+    "Shares of the company rose three percent after quarterly earnings beat forecasts.",
+    "Officials said the storm would reach the coast by Friday morning.",
+    "The central bank left interest rates unchanged at its monthly meeting.",
+]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text", **extra) -> Path:
+    with path.open("w") as fh:
+        for i, text in enumerate(texts):
+            row = {field: text, **{k: v[i] for k, v in extra.items()}}
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture()
+def corpora(tmp_path) -> dict[str, str]:
+    """Small domain and general corpora (jsonl), repeated with variations so they pack into many blocks."""
+    domain = [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES]
+    general = [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES]
+    return {"domain": str(write_jsonl(tmp_path / "domain.jsonl", domain)),
+            "general": str(write_jsonl(tmp_path / "general.jsonl", general))}

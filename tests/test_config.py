@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raycpt.cli import main
+from raycpt.config import load_config, with_overrides
+from raycpt.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["laptop.yaml", "smoke.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(ROOT / "experiments" / name)
+    assert cfg.data.domain and cfg.search.space
+
+
+def test_overrides_are_typed_and_reach_the_right_field():
+    cfg = load_config(ROOT / "experiments" / "laptop.yaml",
+                      ["train.lr=3e-4", "train.steps=7", "search.space.train.lr={choice: [1e-4, 2e-4]}", "name=x"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.search.space["train.lr"] == {"choice": [1e-4, 2e-4]}
+    assert cfg.name == "x"
+    trial = with_overrides(cfg, {"train.dropout": 0.1, "train.mix_ratio": 0.5})
+    assert (trial.train.dropout, trial.train.mix_ratio, cfg.train.dropout) == (0.1, 0.5, 0.0)
+
+
+def test_validation_gathers_every_problem_with_the_fix(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  domain: x.txt\ntrain:\n  lrr: 1e-3\n  steps: 0\n  mix_ratio: 1.5\n"
+                    "search:\n  space:\n    train.lr: {logunifrom: [1, 2]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "train.lrr: unknown field (did you mean 'lr'?)" in message
+    assert "train.steps: 0 is out of range, must be >= 1" in message
+    assert "train.mix_ratio: 1.5 is out of range" in message
+    assert "unknown distribution 'logunifrom' (did you mean 'loguniform'?)" in message
+
+
+def test_type_errors_and_missing_domain(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  steps: many\n  compile: maybe\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "train.steps: expected an integer, got 'many'" in str(err.value)
+    assert "train.compile: expected true/false" in str(err.value)
+    assert "data.domain: required" in str(err.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  domain: a.txt\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"line \d+, column \d+: YAML syntax error"):
+        load_config(path)
+
+
+def test_cli_validate_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  domain: a.txt\ntrain:\n  dropout: 2\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("raycpt: error: train.dropout: 2.0 is out of range")
+    assert main(["validate", str(ROOT / "experiments" / "smoke.yaml"), "--set", "train.lr=1e-3"]) == 0
+
+
+def test_cli_bad_input_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "raycpt.cli", "sweep", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not found" in proc.stderr

@@ -1,0 +1,71 @@
+"""The smoke sweep end to end on local Ray (2 CPUs): every trial reports, ASHA stops one, the export reloads and
+reproduces its reported perplexity, and each trial's realised domain share matches its mix_ratio."""
+
+from pathlib import Path
+
+import pytest
+
+from raycpt.config import load_config
+from raycpt.files import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    import ray
+
+    from raycpt.report import make_console
+    from raycpt.sweep import sweep
+
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_config(ROOT / "experiments" / "smoke.yaml", [f"storage_path={storage}"])
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        summary = sweep(cfg, console=make_console())
+    finally:
+        ray.shutdown()
+    return cfg, summary
+
+
+@pytest.mark.e2e
+def test_every_trial_reported_and_asha_stopped_one(smoke_sweep):
+    cfg, summary = smoke_sweep
+    trials = summary["trials"]
+    assert len(trials) == 3
+    assert all(t["reports"] >= 1 and t["eval/domain_ppl"] is not None for t in trials)
+    assert any(t["status"] == "stopped" for t in trials)
+    assert any(t["status"] == "finished" for t in trials)
+    winner = next(t for t in trials if t["trial_id"] == summary["winner"])
+    assert winner["status"] == "finished"
+    assert winner["eval/domain_ppl"] < summary["base"]["base/domain_ppl"]
+
+
+@pytest.mark.e2e
+def test_realised_domain_share_matches_mix_ratio(smoke_sweep):
+    _, summary = smoke_sweep
+    for t in summary["trials"]:
+        assert abs(t["data/domain_fraction"] - t["hp/train.mix_ratio"]) <= 0.02
+
+
+@pytest.mark.e2e
+def test_export_reloads_and_reproduces_reported_ppl(smoke_sweep):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raycpt.data import load_blocks
+    from raycpt.evaluate import heldout_loss, perplexity
+
+    cfg, summary = smoke_sweep
+    export = Path(summary["export"])
+    assert (export / "model.safetensors").exists() and (export / "tokenizer.json").exists()
+    card = read_json(export / "raycpt_card.json")
+    for key in ("config", "hyperparameters", "metrics", "base", "data_mix", "versions", "seed", "lineage"):
+        assert key in card
+    model = AutoModelForCausalLM.from_pretrained(export)
+    AutoTokenizer.from_pretrained(export)
+    manifest = read_json(cfg.experiment_dir() / "data_manifest.json")
+    ppl = perplexity(heldout_loss(model, load_blocks(manifest["domain"]["heldout"]),
+                                  batch_size=card["config"]["train"]["batch_size"]))
+    reported = card["metrics"]["eval/domain_ppl"]
+    assert abs(ppl - reported) / reported <= 1e-3
+    assert card["hyperparameters"]["train.lr"] == pytest.approx(card["config"]["train"]["lr"])

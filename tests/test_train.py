@@ -1,0 +1,103 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raycpt.config import config_from_dict
+from raycpt.evaluate import heldout_loss, perplexity
+from raycpt.models import apply_dropout, load_model
+from raycpt.prepare import measure_base, prepare_experiment
+from raycpt.train import build_scheduler, train
+
+
+def test_lr_schedule_rewarms_then_cosine_decays_to_the_floor():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1e-3)
+    sched = build_scheduler(opt, warmup_steps=4, steps=20, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == 0.0
+    assert lrs[1:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear re-warm
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # monotone re-decay
+    assert lrs[12] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 8 / 16)))  # cosine midpoint
+    assert lrs[20] == pytest.approx(1e-4)  # floor = lr * min_lr_ratio
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_gpt2_dir", "tiny_llama_dir"])
+def test_dropout_is_really_applied(model_fixture, request):
+    model = load_model(request.getfixturevalue(model_fixture))
+    ids = torch.randint(0, 1000, (2, 16))
+
+    def two_forwards():
+        return model(input_ids=ids).logits, model(input_ids=ids).logits
+
+    apply_dropout(model, 0.0)
+    a, b = two_forwards()
+    assert torch.equal(a, b)
+    assert apply_dropout(model, 0.3) > 0
+    model.train()
+    a, b = two_forwards()
+    assert not torch.allclose(a, b)
+    model.eval()
+    a, b = two_forwards()
+    assert torch.equal(a, b)  # no dropout at eval time
+
+
+def test_perplexity_matches_a_hand_computed_value(tiny_gpt2_dir):
+    model = load_model(tiny_gpt2_dir)
+    blocks = np.random.default_rng(0).integers(0, 50000, size=(3, 12)).astype(np.int32)
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(blocks, dtype=torch.long)).logits
+    logp = torch.log_softmax(logits.double(), -1)
+    nll = [-logp[b, t, blocks[b, t + 1]].item() for b in range(3) for t in range(11)]
+    expected = sum(nll) / len(nll)
+    loss = heldout_loss(model, blocks, batch_size=2)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert perplexity(loss) == pytest.approx(math.exp(expected), rel=1e-5)
+    assert model.training  # train mode restored
+
+
+def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train):
+    return config_from_dict({
+        "name": "t", "storage_path": str(tmp_path),
+        "model": {"source": tiny_gpt2_dir},
+        "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
+                 "heldout_fraction": 0.1, "heldout_blocks": 8},
+        "train": {"lr": 3e-3, "steps": 12, "batch_size": 4, "eval_every": 4, "warmup_steps": 1, "mix_ratio": 0.75,
+                  **train},
+    })
+
+
+def test_core_loop_without_ray_lowers_domain_ppl_and_reports_contract(corpora, tiny_gpt2_dir, tmp_path):
+    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path)
+    manifest = prepare_experiment(cfg)
+    base = measure_base(cfg, manifest, tmp_path)
+    reports = []
+    train(cfg, manifest, lambda m, c: reports.append((m, c)), checkpoint_root=tmp_path / "ckpt")
+    assert [m["step"] for m, _ in reports] == [4, 8, 12]
+    last = reports[-1][0]
+    for key in ("train/loss", "eval/domain_loss", "eval/domain_ppl", "eval/general_ppl", "data/domain_fraction",
+                "perf/tokens_per_s", "step", "tokens"):
+        assert key in last and last[key] is not None
+    assert last["tokens"] == 12 * 4 * 32
+    assert last["eval/domain_ppl"] < 0.5 * base["base/domain_ppl"]
+    assert abs(last["data/domain_fraction"] - 0.75) <= 0.02
+    assert last["finished"] is True
+    assert all((c and (tmp_path / "ckpt").exists()) for _, c in reports)
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(corpora, tiny_gpt2_dir, tmp_path):
+    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, steps=8)
+    manifest = prepare_experiment(cfg)
+    full = []
+    train(cfg, manifest, lambda m, c: full.append((m, c)), checkpoint_root=tmp_path / "a")
+    resumed = []
+    train(cfg, manifest, lambda m, c: resumed.append(m), checkpoint_root=tmp_path / "b", resume_dir=full[0][1])
+    assert [m["step"] for m in resumed] == [8]  # model, optimizer, scheduler and data position restored
+    torch.testing.assert_close(resumed[-1]["eval/domain_loss"], full[-1][0]["eval/domain_loss"], rtol=1e-4, atol=0)
+    assert resumed[-1]["lr"] == pytest.approx(full[-1][0]["lr"])
