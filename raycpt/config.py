@@ -140,9 +140,23 @@ class ResourcesConfig:
     """Ray Train workers per trial (DDP)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra (custom) Ray resources each worker needs, e.g. {accelerator_type:H100: 0.01} or a node label."""
     trial_cpus: float = 0.0
     """CPU held by each trial's driver, which only waits on its workers; 0 = none (it then reserves a little
     memory instead, since Ray needs a non-empty resource request)."""
+
+
+@dataclass
+class ReportConfig:
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Tune logger callbacks: any of tensorboard, csv, json, mlflow, wandb (mlflow/wandb need their packages)."""
+    mlflow_tracking_uri: str = ""
+    """MLflow tracking URI (empty: MLFLOW_TRACKING_URI from the environment, else ./mlruns)."""
+    wandb_project: str = ""
+    """W&B project (the API key comes from WANDB_API_KEY in the environment, never from this file)."""
+    plots: bool = True
+    """Write PNG plots into the experiment dir at the end of a sweep."""
 
 
 @dataclass
@@ -154,6 +168,7 @@ class ExperimentConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     name: str = "raycpt"
     """Experiment name: results go to <storage_path>/<name>."""
     storage_path: str = "runs"
@@ -169,6 +184,7 @@ class ExperimentConfig:
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 PRECISIONS = ("auto", "fp32", "bf16")
 DTYPES = ("float32", "bfloat16", "float16")
+LOGGERS = ("tensorboard", "csv", "json", "mlflow", "wandb")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -425,6 +441,12 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "resources.num_workers", r.num_workers, 1)
     _check_range(p, "resources.cpus_per_worker", r.cpus_per_worker, 0, lo_open=True)
     _check_range(p, "resources.trial_cpus", r.trial_cpus, 0)
+    unknown_loggers = sorted(set(cfg.report.loggers) - set(LOGGERS))
+    if unknown_loggers:
+        p.append(f"report.loggers: {unknown_loggers} not allowed (valid: {', '.join(LOGGERS)})")
+    for key, value in r.worker_resources.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            p.append(f"resources.worker_resources.{key}: expected a positive number, got {value!r}")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         p.append(f"name: '{cfg.name}' must be a plain directory name (no '/', not starting with '.')")
     return p

@@ -56,7 +56,8 @@ def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: 
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "data": data},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
-                                               resources_per_worker={"CPU": r.cpus_per_worker}),
+                                               resources_per_worker={"CPU": r.cpus_per_worker,
+                                                                     **r.worker_resources}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path), callbacks=callbacks or [],
             # Ray Train always keeps the latest checkpoint too, so a restart resumes from the newest state.
