@@ -289,7 +289,8 @@ def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, console=None,
                "reasons": selection.reasons, "flagged": selection.flagged, "excluded": selection.excluded,
                "order": selection.order, "trials": json.loads(trials.to_json(orient="records")),
                "export": str(exp_dir / "export") if card else None,
-               "verification": card["verification"] if card else None}
+               "verification": card["verification"] if card else None,
+               "experiment_dir_bytes": sum(f.stat().st_size for f in exp_dir.rglob("*") if f.is_file())}
     if console is not None:
         report.print_summary(console, summary)
     return summary

@@ -84,13 +84,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a config (and its --set overrides) without training."""
-    from raycpt.config import to_dict
-
-    cfg = _load(args)
+    """Check a config (and its --set overrides) and its inputs (model, corpora, labels, storage, resources)
+    without tokenising or training; --config-only skips the input checks."""
     import yaml
 
+    from raycpt.config import to_dict
+    from raycpt.prepare import preflight
+
+    cfg = _load(args)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    if not args.config_only:
+        found = preflight(cfg)
+        print(f"inputs: {found}")
     print(f"OK: {args.config} is valid")
     return 0
 
@@ -130,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", help="experiment YAML, e.g. experiments/laptop.yaml")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. "
                        "--set train.lr=3e-4 (repeatable)")
+        if name == "validate":
+            p.add_argument("--config-only", action="store_true", help="check the config alone, not its inputs")
         if name in ("sweep", "analyze"):
             p.add_argument("--force", action="store_true", help="replace an earlier sweep / export")
     return parser

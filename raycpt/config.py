@@ -89,6 +89,8 @@ class TrainConfig:
 class EvalConfig:
     task: str = ""
     """Labelled downstream task source (csv/jsonl/parquet, hub dataset or `packaged:rotten-tomatoes`)."""
+    test_task: str = ""
+    """Explicit labelled test file (same forms as task); empty = a seeded split of `task`."""
     text_field: str = "text"
     label_field: str = "label"
     labels: list[str] = field(default_factory=list)

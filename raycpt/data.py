@@ -228,6 +228,18 @@ def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, 
                           train_tokens=int(train.size), heldout_tokens=int(heldout.size))
 
 
+def check_enough_text(ds, tokenizer, block_size: int, source: str, field: str) -> None:
+    """Fail early when a corpus cannot give one training and one held-out block (tokenising only a prefix)."""
+    needed, have = 2 * block_size, 0
+    for start in range(0, len(ds), 256):
+        texts = ds[start:start + 256]["text"]
+        have += sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
+        if have >= needed:
+            return
+    raise InputError(f"{field} '{source}': too short, {have} tokens in all, need at least {needed} (one training "
+                     f"and one held-out block of {block_size}); add text or lower data.block_size")
+
+
 def load_blocks(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
@@ -288,14 +300,13 @@ class Task:
         return sorted(set(self.train_labels) | set(self.test_labels))
 
 
-def load_task(source: str, *, text_field: str, label_field: str, labels: list[str], train_size: int,
-              test_size: int, seed: int) -> Task:
-    """The labelled task, split once with a seed: the test split is fixed and removed from the CPT corpus."""
+def _labelled(source: str, text_field: str, label_field: str, labels: list[str], field: str
+              ) -> tuple[list[str], list[str]]:
     if source.startswith("packaged:rotten-tomatoes"):
         text_field, label_field = "text", "label"
-    ds = load_documents(source, text_field, field="eval.task")
+    ds = load_documents(source, text_field, field=field)
     if label_field not in ds.column_names:
-        raise InputError(f"eval.task '{source}': no label field '{label_field}' (columns: "
+        raise InputError(f"{field} '{source}': no label field '{label_field}' (columns: "
                          f"{', '.join(c for c in ds.column_names if c != 'text')}); set eval.label_field")
     texts, raw_labels = ds["text"], [str(x) for x in ds[label_field]]
     if labels:
@@ -306,15 +317,32 @@ def load_task(source: str, *, text_field: str, label_field: str, labels: list[st
         keep = [i for i, y in enumerate(raw_labels) if y in set(labels)]
         texts, raw_labels = [texts[i] for i in keep], [raw_labels[i] for i in keep]
     if len(set(raw_labels)) < 2:
-        raise InputError(f"eval.task '{source}': needs at least 2 classes in '{label_field}', found "
+        raise InputError(f"{field} '{source}': needs at least 2 classes in '{label_field}', found "
                          f"{sorted(set(raw_labels))}")
+    return texts, raw_labels
+
+
+def load_task(source: str, *, text_field: str, label_field: str, labels: list[str], train_size: int,
+              test_size: int, seed: int, test_source: str = "") -> Task:
+    """The labelled task: an explicit test file (`test_source`) or a seeded split, fixed for the whole sweep; its
+    test texts are removed from the CPT corpus."""
+    texts, raw_labels = _labelled(source, text_field, label_field, labels, "eval.task")
     order = np.random.default_rng(seed).permutation(len(texts))
-    if test_size + 2 > len(order):
-        raise InputError(f"eval.test_size={test_size}: only {len(order)} labelled texts; lower eval.test_size")
-    test, rest = order[:test_size], order[test_size:]
-    train = rest[:train_size] if train_size else rest
-    task = Task([texts[i] for i in train], [raw_labels[i] for i in train], [texts[i] for i in test],
-                [raw_labels[i] for i in test])
+    if test_source:
+        test_texts, test_labels = _labelled(test_source, text_field, label_field, labels, "eval.test_task")
+        overlap = {normalize_text(t) for t in test_texts} & {normalize_text(t) for t in texts}
+        if overlap:
+            raise InputError(f"eval.test_task '{test_source}': {len(overlap)} test text(s) also appear in the "
+                             f"train split '{source}' (e.g. {sorted(overlap)[0][:60]!r}); remove them from one side")
+        train = order[:train_size] if train_size else order
+        task = Task([texts[i] for i in train], [raw_labels[i] for i in train], test_texts, test_labels)
+    else:
+        if test_size + 2 > len(order):
+            raise InputError(f"eval.test_size={test_size}: only {len(order)} labelled texts; lower eval.test_size")
+        test, rest = order[:test_size], order[test_size:]
+        train = rest[:train_size] if train_size else rest
+        task = Task([texts[i] for i in train], [raw_labels[i] for i in train], [texts[i] for i in test],
+                    [raw_labels[i] for i in test])
     for name, ys in (("train", task.train_labels), ("test", task.test_labels)):
         if len(set(ys)) < 2:
             raise InputError(f"eval.task '{source}': its {name} split has fewer than 2 classes; raise "

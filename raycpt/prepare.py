@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,30 +18,101 @@ from typing import Any
 import torch
 
 from raycpt.config import ExperimentConfig
-from raycpt.data import load_blocks, load_task, prepare_corpus, tokenizer_fingerprint
+from raycpt.data import (
+    Task,
+    check_enough_text,
+    load_blocks,
+    load_documents,
+    load_task,
+    prepare_corpus,
+    tokenizer_fingerprint,
+)
 from raycpt.errors import InputError
 from raycpt.evaluate import heldout_loss, perplexity
 from raycpt.files import read_json, write_json
 from raycpt.models import load_model, load_tokenizer, max_positions, resolve_model_source
 
 
-def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Fetch, split, tokenise and pack; returns the data manifest (JSON-serialisable)."""
+def check_storage(cfg: ExperimentConfig) -> Path:
+    """The experiment dir can be created and written; returns it."""
+    exp_dir = cfg.experiment_dir()
+    existed = exp_dir.exists()
+    try:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        probe = exp_dir / f".raycpt-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"storage_path '{cfg.storage_path}': cannot write {exp_dir} ({err.strerror or err}); "
+                         "set storage_path to a writable directory") from None
+    if not existed:
+        exp_dir.rmdir()
+    return exp_dir
+
+
+def check_model(cfg: ExperimentConfig):
+    """The model source resolves and its config loads; the block size fits its positions. Returns the config."""
     from transformers import AutoConfig
 
-    d = cfg.data
     source = resolve_model_source(cfg.model.source)
-    model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        hint = ("the hub is unreachable here (offline?): use a local dir or packaged:smollm2-135m"
+                if "/" in source and not os.path.isdir(source) else "check the path")
+        reason = str(err).splitlines()[0][:160]
+        raise InputError(f"model.source '{cfg.model.source}': cannot load its config ({reason}); {hint}") from None
     limit = max_positions(model_config)
-    if limit is not None and d.block_size > limit:
-        raise InputError(f"data.block_size={d.block_size} is over the model's maximum of {limit} positions; "
+    if limit is not None and cfg.data.block_size > limit:
+        raise InputError(f"data.block_size={cfg.data.block_size} is over the model's maximum of {limit} positions; "
                          f"set data.block_size <= {limit}")
+    return model_config
+
+
+def check_local_resources(cfg: ExperimentConfig) -> None:
+    """Without RAY_ADDRESS raycpt starts Ray on this machine: a trial must fit its CPUs and GPUs."""
+    if os.environ.get("RAY_ADDRESS"):
+        return  # checked against the cluster's resources once connected, still before any trial starts
+    from raycpt.sweep import trial_concurrency
+
+    trial_concurrency(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
+
+
+def load_eval_task(cfg: ExperimentConfig) -> Task | None:
+    e = cfg.eval
+    if not e.task:
+        return None
+    return load_task(e.task, text_field=e.text_field, label_field=e.label_field, labels=e.labels,
+                     train_size=e.train_size, test_size=e.test_size, seed=e.seed, test_source=e.test_task)
+
+
+def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every input check `validate` can make without tokenising or training: storage, model, resources, corpora,
+    labels. Raises InputError naming the first problem."""
+    check_storage(cfg)
+    check_model(cfg)
+    check_local_resources(cfg)
+    task = load_eval_task(cfg)
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
-    task = None
-    if cfg.eval.task:
-        e = cfg.eval
-        task = load_task(e.task, text_field=e.text_field, label_field=e.label_field, labels=e.labels,
-                         train_size=e.train_size, test_size=e.test_size, seed=e.seed)
+    found = {}
+    for field, source in (("data.domain", cfg.data.domain), ("data.general", cfg.data.general)):
+        if source:
+            docs = load_documents(source, cfg.data.text_field, field)
+            check_enough_text(docs, tokenizer, cfg.data.block_size, source, field)
+            found[field] = len(docs)
+    sizes = {"train": len(task.train_texts), "test": len(task.test_texts)} if task else None
+    return {"documents": found, "task": sizes}
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Fetch, split, tokenise and pack; returns the data manifest (JSON-serialisable)."""
+    d = cfg.data
+    check_storage(cfg)
+    check_model(cfg)
+    check_local_resources(cfg)
+    source = resolve_model_source(cfg.model.source)
+    tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
+    task = load_eval_task(cfg)
     common = dict(text_field=d.text_field, block_size=d.block_size, heldout_fraction=d.heldout_fraction,
                   heldout_blocks=d.heldout_blocks, max_tokens=d.max_tokens, seed=d.seed,
                   exclude_texts=task.test_texts if task else [])

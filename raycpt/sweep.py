@@ -106,14 +106,23 @@ def trial_concurrency(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
     return max(1, fits)
 
 
-def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, concurrency: int, callbacks: list):
+def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, concurrency: int, callbacks: list,
+                *, verbose: bool = False):
+    """The Tuner for the sweep. `callbacks` are raycpt's progress display and the logger callbacks
+    (report.logger_callbacks). Tune's own progress tables go to <exp>/ray_output.log, and also to the terminal
+    when `verbose`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from raycpt.report import RAY_OUTPUT_LOG, ray_progress_reporters
+
     s, r = cfg.search, cfg.resources
-    # Tune's own tables stay off the terminal (raycpt prints one line per report); its files are still written.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # The legacy output engine takes a progress reporter we can point at a file; the new one prints to stdout.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # The logger callbacks are passed explicitly (report.loggers is the truth): stop Tune adding its defaults.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    ray_reporter, ray_trial_lines = ray_progress_reporters(exp_dir / RAY_OUTPUT_LOG, echo=verbose)
     trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
                                      trials_dir=str(exp_dir / "trials"))
     resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
@@ -126,17 +135,21 @@ def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, conc
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
                                     # an explicit generator ignores TuneConfig's limit: give it its own
                                     search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)),
-        run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=0, callbacks=callbacks),
+        # verbose=2: Tune's per-result lines and tables, which ray_progress_reporters routes to the log file.
+        run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=2,
+                                  callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter),
     )
 
 
-def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None) -> dict[str, Any]:
-    """The whole job: prepare data, measure the base model, run the Tune sweep, select and export the winner."""
+def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: bool = False) -> dict[str, Any]:
+    """The whole job: prepare data, measure the base model, run the Tune sweep, select and export the winner.
+    `verbose` also shows Ray Tune's own tables and logs (always written to <exp>/ray_output.log)."""
     from raycpt import analysis, report
-    from raycpt.prepare import measure_base, prepare_experiment
+    from raycpt.prepare import check_storage, measure_base, prepare_experiment
 
     console = console or report.make_console()
-    exp_dir = cfg.experiment_dir()
+    loggers = report.logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
+    exp_dir = check_storage(cfg)  # a bad storage_path fails here, before anything is computed
     if (exp_dir / "tune").exists():
         if not force:
             raise InputError(f"experiment dir {exp_dir} already holds a sweep; pass --force to replace it or "
@@ -162,15 +175,30 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None) -> dict[s
         concurrency = trial_concurrency(cfg, ray.cluster_resources())
         console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
                       f"hyperparameter(s), {concurrency} trial(s) at a time, scheduler {cfg.search.scheduler}")
-        tuner = build_tuner(cfg, manifest, exp_dir, concurrency, [report.trial_line_callback()])
-        tuner.fit()
+        # The live table needs the terminal to itself: with --verbose Ray prints there too, so plain lines instead.
+        progress = report.sweep_progress_callback(console, metric=cfg.search.metric, mode=cfg.search.mode,
+                                                  max_reports=max_reports(cfg), concurrency=concurrency,
+                                                  live=not verbose)
+        tuner = build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose)
+        try:
+            with report.ray_logs_to(exp_dir / report.RAY_OUTPUT_LOG, echo=verbose):
+                tuner.fit()
+        finally:
+            progress.close()
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
     summary = analysis.analyze(exp_dir, cfg, console=console, export=True)
+    if cfg.report.plots:
+        from raycpt.plots import write_plots
+
+        summary["plots"] = [str(p) for p in write_plots(exp_dir, summary)]
+        console.print(f"Plots: {', '.join(Path(p).name for p in summary['plots'])} in {exp_dir / 'plots'}")
     summary["wall_time_s"] = time.perf_counter() - started
     write_json(exp_dir / "summary.json", summary)
-    console.print(f"Sweep wall time: {summary['wall_time_s']:.0f} s; results in {exp_dir}")
+    tensorboard = f"; tensorboard --logdir {exp_dir / 'tune'}" if "tensorboard" in cfg.report.loggers else ""
+    console.print(f"Sweep wall time: {summary['wall_time_s']:.0f} s; results in {exp_dir} (Ray's own output in "
+                  f"{report.RAY_OUTPUT_LOG}{tensorboard})")
     return summary

@@ -118,13 +118,16 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
                                     seed=d.seed * 1_000_003 + t.seed, window=blocks_per_step)
 
     # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
-    state: dict[str, Any] = {"step": 0, "train_time_s": 0.0, "best_domain_ppl": math.inf, "evals_since_best": 0}
+    state: dict[str, Any] = {"step": 0, "train_time_s": 0.0, "best_domain_ppl": math.inf, "evals_since_best": 0,
+                             "restarts": 0}
     if resume_dir:
         saved = torch.load(Path(resume_dir) / STATE_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state.update({k: saved[k] for k in ("step", "train_time_s", "best_domain_ppl", "evals_since_best")})
+        state["restarts"] = saved.get("restarts", 0) + 1
+    resumed_from_step = state["step"]
 
     def evaluate() -> tuple[float, float | None]:
         kwargs = dict(batch_size=t.batch_size, device=device, rank=rank, world_size=world_size,
@@ -181,6 +184,7 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
             "data/domain_fraction": float(is_domain[: done * blocks_per_step].mean()),
             "perf/tokens_per_s": steps_in_window * blocks_per_step * d.block_size / window_time,
             "lr": scheduler.get_last_lr()[0], "time/train_s": state["train_time_s"],
+            "restarts": state["restarts"], "resumed_from_step": resumed_from_step,
         }
         if metrics["eval/domain_ppl"] < state["best_domain_ppl"]:
             state["best_domain_ppl"], state["evals_since_best"] = metrics["eval/domain_ppl"], 0

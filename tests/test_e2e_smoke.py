@@ -11,8 +11,14 @@ from raycpt.files import read_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SECRETS = {"HF_TOKEN": "hf_secretvalue_0123456789", "WANDB_API_KEY": "wandb-secret-0123456789",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-0123456789abcdef"}
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
+    import os
+
     import ray
 
     from raycpt.report import make_console
@@ -20,11 +26,18 @@ def smoke_sweep(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(ROOT / "experiments" / "smoke.yaml", [f"storage_path={storage}"])
+    saved = {k: os.environ.get(k) for k in SECRETS}
+    os.environ.update(SECRETS)  # secrets live in the environment; they must never reach experiment files
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         summary = sweep(cfg, console=make_console())
     finally:
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return cfg, summary
 
 
@@ -69,3 +82,24 @@ def test_export_reloads_and_reproduces_reported_ppl(smoke_sweep):
     reported = card["metrics"]["eval/domain_ppl"]
     assert abs(ppl - reported) / reported <= 1e-3
     assert card["hyperparameters"]["train.lr"] == pytest.approx(card["config"]["train"]["lr"])
+
+
+@pytest.mark.e2e
+def test_card_carries_f1_and_lift(smoke_sweep):
+    _, summary = smoke_sweep
+    card = read_json(Path(summary["export"]) / "raycpt_card.json")
+    assert 0.0 <= card["metrics"]["eval/f1"] <= 1.0
+    assert 0.0 <= card["base"]["base/f1"] <= 1.0
+    assert set(card["metrics"]["eval/f1_per_class"]) == {"fresh", "rotten"}
+    assert card["lift"]["f1"] is not None and card["metrics"]["eval/accuracy"] is not None
+    assert card["data_mix"]["domain_stats"]["removed_for_leakage"] >= 200  # the 200 downstream test texts
+
+
+@pytest.mark.e2e
+def test_no_secret_reaches_the_experiment_dir(smoke_sweep):
+    cfg, _ = smoke_sweep
+    for path in cfg.experiment_dir().rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            data = path.read_bytes()
+            for value in SECRETS.values():
+                assert value.encode() not in data, f"{value} leaked into {path}"

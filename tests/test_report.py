@@ -1,0 +1,398 @@
+"""What people read about a sweep: the final table, `raycpt report` (table | json | markdown), the live progress
+callback, Ray's output routing, the logger callbacks and the PNG plots.
+
+Most tests read a recorded smoke sweep (tests/fixtures/smoke_sweep: Tune's JSON state and result files, no
+checkpoints or weights), copied to a fresh path first so that the paths recorded inside it point elsewhere, as
+they do on any machine but the one that ran it. Re-record it from a fresh smoke sweep with:
+
+    raycpt sweep experiments/smoke.yaml --set storage_path=/tmp/runs-report --force
+    python tests/test_report.py /tmp/runs-report/smoke
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+
+from raycpt import report
+from raycpt.errors import InputError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "smoke_sweep"
+
+
+def record_fixture(src: Path, dst: Path = FIXTURE) -> None:
+    """Copy the small JSON/CSV files of a finished smoke sweep: enough for ExperimentAnalysis, reports and plots."""
+    shutil.rmtree(dst, ignore_errors=True)
+    (dst / "tune").mkdir(parents=True)
+    for name in ("raycpt_config.json", "base_metrics.json"):
+        shutil.copy2(src / name, dst / name)
+    (dst / "export").mkdir()
+    shutil.copy2(src / "export" / "raycpt_card.json", dst / "export" / "raycpt_card.json")
+    for state in [*(src / "tune").glob("experiment_state-*.json"), *(src / "tune").glob("basic-variant-state-*")]:
+        shutil.copy2(state, dst / "tune" / state.name)
+    for trial in (src / "tune").iterdir():
+        if trial.is_dir():
+            (dst / "tune" / trial.name).mkdir()
+            for name in ("params.json", "result.json", "progress.csv", "error.txt"):
+                if (trial / name).exists():
+                    shutil.copy2(trial / name, dst / "tune" / trial.name / name)
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """The recorded sweep at a path it was not recorded at."""
+    path = tmp_path_factory.mktemp("moved") / "smoke"
+    shutil.copytree(FIXTURE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def summary(sweep_dir) -> dict:
+    from raycpt.analysis import analyze
+
+    return analyze(sweep_dir, export=False)
+
+
+def rendered(renderable, width: int = 100) -> str:
+    console = Console(width=width, record=True, file=io.StringIO(), highlight=False)
+    console.print(renderable)
+    return console.export_text()
+
+
+# -- the recorded sweep and its summary --------------------------------------------------------------------------
+
+
+def test_recorded_sweep_loads_from_another_path(sweep_dir, summary):
+    statuses = sorted(t["status"] for t in summary["trials"])
+    assert statuses == ["finished", "stopped", "stopped"]
+    # Tune's recorded trial paths were absolute: they must now point into the moved copy.
+    assert all(Path(t["path"]).is_relative_to(sweep_dir) for t in summary["trials"])
+    assert summary["winner"] is not None and summary["base"]["base/f1"] is not None
+    assert all(t["eval/f1"] is not None for t in summary["trials"] if t["status"] == "finished")
+
+
+@pytest.mark.parametrize("width", [100, 120])
+def test_table_fits_the_terminal(summary, width):
+    lines = rendered(report.summary_table(summary), width=width).splitlines()
+    assert max(len(line) for line in lines) <= width
+    if width == 120:  # title, header, rule, base, one line per trial, note: no row wraps
+        assert len(lines) == 5 + len(summary["trials"])
+
+
+def test_table_has_base_row_then_trials_in_rule_order_with_winner_starred(summary):
+    text = rendered(report.summary_table(summary), width=120)
+    lines = text.splitlines()
+    ids = report.short_ids(summary["order"])
+    rows = [next(i for i, line in enumerate(lines) if f" {ids[tid]} " in line) for tid in summary["order"]]
+    base_row = next(i for i, line in enumerate(lines) if "base model" in line)
+    assert base_row < rows[0] and rows == sorted(rows), "base first, then trials best first"
+    winner_line = lines[rows[0]]
+    assert winner_line.lstrip().startswith("★") and ids[summary["winner"]] in winner_line
+    assert sum("★" in line for line in lines) == 1
+    stopped = next(t for t in summary["trials"] if t["status"] == "stopped")
+    assert f"stopped by ASHA at step {stopped['step']}" in lines[rows[summary["order"].index(stopped["trial_id"])]]
+    # forgetting vs base, in percent, next to each trial's general ppl
+    winner = next(t for t in summary["trials"] if t["trial_id"] == summary["winner"])
+    change = winner["eval/general_ppl"] / summary["base"]["base/general_ppl"] - 1
+    assert f"({change:+.1%})" in winner_line
+    assert f"{winner['eval/f1']:.4f}" in winner_line
+
+
+def test_hyperparameter_headers_are_the_field_names(summary):
+    header = next(line for line in rendered(report.summary_table(summary)).splitlines() if "status" in line)
+    assert " lr " in header and "mix_ratio" in header and "train." not in header
+
+
+def test_report_command_table_shows_export_and_how_to_load_it(sweep_dir, capsys):
+    console = Console(width=200, record=True, file=io.StringIO(), highlight=False)  # long tmp paths stay on a line
+    assert report.report_command(sweep_dir, "table", console) == 0
+    text = console.export_text()
+    export = str(sweep_dir / "export")
+    assert "Winner:" in text and f"Exported to {export}" in text
+    assert f'path = "{export}"' in text
+    assert "model = AutoModelForCausalLM.from_pretrained(path)" in text
+    assert "tokenizer = AutoTokenizer.from_pretrained(path)" in text
+    assert not (sweep_dir / "export" / "model.safetensors").exists(), "report never exports"
+
+
+def test_report_json_follows_the_documented_schema(sweep_dir, summary, capsys):
+    assert report.report_command(sweep_dir, "json", Console(file=io.StringIO())) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == set(report.REPORT_SCHEMA) - {"trial"}
+    assert data["schema_version"] == report.REPORT_SCHEMA_VERSION
+    trial_keys = {"rank", "trial_id", "winner", "status", "excluded", "error", "hyperparameters", "step", "tokens",
+                  "time_s", "domain_ppl", "general_ppl", "forgetting", "domain_ppl_change", "f1", "f1_sd", "accuracy"}
+    for key in trial_keys:
+        assert key in report.REPORT_SCHEMA["trial"], f"{key} is undocumented"
+    assert all(set(t) == trial_keys for t in data["trials"])
+    assert [t["trial_id"] for t in data["trials"]] == summary["order"]
+    assert [t["rank"] for t in data["trials"]] == list(range(1, len(summary["order"]) + 1))
+    assert [t["trial_id"] for t in data["trials"] if t["winner"]] == [data["selection"]["winner"]]
+    assert data["complete"] and data["counts"] == {"finished": 1, "stopped": 2}
+    assert data["selection"]["rule"]["max_forgetting"] == pytest.approx(0.10)
+    assert data["export"] == {"path": str(sweep_dir / "export"), "trial_id": summary["winner"]}
+    top = data["trials"][0]
+    assert top["forgetting"] == pytest.approx(top["general_ppl"] / data["base"]["general_ppl"] - 1)
+    assert top["hyperparameters"].keys() == {"train.lr", "train.mix_ratio"}
+    assert next(t for t in data["trials"] if t["status"] == "stopped")["excluded"].startswith("stopped")
+
+
+def test_report_markdown_is_a_table_with_the_winner_in_bold(sweep_dir, summary, capsys):
+    assert report.report_command(sweep_dir, "markdown", Console(file=io.StringIO())) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 1 + len(summary["trials"])  # header, separator, base, trials
+    assert "_base model_" in table[2]
+    assert table[3].startswith("| **★** |") and report.short_ids(summary["order"])[summary["winner"]] in table[3]
+    assert "```python" in text and "from_pretrained" in text
+
+
+def test_report_before_tune_wrote_state_is_a_clear_error(sweep_dir, tmp_path):
+    shutil.copy2(sweep_dir / "raycpt_config.json", tmp_path / "raycpt_config.json")
+    with pytest.raises(InputError, match="no sweep found"):
+        report.report_command(tmp_path, "table", Console(file=io.StringIO()))
+    (tmp_path / "tune").mkdir()  # the sweep started but Tune has not saved its first state
+    with pytest.raises(InputError, match="no trial state"):
+        report.report_command(tmp_path, "json", Console(file=io.StringIO()))
+    with pytest.raises(InputError, match="not a raycpt experiment"):
+        report.report_command(tmp_path / "nowhere", "table", Console(file=io.StringIO()))
+
+
+def test_report_without_export_says_how_to_export(summary):
+    text = rendered(report.winner_panel({**summary, "export": None}))
+    assert "Not exported yet" in text and "--export" in text
+
+
+# -- rows for states the recorded sweep does not have -------------------------------------------------------------
+
+
+def synthetic_summary() -> dict:
+    base = {"base/domain_ppl": 70.0, "base/general_ppl": 30.0, "base/f1": 0.63}
+    trials = [
+        {"trial_id": "ab12_00000", "status": "finished", "hp/train.lr": 2e-4, "hp/data.seed": 1, "hp/train.seed": 2,
+         "step": 24, "tokens": 12288, "eval/domain_ppl": 47.2, "eval/general_ppl": 31.0, "eval/f1": 0.705,
+         "time_total_s": 200.0, "error": ""},
+        {"trial_id": "ab12_00001", "status": "finished", "hp/train.lr": 1e-3, "hp/data.seed": 1, "hp/train.seed": 2,
+         "step": 24, "tokens": 12288, "eval/domain_ppl": 40.0, "eval/general_ppl": 45.0, "eval/f1": 0.71,
+         "time_total_s": 3700.0, "error": ""},
+        {"trial_id": "ab12_00002", "status": "failed", "hp/train.lr": 5e-3, "hp/data.seed": 1, "hp/train.seed": 2,
+         "step": None, "tokens": None, "eval/domain_ppl": None, "eval/general_ppl": None, "eval/f1": None,
+         "time_total_s": None, "error": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB "
+                                        "(GPU 0; 79.1 GiB total capacity; 77.0 GiB already allocated)"},
+    ]
+    return {"experiment_dir": "/runs/demo", "base": base, "winner": "ab12_00000", "flagged": False,
+            "reasons": ["highest downstream F1"], "order": ["ab12_00000", "ab12_00001", "ab12_00002"],
+            "excluded": {"ab12_00001": "forgetting: general ppl 45.00 > bound 33.00",
+                         "ab12_00002": "failed: torch.OutOfMemoryError"},
+            "trials": trials, "export": None, "verification": None}
+
+
+def test_failed_and_forgetting_trials_say_why_in_one_line():
+    headers, rows = report.trial_rows(synthetic_summary())
+    status = {row.cells[1]: row.cells[headers.index("status")] for row in rows}
+    assert status["00001"] == "finished; forgetting"
+    assert status["00002"].startswith("failed: torch.OutOfMemoryError") and status["00002"].endswith("…")
+    assert "\n" not in status["00002"] and len(status["00002"]) <= 70
+    # data.seed and train.seed would both be "seed": they keep their section
+    assert "data.seed" in headers and "train.seed" in headers and "lr" in headers
+    assert rows[2].cells[headers.index("time")] == "1h01m" and rows[1].cells[headers.index("time")] == "3m20s"
+    assert [row.kind for row in rows] == ["base", "winner", "excluded", "failed"]
+
+
+def test_f1_column_is_left_out_when_nothing_measured_f1():
+    summary = synthetic_summary()
+    summary["base"].pop("base/f1")
+    for t in summary["trials"]:
+        t["eval/f1"] = None
+    headers, rows = report.trial_rows(summary)
+    assert "F1" not in headers and all(len(row.cells) == len(headers) for row in rows)
+
+
+# -- live progress -----------------------------------------------------------------------------------------------
+
+
+def fake_trial(trial_id: str, lr: float, tmp_path: Path, **extra) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"train_loop_config": {"train.lr": lr}}, last_result={},
+                           error_file=None, path=str(tmp_path / trial_id), **extra)
+
+
+def result(step: int, ppl: float, finished: bool = False) -> dict:
+    return {"step": step, "eval/domain_ppl": ppl, "eval/general_ppl": ppl + 5, "perf/tokens_per_s": 300.0,
+            "time_this_iter_s": 10.0, "finished": finished}
+
+
+def drive(callback, tmp_path: Path) -> None:
+    """Three trials: one finishes, ASHA stops one, one fails."""
+    a, b, c = (fake_trial(f"ab12_0000{i}", lr, tmp_path) for i, lr in enumerate((1e-3, 1e-6, 5e-3)))
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1\nTraceback ...\nRuntimeError: loss is NaN at step 3\n")
+    c.error_file = str(error)
+    callback.setup(total_num_samples=4)
+    for trial in (a, b, c):
+        callback.on_trial_start(iteration=0, trials=[], trial=trial)
+    callback.on_trial_result(iteration=1, trials=[], trial=a, result=result(6, 60.0))
+    callback.on_trial_result(iteration=2, trials=[], trial=b, result=result(6, 70.0))
+    b.last_result = result(6, 70.0)
+    callback.on_trial_complete(iteration=3, trials=[], trial=b)
+    callback.on_trial_error(iteration=4, trials=[], trial=c)
+    a.last_result = result(12, 50.0, finished=True)
+    callback.on_trial_result(iteration=5, trials=[], trial=a, result=a.last_result)
+    callback.on_trial_complete(iteration=6, trials=[], trial=a)
+    callback.on_step_end(iteration=7, trials=[])
+
+
+def test_live_view_on_a_terminal_shows_every_state_and_the_best_so_far(tmp_path):
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, highlight=False)
+    callback = report.sweep_progress_callback(console, metric="eval/domain_ppl", mode="min", max_reports=2,
+                                              concurrency=1)
+    drive(callback, tmp_path)
+    callback.on_experiment_end(trials=[])
+    callback.close()  # twice is fine: sweep() closes it again after fit()
+    text = out.getvalue()
+    final = text[text.rindex(" running, ") - 1:]  # the last frame the Live display drew
+    assert "0 running, 1 pending, 1 finished, 1 stopped by ASHA, 1 failed" in final
+    assert "best eval/domain_ppl 50.00 (00000)" in final
+    assert "stopped by ASHA at step 6" in final and "failed: RuntimeError: loss is NaN at step 3" in final
+    assert "elapsed" in final and "left" in final
+
+
+def test_without_a_terminal_it_prints_one_plain_line_per_report(tmp_path):
+    out = io.StringIO()
+    callback = report.sweep_progress_callback(Console(file=out, width=200, highlight=False),
+                                              metric="eval/domain_ppl", mode="min", max_reports=2, concurrency=1)
+    drive(callback, tmp_path)
+    lines = out.getvalue().splitlines()
+    assert "\x1b" not in out.getvalue(), "no cursor movement or colour codes in logs"
+    assert sum("domain ppl" in line and "step" in line for line in lines) == 3
+    assert any("00001 stopped by ASHA at step 6" in line for line in lines)
+    assert any("00002 failed: RuntimeError: loss is NaN at step 3" in line for line in lines)
+    assert any("00000 finished at step 12" in line for line in lines)
+
+
+def test_callback_pickles_without_its_console(tmp_path):
+    from ray import cloudpickle
+
+    console = Console(file=io.StringIO(), force_terminal=True)
+    callback = report.sweep_progress_callback(console, metric="eval/domain_ppl", mode="min", max_reports=2,
+                                              concurrency=1)
+    drive(callback, tmp_path)
+    data = cloudpickle.dumps(callback)
+    callback.close()
+    restored = cloudpickle.loads(data)
+    assert restored._console is None and restored._live is None
+    assert restored.trials["ab12_00000"].status == "finished"
+
+
+def test_time_left_is_an_upper_bound_from_the_mean_report_time():
+    done = report.TrialProgress("a", status="finished", reports=4, report_seconds=40.0)
+    running = report.TrialProgress("b", status="running", reports=1, report_seconds=10.0)
+    # 10 s per report; b has 3 reports left, one trial not started yet has 4; two run at a time
+    assert report.seconds_left([done, running], total_trials=3, max_reports=4, concurrency=2) == pytest.approx(35.0)
+    assert report.seconds_left([report.TrialProgress("a")], total_trials=2, max_reports=4, concurrency=1) is None
+
+
+# -- Ray's own output and the logger callbacks -------------------------------------------------------------------
+
+
+def test_ray_tables_and_logs_go_to_the_file_not_the_terminal(tmp_path, capsys):
+    log = tmp_path / report.RAY_OUTPUT_LOG
+    reporter, _ = report.ray_progress_reporters(log, echo=False)
+    reporter.setup(start_time=0, total_samples=1, metric="eval/domain_ppl", mode="min")
+    reporter.report([], True, "AsyncHyperBand: num_stopped=1", "Logical resource usage: 2.0/2 CPUs")
+    tune_logger = logging.getLogger("ray.tune.some_module")
+    with report.ray_logs_to(log, echo=False):
+        tune_logger.info("Wrote the latest version of all result files")
+    tune_logger.info("after the sweep: not in the file")
+    assert capsys.readouterr().out == ""
+    text = log.read_text()
+    assert "== Status ==" in text and "num_stopped=1" in text and "Wrote the latest version" in text
+    assert "after the sweep" not in text
+    assert logging.getLogger("ray.tune").propagate is True
+
+
+def test_echo_prints_ray_tables_too(tmp_path, capsys):
+    reporter, _ = report.ray_progress_reporters(tmp_path / "ray.log", echo=True)
+    reporter.setup(start_time=0, total_samples=1, metric="eval/domain_ppl", mode="min")
+    reporter.report([], True, "AsyncHyperBand: num_stopped=1")
+    assert "num_stopped=1" in capsys.readouterr().out
+
+
+def test_logger_callbacks_follow_the_config(monkeypatch):
+    import importlib.util
+
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    from raycpt.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    kinds = [type(cb) for cb in report.logger_callbacks(cfg)]
+    assert kinds == [JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback]
+    cfg.report.loggers = []
+    assert TBXLoggerCallback not in [type(cb) for cb in report.logger_callbacks(cfg)]
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("mlflow", "wandb") else real_find_spec(name, *a))
+    for name in ("mlflow", "wandb"):
+        cfg.report.loggers = ["tensorboard", name]
+        with pytest.raises(InputError, match=f"pip install {name}"):
+            report.logger_callbacks(cfg)
+
+
+# -- plots -------------------------------------------------------------------------------------------------------
+
+
+def test_each_plot_is_written_and_has_content(sweep_dir, summary):
+    import numpy as np
+    from matplotlib.image import imread
+
+    from raycpt.plots import PLOT_FILES, write_plots
+
+    paths = write_plots(sweep_dir, summary)
+    assert sorted(p.name for p in paths) == sorted(PLOT_FILES)
+    for path in paths:
+        assert path.parent == sweep_dir / "plots" and path.stat().st_size > 20_000, path.name
+        pixels = imread(path)
+        height, width = pixels.shape[:2]
+        assert width >= 900 and height >= 400, (path.name, width, height)
+        colours = np.unique(pixels.reshape(-1, pixels.shape[-1]).round(2), axis=0)
+        assert len(colours) > 50, f"{path.name} looks blank"
+
+
+def test_plots_skip_what_the_sweep_has_no_data_for(sweep_dir, summary, tmp_path):
+    from raycpt.plots import write_plots
+
+    no_f1 = json.loads(json.dumps(summary))
+    for t in no_f1["trials"]:
+        t["eval/f1"] = None
+    written = {p.name for p in write_plots(sweep_dir, no_f1)}
+    assert "ppl_vs_f1.png" not in written and not (sweep_dir / "plots" / "ppl_vs_f1.png").exists()
+    assert "domain_ppl_vs_tokens.png" in written
+    write_plots(sweep_dir, summary)  # leave the full set for other tests
+
+
+def test_pareto_front_keeps_points_no_other_beats():
+    from raycpt.plots import pareto_front
+
+    points = [(50.0, 0.70), (45.0, 0.68), (60.0, 0.72), (55.0, 0.69), (45.0, 0.60)]
+    assert pareto_front(points) == [(45.0, 0.68), (50.0, 0.70), (60.0, 0.72)]
+
+
+def test_durations_and_ppl_stay_short():
+    assert [report.duration(s) for s in (5, 192, 3900, math.nan)] == ["5s", "3m12s", "1h05m", "-"]
+    assert [report._ppl(v) for v in (51237.04, 123.45, 47.234)] == ["51,237", "123.5", "47.23"]
+
+
+if __name__ == "__main__":
+    record_fixture(Path(sys.argv[1]))
+    print(f"recorded {sys.argv[1]} into {FIXTURE}")
