@@ -45,7 +45,7 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
     """One row per trial: id, status, sampled hyperparameters, last metrics, checkpoint path, error line."""
     from ray.tune import ExperimentAnalysis
 
-    tune_dir = exp_dir / "tune"
+    tune_dir = Path(exp_dir).resolve() / "tune"  # Tune needs an absolute path (a URI)
     if not tune_dir.exists():
         raise InputError(f"{exp_dir}: no sweep found (expected {tune_dir}); run `raycpt sweep CONFIG` first")
     analysis = ExperimentAnalysis(str(tune_dir))
@@ -59,6 +59,8 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
             status = "finished"
         elif trial.status == "TERMINATED" and last.get("step"):
             status = "stopped"
+        elif trial.status in ("RUNNING", "PENDING") and last.get("step"):
+            status = "running"  # a live (or interrupted) sweep: Tune reloads running trials as PENDING
         else:
             status = trial.status.lower()
         row = {"trial_id": trial.trial_id, "status": status, "error": error, "path": trial.path,
@@ -105,7 +107,7 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
     for row in trials.to_dict("records"):
         general, domain, tid = _num(row.get("eval/general_ppl")), _num(row.get("eval/domain_ppl")), row["trial_id"]
         if row["status"] == "stopped":
-            excluded[tid] = f"stopped by the scheduler at step {row.get('step')}"
+            excluded[tid] = f"stopped by the scheduler at step {int(_num(row.get('step')))}"
         elif row["status"] == "failed":
             excluded[tid] = f"failed: {row.get('error') or 'see its error.txt'}"
         elif row["status"] != "finished":

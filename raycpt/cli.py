@@ -19,14 +19,27 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Prepare data, measure the base model, sweep with Ray Tune + ASHA, select and export the winner."""
+    """Prepare data, measure the base model, sweep with Ray Tune + ASHA, select and export the winner.
+    `raycpt sweep --resume EXPERIMENT_DIR` continues an interrupted sweep."""
+    from raycpt.config import apply_overrides, config_from_dict, parse_override
+    from raycpt.files import read_json
     from raycpt.report import make_console
     from raycpt.sweep import sweep
 
-    cfg = _load(args)
+    if args.resume:
+        saved = Path(args.config) / "raycpt_config.json"
+        if not saved.exists():
+            raise InputError(f"--resume {args.config}: not an experiment dir (no raycpt_config.json); pass the "
+                             "<storage_path>/<name> dir of the interrupted sweep")
+        raw = apply_overrides(read_json(saved), dict(parse_override(o) for o in args.set or []))
+        # the experiment dir is where the sweep lives, wherever it was started from
+        raw["storage_path"], raw["name"] = str(Path(args.config).resolve().parent), Path(args.config).resolve().name
+        cfg = config_from_dict(raw)
+    else:
+        cfg = _load(args)
     console = make_console()
     _echo(console, args, cfg)
-    summary = sweep(cfg, force=args.force, console=console)
+    summary = sweep(cfg, force=args.force, console=console, verbose=args.verbose, resume=args.resume)
     return 0 if summary["winner"] is not None else 1
 
 
@@ -50,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_json(exp_dir / "data_manifest.json", manifest)
     print_data(console, manifest)
     print_base(console, measure_base(cfg, manifest, exp_dir))
+    if (exp_dir / "train" / "run").exists():
+        # Ray Train restores a run of the same name from its latest checkpoint: say so instead of surprising
+        console.print(f"[yellow]resuming[/] the run in {exp_dir / 'train' / 'run'} from its latest checkpoint "
+                      "(remove that dir or --set name=<new> to start fresh)")
     started = connect_ray()
     try:
         import ray
@@ -81,6 +98,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     raw = apply_overrides(read_json(exp_dir / "raycpt_config.json"), dict(parse_override(o) for o in args.set or []))
     summary = analyze(exp_dir, config_from_dict(raw), console=make_console(), export=args.export, force=args.force)
     return 0 if summary["winner"] is not None else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Summarise a finished or running sweep from disk (never exports, needs no Ray): table, json or markdown."""
+    from raycpt.report import make_console, report_command
+
+    return report_command(Path(args.experiment_dir), args.format, make_console())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -119,8 +143,8 @@ def _echo(console, args: argparse.Namespace, cfg) -> None:
     console.print(f"[bold]raycpt[/] {args.command} {args.config}{overrides} -> {cfg.experiment_dir()}")
 
 
-COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "analyze": cmd_analyze, "validate": cmd_validate,
-            "prepare": cmd_prepare}
+COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "analyze": cmd_analyze, "report": cmd_report,
+            "validate": cmd_validate, "prepare": cmd_prepare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,13 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
-        if name == "analyze":
+        if name in ("analyze", "report"):
             p.add_argument("experiment_dir", help="the experiment directory (<storage_path>/<name>)")
-            p.add_argument("--export", action="store_true", help="export the winner (again)")
         else:
             p.add_argument("config", help="experiment YAML, e.g. experiments/laptop.yaml")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. "
-                       "--set train.lr=3e-4 (repeatable)")
+        if name == "analyze":
+            p.add_argument("--export", action="store_true", help="export the winner (again)")
+        if name == "report":
+            p.add_argument("--format", choices=["table", "json", "markdown"], default="table",
+                           help="json: stable keys, see raycpt.report.REPORT_SCHEMA; markdown: for pasting into a PR")
+        else:
+            p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. "
+                           "--set train.lr=3e-4 (repeatable)")
+        if name == "sweep":
+            p.add_argument("--resume", action="store_true", help="CONFIG is the experiment dir of an interrupted "
+                           "sweep: continue it, keeping finished trials")
+            p.add_argument("--verbose", action="store_true", help="also show Ray Tune's own progress tables and "
+                           "logs (always written to <experiment dir>/ray_output.log)")
         if name == "validate":
             p.add_argument("--config-only", action="store_true", help="check the config alone, not its inputs")
         if name in ("sweep", "analyze"):

@@ -7,12 +7,46 @@ device), [4] report metrics + checkpoint from every rank (rank 0 alone writes th
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from raycpt.config import ExperimentConfig, config_from_dict, to_dict
+from raycpt.errors import InputError
+from raycpt.files import write_json
+
+PLACEMENT_FILE = "ray_placement.json"
+"""Written by rank 0 into every checkpoint: which Ray node trained it (clusters: did work land where expected?)."""
+
+
+def ddp_kwargs() -> dict[str, Any]:
+    """DistributedDataParallel arguments: no buffer broadcast at each forward.
+
+    The buffers of causal LMs (rotary `inv_freq`, causal masks) are constants, equal on every rank since every
+    rank loads the same weights. DDP's default re-broadcasts them at the start of every forward, which is a
+    collective: held-out eval gives ranks unequal numbers of batches whenever the held-out blocks do not divide
+    evenly, and those extra forwards would then pair up with the wrong collective (a hang or a wrong sum)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # torch 2.13 renamed the flag; older releases only know the deprecated one.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def check_data_visible(data: dict[str, Any], node: str) -> None:
+    """Fail with the fix when this node cannot read the prepared blocks: on a cluster they must sit on a
+    filesystem every node mounts at the same path (RAYCPT_CACHE), since the driver prepared them on its node."""
+    for corpus in ("domain", "general"):
+        for split in ("train", "heldout"):
+            path = (data.get(corpus) or {}).get(split)
+            if path and not os.path.exists(path):
+                raise InputError(f"node {node}: prepared {corpus} blocks {path} not found; on a multi-node cluster "
+                                 "set RAYCPT_CACHE to a shared filesystem mounted at the same path on every node "
+                                 "(see docs/cluster.md)")
 
 
 def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
@@ -26,23 +60,33 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(train_loop_config["cfg"])
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
     context = ray.train.get_context()
-    world_size = context.get_world_size()
+    world_size, rank = context.get_world_size(), context.get_world_rank()
+    node_ip = ray.util.get_node_ip_address()
+    check_data_visible(train_loop_config["data"], node_ip)
+    placement = {"rank": rank, "world_size": world_size, "node_id": ray.get_runtime_context().get_node_id(),
+                 "node_ip": node_ip}
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         # [4] Every rank reports (Ray Train requires it); the checkpoint is uploaded to storage, then dropped here.
+        if checkpoint_dir:  # rank 0 only
+            write_json(Path(checkpoint_dir) / PLACEMENT_FILE, placement)
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+        # [3] DDP wrapper and device placement from Ray Train (one worker needs no wrapper)
+        if world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs())
 
     # [2] A checkpoint exists when Ray Train restarts workers after a failure: resume from it.
     checkpoint = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         train(cfg, train_loop_config["data"], report, checkpoint_root=root, resume_dir=resume_dir,
-              rank=context.get_world_rank(), world_size=world_size, device=ray.train.torch.get_device(),
-              # [3] DDP wrapper and device placement from Ray Train (a no-op wrapper for one worker)
-              wrap_model=ray.train.torch.prepare_model if world_size > 1 else (lambda m: m))
+              rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model)
 
 
 def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: str | Path, name: str,

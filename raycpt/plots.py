@@ -43,7 +43,9 @@ def load_history(trial_dir: Path) -> pd.DataFrame:
         except json.JSONDecodeError:
             continue
     frame = pd.DataFrame(rows)
-    return frame.sort_values("training_iteration") if "training_iteration" in frame else frame
+    # by step: a trial resumed after a driver crash restarts Tune's iteration counter, not its step
+    order = "step" if "step" in frame else "training_iteration"
+    return frame.sort_values(order).drop_duplicates(subset=[order], keep="last") if order in frame else frame
 
 
 def load_histories(exp_dir: Path, summary: dict[str, Any]) -> dict[str, pd.DataFrame]:

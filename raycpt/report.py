@@ -32,8 +32,9 @@ REPORT_SCHEMA_VERSION = 1
 REPORT_SCHEMA = {
     "schema_version": "int: bumped only when a key changes meaning or disappears",
     "experiment_dir": "str",
-    "complete": "bool: no trial is running or pending",
-    "counts": "{status: int} over finished | stopped | failed | running | pending | ...",
+    "complete": "bool: every trial the sweep will run has ended (none running or pending)",
+    "counts": "{status: int} over finished | stopped | failed | running | pending | ...; pending includes trials "
+              "Tune has not created yet",
     "base": "{domain_ppl, general_ppl, f1}: the base model, measured once per sweep (null when not measured)",
     "selection": "{winner: trial id | null, flagged: bool, reasons: [str], rule: {max_forgetting, f1_tolerance} "
                  "| null}",
@@ -328,8 +329,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def report_json(summary: dict[str, Any], rule: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The summary in the stable shape documented by REPORT_SCHEMA (metric names without their 'eval/' prefixes)."""
+def expected_trials(search: dict[str, Any]) -> int:
+    """Trials a sweep will run: num_samples x the size of every grid (Tune creates them lazily, so a running
+    sweep's state on disk does not list them all yet)."""
+    total = int(search.get("num_samples") or 1)
+    for spec in (search.get("space") or {}).values():
+        if "grid" in spec:
+            total *= len(spec["grid"])
+    return total
+
+
+def report_json(summary: dict[str, Any], rule: dict[str, Any] | None = None,
+                expected: int | None = None) -> dict[str, Any]:
+    """The summary in the stable shape documented by REPORT_SCHEMA (metric names without their 'eval/' prefixes).
+    `expected`: trials the sweep will run in all; those not created yet count as pending."""
     base = summary.get("base") or {}
     trials = {t["trial_id"]: t for t in summary["trials"]}
     order = _ordered_ids(summary)
@@ -355,6 +368,8 @@ def report_json(summary: dict[str, Any], rule: dict[str, Any] | None = None) -> 
     counts: dict[str, int] = {}
     for t in trials.values():
         counts[t.get("status") or "unknown"] = counts.get(t.get("status") or "unknown", 0) + 1
+    if expected is not None and expected > len(trials):
+        counts["pending"] = counts.get("pending", 0) + expected - len(trials)
     export = summary.get("export")
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
@@ -387,16 +402,28 @@ def report_command(exp_dir: Path, fmt: str, console: Console) -> int:
     except ValueError as err:  # Tune has not written its first experiment state yet
         raise InputError(f"{exp_dir}: no trial state on disk yet ({str(err).splitlines()[0]}); try again in a "
                          "few seconds") from err
+    for trial in summary["trials"]:
+        # Tune snapshots running trials as PENDING (so a restored sweep restarts them): one that has reported is
+        # running.
+        if trial["status"] == "pending" and trial.get("reports"):
+            trial["status"] = "running"
     card_path = exp_dir / "export" / "raycpt_card.json"
     card = read_json(card_path) if card_path.exists() else {}
     if card.get("trial_id") is not None and card["trial_id"] == summary["winner"]:
         summary["export"], summary["verification"] = str(exp_dir / "export"), card.get("verification")
+    raw = to_dict(cfg)
+    data = report_json(summary, raw["select"], expected_trials(raw["search"]))
+    progress = "" if data["complete"] else (
+        "Sweep in progress (" + ", ".join(f"{n} {status}" for status, n in sorted(data["counts"].items()))
+        + "): the ranking and winner below are provisional.")
     if fmt == "json":
         # print() rather than the console: rich would wrap long lines and break the JSON.
-        print(json.dumps(report_json(summary, to_dict(cfg)["select"]), indent=2))
+        print(json.dumps(data, indent=2))
     elif fmt == "markdown":
-        print(summary_markdown(summary), end="")
+        print((f"_{progress}_\n\n" if progress else "") + summary_markdown(summary), end="")
     else:
+        if progress:
+            console.print(f"[yellow]{escape(progress)}[/]")
         print_summary(console, summary)
     return 0
 
@@ -533,7 +560,7 @@ def sweep_progress_callback(console: Console, *, metric: str, mode: str, max_rep
             if self.use_live and self.console.is_terminal and not self.console.is_dumb_terminal:
                 from rich.live import Live
 
-                # No auto-refresh thread: it would read the trial table while Tune's thread changes it.
+                # No auto-refresh thread: it would read the trial table while Tune's loop changes it.
                 self._live = Live(self._view(), console=self.console, auto_refresh=False, transient=False)
                 self._live.start()
 

@@ -41,13 +41,24 @@ def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return result
 
 
+def _max_value(cfg: ExperimentConfig, key: str, default: int) -> int:
+    spec = cfg.search.space.get(key)
+    return int(max(next(iter(spec.values())))) if spec else int(default)
+
+
+def _min_value(cfg: ExperimentConfig, key: str, default: int) -> int:
+    spec = cfg.search.space.get(key)
+    return int(min(next(iter(spec.values())))) if spec else int(default)
+
+
+def max_steps(cfg: ExperimentConfig) -> int:
+    """The most optimizer steps any trial can run (ASHA's max_t)."""
+    return _max_value(cfg, "train.steps", cfg.train.steps)
+
+
 def max_reports(cfg: ExperimentConfig) -> int:
-    """The most reports any trial can make (ASHA's max_t, in training iterations)."""
-    spec = cfg.search.space.get("train.steps")
-    steps = max(next(iter(spec.values()))) if spec else cfg.train.steps
-    every = cfg.search.space.get("train.eval_every")
-    eval_every = min(next(iter(every.values()))) if every else cfg.train.eval_every
-    return max(1, math.ceil(int(steps) / int(eval_every)))
+    """The most reports any trial can make (for progress estimates)."""
+    return max(1, math.ceil(max_steps(cfg) / _min_value(cfg, "train.eval_every", cfg.train.eval_every)))
 
 
 def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = None,
@@ -106,31 +117,85 @@ def trial_concurrency(cfg: ExperimentConfig, cluster: dict[str, float]) -> int:
     return max(1, fits)
 
 
+def resumable_asha(state_path: Path, **kwargs):
+    """ASHA whose rung records survive a driver crash. Tune's restore brings back trials but not scheduler state,
+    so a resumed sweep would compare its remaining trials against empty rungs and stop none of them. This one
+    saves its state after every decision and reloads it on first use."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class ResumableASHA(ASHAScheduler):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+            self._state_path, self._state_loaded = str(state_path), False
+
+        def _load_state_once(self) -> None:
+            if not self._state_loaded:
+                self._state_loaded = True
+                if os.path.exists(self._state_path):
+                    self.restore(self._state_path)
+
+        def _save_state(self) -> None:
+            tmp = f"{self._state_path}.tmp"
+            self.save(tmp)
+            os.replace(tmp, self._state_path)
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            self._load_state_once()
+            if trial.trial_id not in self._trial_info:
+                super().on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            self._load_state_once()
+            decision = super().on_trial_result(tune_controller, trial, result)
+            self._save_state()
+            return decision
+
+        def on_trial_complete(self, tune_controller, trial, result) -> None:
+            self._load_state_once()
+            if trial.trial_id in self._trial_info:
+                super().on_trial_complete(tune_controller, trial, result)
+            self._save_state()
+
+    return ResumableASHA()
+
+
+def build_trainable(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path):
+    """The Tune trainable: `train_driver_fn` with the base config, data manifest and the trial's resources.
+    Built the same way for a new sweep and for `Tuner.restore`."""
+    from ray import tune
+
+    r = cfg.resources
+    trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
+                                     trials_dir=str(exp_dir / "trials"))
+    resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+    return tune.with_resources(trainable, resources)
+
+
 def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, concurrency: int, callbacks: list,
                 *, verbose: bool = False):
     """The Tuner for the sweep. `callbacks` are raycpt's progress display and the logger callbacks
     (report.logger_callbacks). Tune's own progress tables go to <exp>/ray_output.log, and also to the terminal
     when `verbose`."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     from raycpt.report import RAY_OUTPUT_LOG, ray_progress_reporters
 
-    s, r = cfg.search, cfg.resources
+    s = cfg.search
     # The legacy output engine takes a progress reporter we can point at a file; the new one prints to stdout.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # The logger callbacks are passed explicitly (report.loggers is the truth): stop Tune adding its defaults.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     ray_reporter, ray_trial_lines = ray_progress_reporters(exp_dir / RAY_OUTPUT_LOG, echo=verbose)
-    trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
-                                     trials_dir=str(exp_dir / "trials"))
-    resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_reports(cfg),
-                               grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    # Rungs are counted in optimizer steps, not reports: a trial resumed after a crash restarts Tune's iteration
+    # counter but not its step, and a swept eval_every would make reports incomparable.
+    eval_every = _min_value(cfg, "train.eval_every", cfg.train.eval_every)
+    scheduler = (resumable_asha(exp_dir / "scheduler_state.pkl", time_attr="step", max_t=max_steps(cfg),
+                                grace_period=s.grace_period * eval_every, reduction_factor=s.reduction_factor)
                  if s.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
-        tune.with_resources(trainable, resources),
+        build_trainable(cfg, data, exp_dir),
         param_space={"train_loop_config": search_space(s.space)},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
                                     # an explicit generator ignores TuneConfig's limit: give it its own
@@ -141,16 +206,21 @@ def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, conc
     )
 
 
-def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: bool = False) -> dict[str, Any]:
+def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: bool = False,
+          resume: bool = False) -> dict[str, Any]:
     """The whole job: prepare data, measure the base model, run the Tune sweep, select and export the winner.
-    `verbose` also shows Ray Tune's own tables and logs (always written to <exp>/ray_output.log)."""
+    `verbose` also shows Ray Tune's own tables and logs (always written to <exp>/ray_output.log). `resume`
+    continues an interrupted sweep in cfg's experiment dir (Tune's restore): finished trials are kept, unfinished
+    ones resume from their latest checkpoint."""
     from raycpt import analysis, report
     from raycpt.prepare import check_storage, measure_base, prepare_experiment
 
     console = console or report.make_console()
     loggers = report.logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
     exp_dir = check_storage(cfg)  # a bad storage_path fails here, before anything is computed
-    if (exp_dir / "tune").exists():
+    if resume and not (exp_dir / "tune").exists():
+        raise InputError(f"{exp_dir}: no sweep to resume (no tune/ dir); start one with `raycpt sweep CONFIG`")
+    if (exp_dir / "tune").exists() and not resume:
         if not force:
             raise InputError(f"experiment dir {exp_dir} already holds a sweep; pass --force to replace it or "
                              "--set name=<new name>")
@@ -179,7 +249,14 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: 
         progress = report.sweep_progress_callback(console, metric=cfg.search.metric, mode=cfg.search.mode,
                                                   max_reports=max_reports(cfg), concurrency=concurrency,
                                                   live=not verbose)
-        tuner = build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose)
+        if resume:
+            from ray import tune
+
+            # Tune restores its own callbacks (the live view, loggers) from the interrupted run's tuner.pkl.
+            tuner = tune.Tuner.restore(str(exp_dir / "tune"), trainable=build_trainable(cfg, manifest, exp_dir),
+                                       resume_unfinished=True, resume_errored=True)
+        else:
+            tuner = build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose)
         try:
             with report.ray_logs_to(exp_dir / report.RAY_OUTPUT_LOG, echo=verbose):
                 tuner.fit()
@@ -190,12 +267,18 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: 
             import ray
 
             ray.shutdown()
-    summary = analysis.analyze(exp_dir, cfg, console=console, export=True)
+    already_exported = resume and (exp_dir / "export" / "raycpt_card.json").exists()
+    if already_exported:
+        console.print(f"The sweep had already exported its winner to {exp_dir / 'export'}; re-analysing only")
+    summary = analysis.analyze(exp_dir, cfg, console=console, export=not already_exported)
     if cfg.report.plots:
         from raycpt.plots import write_plots
 
-        summary["plots"] = [str(p) for p in write_plots(exp_dir, summary)]
-        console.print(f"Plots: {', '.join(Path(p).name for p in summary['plots'])} in {exp_dir / 'plots'}")
+        try:
+            summary["plots"] = [str(p) for p in write_plots(exp_dir, summary)]
+            console.print(f"Plots: {', '.join(Path(p).name for p in summary['plots'])} in {exp_dir / 'plots'}")
+        except Exception as err:  # a figure is not worth losing the summary and export over
+            console.print(f"[yellow]Plots failed[/] ({type(err).__name__}: {err}); the summary and export are kept")
     summary["wall_time_s"] = time.perf_counter() - started
     write_json(exp_dir / "summary.json", summary)
     tensorboard = f"; tensorboard --logdir {exp_dir / 'tune'}" if "tensorboard" in cfg.report.loggers else ""

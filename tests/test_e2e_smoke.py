@@ -5,40 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from raycpt.config import load_config
 from raycpt.files import read_json
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-SECRETS = {"HF_TOKEN": "hf_secretvalue_0123456789", "WANDB_API_KEY": "wandb-secret-0123456789",
-           "AWS_SECRET_ACCESS_KEY": "aws-secret-0123456789abcdef"}
-
-
-@pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory):
-    import os
-
-    import ray
-
-    from raycpt.report import make_console
-    from raycpt.sweep import sweep
-
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(ROOT / "experiments" / "smoke.yaml", [f"storage_path={storage}"])
-    saved = {k: os.environ.get(k) for k in SECRETS}
-    os.environ.update(SECRETS)  # secrets live in the environment; they must never reach experiment files
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        summary = sweep(cfg, console=make_console())
-    finally:
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return cfg, summary
+from tests.conftest import SECRETS
 
 
 @pytest.mark.e2e

@@ -37,7 +37,7 @@ def record_fixture(src: Path, dst: Path = FIXTURE) -> None:
         shutil.copy2(src / name, dst / name)
     (dst / "export").mkdir()
     shutil.copy2(src / "export" / "raycpt_card.json", dst / "export" / "raycpt_card.json")
-    for state in [*(src / "tune").glob("experiment_state-*.json"), *(src / "tune").glob("basic-variant-state-*")]:
+    for state in (src / "tune").glob("experiment_state-*.json"):  # the searcher's pickled state is not needed
         shutil.copy2(state, dst / "tune" / state.name)
     for trial in (src / "tune").iterdir():
         if trial.is_dir():
@@ -165,6 +165,33 @@ def test_report_before_tune_wrote_state_is_a_clear_error(sweep_dir, tmp_path):
         report.report_command(tmp_path, "json", Console(file=io.StringIO()))
     with pytest.raises(InputError, match="not a raycpt experiment"):
         report.report_command(tmp_path / "nowhere", "table", Console(file=io.StringIO()))
+
+
+def test_report_on_a_running_sweep_shows_running_trials_and_says_it_is_provisional(sweep_dir, tmp_path, capsys):
+    running = tmp_path / "smoke"
+    shutil.copytree(sweep_dir, running)
+    (running / "export").rename(tmp_path / "no-export-yet")
+    # Mid-sweep, Tune's snapshot holds the trials as RUNNING (and loads them back as PENDING).
+    state = next((running / "tune").glob("experiment_state-*.json"))
+    state.write_text(state.read_text().replace('\\"status\\": \\"TERMINATED\\"', '\\"status\\": \\"RUNNING\\"'))
+    assert report.report_command(running, "json", Console(file=io.StringIO())) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["counts"] == {"finished": 1, "running": 2} and not data["complete"] and data["export"] is None
+    console = Console(width=120, record=True, file=io.StringIO(), highlight=False)
+    report.report_command(running, "table", console)
+    text = console.export_text()
+    assert "Sweep in progress (1 finished, 2 running)" in text and "provisional" in text
+    assert "running (step 6)" in text
+
+
+def test_json_of_a_running_sweep_counts_trials_not_created_yet(summary):
+    running = json.loads(json.dumps(summary))
+    running["trials"] = running["trials"][:2]  # Tune creates trials lazily: the third is not on disk yet
+    running["trials"][1]["status"] = "running"
+    data = report.report_json(running, expected=report.expected_trials({"num_samples": 1, "space": {
+        "train.lr": {"grid": [3e-3, 1e-6, 2e-3]}, "train.mix_ratio": {"choice": [0.5, 0.7, 0.9]}}}))
+    assert not data["complete"]
+    assert data["counts"]["running"] == 1 and data["counts"]["pending"] == 1
 
 
 def test_report_without_export_says_how_to_export(summary):
