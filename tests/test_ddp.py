@@ -7,8 +7,8 @@ half-batch gradients, so their loss trajectories may differ only by float summat
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +56,25 @@ def run_reports(raw: dict[str, Any], storage: Path) -> list[list[dict[str, Any]]
     manifest = prepare_experiment(cfg)
     log = storage / f"{cfg.name}.jsonl"
     trainer = build_trainer(cfg, manifest, storage_path=storage, name=cfg.name, callbacks=[ReportLog(str(log))])
-    # fit() in a thread so a hung process group fails the test instead of hanging it (ray.shutdown ends it)
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        pool.submit(trainer.fit).result(timeout=FIT_TIMEOUT_S)
-    except concurrent.futures.TimeoutError:
+    # fit() in a daemon thread, so a hung process group fails the test instead of hanging the whole run
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised below, in the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    thread.join(FIT_TIMEOUT_S)
+    if thread.is_alive():
         import ray
 
-        ray.shutdown()
+        ray.shutdown()  # ends the stuck workers
         pytest.fail(f"{cfg.name}: fit() did not finish in {FIT_TIMEOUT_S} s (ranks out of step?)")
-    finally:
-        pool.shutdown(wait=False)
+    if "error" in outcome:
+        raise outcome["error"]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 

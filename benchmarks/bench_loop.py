@@ -1,0 +1,348 @@
+"""raycpt's core loop (`raycpt.train.train`) vs `transformers.Trainer`: same model, data, batch, steps, lr schedule.
+
+CPU (this machine; packaged models on the packed Rotten Tomatoes + news blocks that `prepare_experiment` caches):
+    RAYCPT_CACHE=/tmp/rc python benchmarks/bench_loop.py                        # tiny-gpt2, then SmolLM2-135M
+    RAYCPT_CACHE=/tmp/rc python benchmarks/bench_loop.py --model tiny-gpt2 --steps 40 --rounds 2
+    python benchmarks/bench_loop.py --device cpu --model gpt2-124m --tiny --steps 2   # checks the GPU path on CPU
+GPU (no Ray, no datasets needed; random-init models on random tokens, bf16 autocast, MFU against --peak-tflops):
+    python benchmarks/bench_loop.py --device cuda --model gpt2-124m llama-1.1b
+    python benchmarks/bench_loop.py --device cuda --model gpt2-124m --compile
+
+What is timed, identically on both sides: a global `torch.optim` step post-hook stamps the end of every optimizer
+step; the window runs from the end of step `--warmup` to the end of the last step, so it holds exactly
+`steps - warmup` whole steps (data fetch, forward, backward, clip, optimizer, scheduler, zero_grad) and no model
+load, no warm-up, no final eval or checkpoint. With `--warmup 0` the window starts at the model's first forward.
+Cross-checks printed beside it: raycpt's own `perf/tokens_per_s` (its window includes the warm-up steps) and the
+Trainer's `on_step_end` callback window. Both sides use fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95,
+eps 1e-8, wd 0.01), linear warmup + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, and
+`--threads` torch threads. They run back to back in one process (`--rounds` alternates them again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+PACKAGED = {"tiny-gpt2": "packaged:tiny-gpt2", "smollm2-135m": "packaged:smollm2-135m"}
+SYNTHETIC = ("gpt2-124m", "llama-1.1b")
+# Per model: (steps, warmup, batch_size, block_size, lr). Packaged ones follow smoke.yaml / laptop.yaml; the GPU
+# ones follow nanoGPT's GPT-2 124M (batch 16 x 1024) and TinyLlama 1.1B (batch 8 x 2048).
+DEFAULTS = {"tiny-gpt2": (30, 5, 4, 128, 3e-3), "smollm2-135m": (8, 2, 4, 128, 2e-4),
+            "gpt2-124m": (30, 10, 16, 1024, 6e-4), "llama-1.1b": (20, 5, 8, 2048, 4e-4)}
+TINY_SHAPE = (4, 64)  # --tiny: batch x block for the synthetic models, so the GPU path runs on a CPU in seconds
+H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM
+
+
+def synthetic_config(name: str, tiny: bool):
+    """Random-init model configs for the GPU benchmark; `tiny` shrinks them to run on a CPU in seconds."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if name == "gpt2-124m":
+        size = dict(n_layer=2, n_embd=64, n_head=2) if tiny else dict(n_layer=12, n_embd=768, n_head=12)
+        return GPT2Config(vocab_size=50304, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=True, **size)
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128) if tiny else
+            dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                 intermediate_size=5632))
+    return LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, **size)
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """nanoGPT's estimate: 6*N + 12*L*H*Q*T (N = parameters without position embeddings, Q = head dim)."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    position_embeddings = getattr(getattr(model, "transformer", None), "wpe", None)
+    if position_embeddings is not None:
+        params -= position_embeddings.weight.numel()
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = config.hidden_size // heads
+    return 6 * params + 12 * layers * heads * head_dim * seq_len
+
+
+class TimingDone(Exception):
+    """Raised after the last timed step to skip raycpt's final eval and checkpoint (GBs for a 1.1B model)."""
+
+
+@dataclass
+class StepClock:
+    """Timestamps of every optimizer step's end (global torch.optim hook) and of the first forward."""
+
+    stop_after: int = 0
+    """Raise TimingDone after this many steps (0 = never)."""
+    step_ends: list[float] = field(default_factory=list)
+    first_forward: float | None = None
+
+    def __post_init__(self) -> None:
+        self._handle = register_optimizer_step_post_hook(self._on_step)
+
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # sync point: the GPU must finish the step before it is stamped
+        self.step_ends.append(time.perf_counter())
+        if len(self.step_ends) == self.stop_after:
+            raise TimingDone
+
+    def watch_forward(self, model: torch.nn.Module) -> torch.nn.Module:
+        def stamp(module, inputs):
+            if self.first_forward is None:
+                self.first_forward = time.perf_counter()
+
+        model.register_forward_pre_hook(stamp)
+        return model
+
+    def window(self, warmup: int) -> tuple[int, float]:
+        """(timed steps, seconds) from the end of step `warmup` (or the first forward) to the last step's end."""
+        start = self.step_ends[warmup - 1] if warmup else self.first_forward
+        return len(self.step_ends) - warmup, self.step_ends[-1] - start
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+@dataclass
+class Workload:
+    name: str
+    source: str  # model dir or packaged source
+    corpora: tuple[str, str] | None  # (domain, general) packaged corpora, or None for random tokens
+    data: dict[str, Any]  # raycpt data manifest
+    steps: int
+    warmup: int
+    batch_size: int
+    block_size: int
+    lr: float
+    device: str
+    precision: str
+    compile: bool
+    seq_len: int
+    scratch: Path
+    skip_final_eval: bool
+
+    def raycpt_config(self):
+        from raycpt.config import config_from_dict
+
+        domain, general = self.corpora or ("random-tokens", "")
+        return config_from_dict({
+            "name": "bench-loop", "storage_path": str(self.scratch / "runs"),
+            "model": {"source": self.source},
+            "data": {"domain": domain, "general": general, "block_size": self.block_size,
+                     "heldout_blocks": 2, "max_tokens": 400_000},
+            # eval_every = steps: the only eval and checkpoint come after the last step, outside the timed window
+            "train": {"lr": self.lr, "warmup_steps": min(2, self.steps), "steps": self.steps,
+                      "batch_size": self.batch_size, "eval_every": self.steps, "mix_ratio": 0.8 if general else 1.0,
+                      "precision": self.precision, "compile": self.compile, "dropout": 0.0},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": self.device == "cuda"},
+        })
+
+
+def prepare_workload(name: str, args: argparse.Namespace, scratch: Path) -> Workload:
+    steps, warmup, batch_size, block_size, lr = DEFAULTS[name]
+    if args.tiny and name in SYNTHETIC:
+        batch_size, block_size = TINY_SHAPE
+    steps, warmup = args.steps or steps, args.warmup if args.warmup is not None else warmup
+    batch_size, block_size = args.batch_size or batch_size, args.block_size or block_size
+    warmup = min(warmup, steps - 1)
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    common = dict(steps=steps, warmup=warmup, batch_size=batch_size, block_size=block_size, lr=lr,
+                  device=args.device, precision=precision, compile=args.compile, seq_len=block_size, scratch=scratch,
+                  skip_final_eval=args.skip_final_eval if args.skip_final_eval is not None else args.device == "cuda")
+    if name in PACKAGED:
+        from raycpt.prepare import prepare_experiment
+
+        workload = Workload(name=name, source=PACKAGED[name], corpora=("packaged:rotten-tomatoes", "packaged:news"),
+                            data={}, **common)
+        # The real data path: packed Rotten Tomatoes (domain) + news (general) blocks, cached after the first run.
+        workload.data = prepare_experiment(workload.raycpt_config())
+        return workload
+    # Synthetic: a random-init model saved where train() can load it, random tokens as the packed blocks.
+    from transformers import AutoModelForCausalLM
+
+    config = synthetic_config(name, args.tiny)
+    torch.manual_seed(0)
+    model_dir = scratch / name
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    paths = {}
+    for part, n_blocks in (("train", steps * batch_size), ("heldout", batch_size)):
+        paths[part] = str(scratch / f"{name}-{part}.npy")
+        np.save(paths[part], rng.integers(0, config.vocab_size, (n_blocks, block_size), dtype=np.int32))
+    data = {"domain": {"train": paths["train"], "heldout": paths["heldout"]}, "general": None, "task": None}
+    return Workload(name=name, source=str(model_dir), corpora=None, data=data, **common)
+
+
+def planned_blocks(workload: Workload) -> np.ndarray:
+    """The blocks raycpt's loop draws, in its order (one worker), so the Trainer sees exactly the same data."""
+    from raycpt.data import load_blocks, mixture_plan, worker_positions
+
+    cfg = workload.raycpt_config()
+    t = cfg.train
+    domain = load_blocks(workload.data["domain"]["train"])
+    general = load_blocks(workload.data["general"]["train"]) if workload.data.get("general") else domain[:0]
+    is_domain, index = mixture_plan(t.steps * t.batch_size, t.mix_ratio, len(domain), len(general),
+                                    seed=cfg.data.seed * 1_000_003 + t.seed, window=t.batch_size)
+    rows = []
+    for step in range(t.steps):
+        pos = worker_positions(step, 0, rank=0, world_size=1, batch_size=t.batch_size, grad_accum=1)
+        rows += [(domain if from_domain else general)[i] for from_domain, i in zip(is_domain[pos], index[pos],
+                                                                                 strict=True)]
+    return np.stack(rows).astype(np.int64)
+
+
+def run_raycpt(workload: Workload) -> dict[str, float]:
+    from raycpt.train import train
+
+    cfg = workload.raycpt_config()
+    clock = StepClock(stop_after=workload.steps if workload.skip_final_eval else 0)
+    reports: list[dict[str, Any]] = [{}]
+    try:
+        with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints:
+            train(cfg, workload.data, lambda metrics, checkpoint: reports.append(metrics),
+                  checkpoint_root=checkpoints, device=workload.device, wrap_model=clock.watch_forward)
+    except TimingDone:
+        pass
+    finally:
+        clock.close()
+    steps, seconds = clock.window(workload.warmup)
+    last = reports[-1]
+    return {"steps": steps, "seconds": seconds, "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
+            "own_train_s": last.get("time/train_s", float("nan")), "loss": last.get("train/loss", float("nan"))}
+
+
+def run_trainer(workload: Workload) -> dict[str, float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from raycpt.models import apply_dropout, load_model
+
+    blocks = torch.from_numpy(planned_blocks(workload))
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(blocks)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": blocks[i], "labels": blocks[i]}
+
+    class StepEnds(TrainerCallback):
+        """The Trainer's own view: on_step_end stamps (after optimizer, scheduler and zero_grad)."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if workload.device == "cuda":
+                torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+
+    model = load_model(workload.source)
+    apply_dropout(model, 0.0)
+    model.config.use_cache = False
+    clock = StepClock()
+    clock.watch_forward(model)
+    step_ends = StepEnds()
+    args = TrainingArguments(
+        output_dir=str(workload.scratch / "trainer"), report_to="none", save_strategy="no", eval_strategy="no",
+        logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0, use_cpu=workload.device == "cpu",
+        per_device_train_batch_size=workload.batch_size, max_steps=workload.steps, learning_rate=workload.lr,
+        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=min(2, workload.steps), optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
+        weight_decay=0.01, max_grad_norm=1.0, bf16=workload.precision == "bf16", torch_compile=workload.compile,
+        train_sampling_strategy="sequential", seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[step_ends])
+    try:
+        output = trainer.train()
+    finally:
+        clock.close()
+    steps, seconds = clock.window(workload.warmup)
+    ends = step_ends.ends
+    callback_s = ends[-1] - ends[workload.warmup - 1] if workload.warmup else float("nan")
+    return {"steps": steps, "seconds": seconds, "callback_s": callback_s, "loss": output.training_loss}
+
+
+def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_tflops: float) -> float:
+    """Print one model's table; returns raycpt's tokens/s over the Trainer's (best rounds)."""
+    tokens_per_step = workload.batch_size * workload.block_size
+    print(f"\n{workload.name}: {workload.steps} steps of {workload.batch_size}x{workload.block_size} tokens, "
+          f"{workload.warmup} warm-up step(s) excluded, {workload.device} {workload.precision}, "
+          f"{torch.get_num_threads()} threads{', torch.compile' if workload.compile else ''}")
+    header = f"{'side':9s} {'round':>5s} {'timed steps':>11s} {'s/step':>8s} {'tokens/s':>9s}  cross-check"
+    print(header)
+    print("-" * (len(header) + 30))
+    best = {}
+    for side, runs in results.items():
+        for i, r in enumerate(runs):
+            tokens_per_s = r["steps"] * tokens_per_step / r["seconds"]
+            best[side] = max(best.get(side, 0.0), tokens_per_s)
+            if side == "raycpt":
+                check = (f"own perf/tokens_per_s {r['own_tokens_per_s']:.0f} over all {workload.steps} steps "
+                         f"(time/train_s {r['own_train_s']:.1f})")
+            else:
+                check = f"on_step_end window {r['callback_s']:.2f} s"
+            print(f"{side:9s} {i + 1:5d} {r['steps']:11d} {r['seconds'] / r['steps']:8.3f} {tokens_per_s:9.0f}  "
+                  f"{check}; loss {r['loss']:.3f}")
+    ratio = best["raycpt"] / best["trainer"]
+    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (best round each; target >= 1.0x)")
+    if workload.device == "cuda":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workload.source))
+        flops = flops_per_token(model, workload.seq_len)
+        for side, tokens_per_s in best.items():
+            print(f"MFU {side}: {100 * tokens_per_s * flops / (peak_tflops * 1e12):.1f}% "
+                  f"({flops / 1e9:.2f} GFLOP/token, peak {peak_tflops:g} TFLOP/s)")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["tiny-gpt2", "smollm2-135m"],
+                        choices=[*PACKAGED, *SYNTHETIC])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=0, help="optimizer steps (0 = the model's default)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the timing window")
+    parser.add_argument("--batch-size", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate raycpt / Trainer this many times")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads for both sides")
+    parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
+    parser.add_argument("--tiny", action="store_true", help="shrink gpt2-124m / llama-1.1b to run on a CPU")
+    parser.add_argument("--skip-final-eval", action=argparse.BooleanOptionalAction, default=None,
+                        help="stop raycpt after the last timed step, before its eval + checkpoint (default: on CUDA)")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
+    args = parser.parse_args()
+    if args.device == "cuda" and any(m in PACKAGED for m in args.model):
+        parser.error("--device cuda takes the synthetic models (gpt2-124m, llama-1.1b): the packaged ones need "
+                     "datasets to pack their corpora")
+
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    ratios = {}
+    with tempfile.TemporaryDirectory(prefix="raycpt-bench-loop-") as scratch:
+        for name in args.model:
+            workload = prepare_workload(name, args, Path(scratch))
+            results: dict[str, list[dict[str, float]]] = {"raycpt": [], "trainer": []}
+            for _ in range(args.rounds):
+                for side, run in (("raycpt", run_raycpt), ("trainer", run_trainer)):
+                    results[side].append(run(workload))
+                    gc.collect()
+            ratios[name] = report(workload, results, args.peak_tflops)
+    print("\n" + ", ".join(f"{name}: raycpt {ratio:.2f}x Trainer" for name, ratio in ratios.items()))
+
+
+if __name__ == "__main__":
+    main()
