@@ -30,12 +30,12 @@ def _error_line(trial_path: Path) -> str:
     return lines[-1][:200] if lines else "failed"
 
 
-def _flatten(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_result(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Tune may nest metrics whose names hold '/'; flatten them back to 'a/b/c'."""
     flat: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, dict) and key != "config":
-            flat.update(_flatten(value, f"{prefix}{key}/"))
+            flat.update(flatten_result(value, f"{prefix}{key}/"))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -70,7 +70,7 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
                     "eval/general_ppl", "eval/f1", "eval/f1_sd", "eval/accuracy", "data/domain_fraction",
                     "perf/tokens_per_s", "time/train_s", "checkpoint_path", "time_total_s"):
             row[key] = last.get(key)
-        row.update({k: v for k, v in _flatten(last).items() if k.startswith("eval/f1_class/")})
+        row.update({k: v for k, v in flatten_result(last).items() if k.startswith("eval/f1_class/")})
         rows.append(row)
     return pd.DataFrame(rows)
 

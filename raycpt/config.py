@@ -449,6 +449,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     for key, value in r.worker_resources.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             p.append(f"resources.worker_resources.{key}: expected a positive number, got {value!r}")
+    if "://" in cfg.storage_path:
+        p.append(f"storage_path: '{cfg.storage_path}' is a URI; raycpt writes the experiment dir as local files: "
+                 "mount the bucket or a shared filesystem and give its path")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         p.append(f"name: '{cfg.name}' must be a plain directory name (no '/', not starting with '.')")
     return p

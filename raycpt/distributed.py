@@ -23,12 +23,13 @@ PLACEMENT_FILE = "ray_placement.json"
 
 
 def ddp_kwargs() -> dict[str, Any]:
-    """DistributedDataParallel arguments: no buffer broadcast at each forward.
+    """DistributedDataParallel arguments: no buffer broadcast in forward.
 
     The buffers of causal LMs (rotary `inv_freq`, causal masks) are constants, equal on every rank since every
-    rank loads the same weights. DDP's default re-broadcasts them at the start of every forward, which is a
-    collective: held-out eval gives ranks unequal numbers of batches whenever the held-out blocks do not divide
-    evenly, and those extra forwards would then pair up with the wrong collective (a hang or a wrong sum)."""
+    rank loads the same weights. DDP's default re-broadcasts them at the start of a forward that follows a
+    training forward, which is a collective: when held-out eval gives a rank no block at all (fewer held-out
+    blocks than workers), rank 0's broadcast meets the other rank's all-reduce and the group hangs (seen with a
+    Llama on 2 workers and 1 held-out block; tests/test_ddp.py)."""
     from torch.nn.parallel import DistributedDataParallel
 
     # torch 2.13 renamed the flag; older releases only know the deprecated one.

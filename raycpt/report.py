@@ -450,17 +450,6 @@ class TrialProgress:
     error: str = ""
 
 
-def _flat(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Tune may nest metrics whose names hold '/'; flatten them back to 'a/b'."""
-    flat: dict[str, Any] = {}
-    for key, value in result.items():
-        if isinstance(value, dict) and key != "config":
-            flat.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def seconds_left(trials: list[TrialProgress], total_trials: int, max_reports: int, concurrency: int) -> float | None:
     """Upper bound on the time left: every unfinished trial runs all its reports at the mean time per report seen
     so far (start-up included), `concurrency` at a time. ASHA usually stops some, so the sweep ends sooner."""
@@ -569,7 +558,9 @@ def sweep_progress_callback(console: Console, *, metric: str, mode: str, max_rep
             self._refresh(force=True)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            state, flat = self._state(trial), _flat(result)
+            from raycpt.analysis import flatten_result
+
+            state, flat = self._state(trial), flatten_result(result)
             state.status, state.reports = "running", state.reports + 1
             state.step = flat.get("step", state.step)
             state.metric = _num(flat.get(self.metric))

@@ -282,6 +282,8 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console=None, verbose: 
     summary["wall_time_s"] = time.perf_counter() - started
     write_json(exp_dir / "summary.json", summary)
     tensorboard = f"; tensorboard --logdir {exp_dir / 'tune'}" if "tensorboard" in cfg.report.loggers else ""
-    console.print(f"Sweep wall time: {summary['wall_time_s']:.0f} s; results in {exp_dir} (Ray's own output in "
+    size_gib = summary.get("experiment_dir_bytes", 0) / 2**30
+    console.print(f"Sweep wall time: {summary['wall_time_s']:.0f} s; results in {exp_dir} ({size_gib:.1f} GiB on disk; "
+                  f"Ray's own output in "
                   f"{report.RAY_OUTPUT_LOG}{tensorboard})")
     return summary
