@@ -120,7 +120,7 @@ def test_submit_requests_one_bundle_per_worker_of_each_concurrent_trial():
 
 @pytest.mark.parametrize("override, message", [
     ("storage_path=runs", "is relative"),
-    ("storage_path=s3://bucket/runs", "URIs are not supported"),
+    ("storage_path=s3://bucket/runs", "is a URI"),
     ("train.lr=-1", "train.lr"),
 ])
 def test_submit_rejects_bad_input_with_one_line_and_exit_2(override, message):
