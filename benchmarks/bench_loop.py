@@ -12,6 +12,8 @@ What is timed, identically on both sides: a global `torch.optim` step post-hook 
 step; the window runs from the end of step `--warmup` to the end of the last step, so it holds exactly
 `steps - warmup` whole steps (data fetch, forward, backward, clip, optimizer, scheduler, zero_grad) and no model
 load, no warm-up, no final eval or checkpoint. With `--warmup 0` the window starts at the model's first forward.
+Tokens/s is printed from the window's mean and its median step; the ratio uses the median step (a burst of load
+from another process during one step moves the mean, not the median) and each side's best round.
 Cross-checks printed beside it: raycpt's own `perf/tokens_per_s` (its window includes the warm-up steps) and the
 Trainer's `on_step_end` callback window. Both sides use fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95,
 eps 1e-8, wd 0.01), linear warmup + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, and
@@ -106,10 +108,12 @@ class StepClock:
         model.register_forward_pre_hook(stamp)
         return model
 
-    def window(self, warmup: int) -> tuple[int, float]:
-        """(timed steps, seconds) from the end of step `warmup` (or the first forward) to the last step's end."""
+    def window(self, warmup: int) -> tuple[int, float, float]:
+        """(timed steps, seconds, median step seconds) from the end of step `warmup` (or the first forward) to the
+        last step's end. The median resists a burst of load from other processes during one step."""
         start = self.step_ends[warmup - 1] if warmup else self.first_forward
-        return len(self.step_ends) - warmup, self.step_ends[-1] - start
+        step_seconds = np.diff([start, *self.step_ends[warmup:]])
+        return len(self.step_ends) - warmup, self.step_ends[-1] - start, float(np.median(step_seconds))
 
     def close(self) -> None:
         self._handle.remove()
@@ -232,9 +236,10 @@ def run_raycpt(workload: Workload, proposed: bool = False) -> dict[str, float]:
         pass
     finally:
         clock.close()
-    steps, seconds = clock.window(workload.warmup)
+    steps, seconds, median_step = clock.window(workload.warmup)
     last = reports[-1]
-    return {"steps": steps, "seconds": seconds, "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
+    return {"steps": steps, "seconds": seconds, "median_step": median_step,
+            "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
             "own_train_s": last.get("time/train_s", float("nan")), "loss": last.get("train/loss", float("nan"))}
 
 
@@ -283,35 +288,38 @@ def run_trainer(workload: Workload) -> dict[str, float]:
         output = trainer.train()
     finally:
         clock.close()
-    steps, seconds = clock.window(workload.warmup)
+    steps, seconds, median_step = clock.window(workload.warmup)
     ends = step_ends.ends
     callback_s = ends[-1] - ends[workload.warmup - 1] if workload.warmup else float("nan")
-    return {"steps": steps, "seconds": seconds, "callback_s": callback_s, "loss": output.training_loss}
+    return {"steps": steps, "seconds": seconds, "median_step": median_step, "callback_s": callback_s,
+            "loss": output.training_loss}
 
 
 def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_tflops: float) -> float:
-    """Print one model's table; returns raycpt's tokens/s over the Trainer's (best rounds)."""
+    """Print one model's table; returns raycpt's tokens/s over the Trainer's (median step, best round of each)."""
     tokens_per_step = workload.batch_size * workload.block_size
     print(f"\n{workload.name}: {workload.steps} steps of {workload.batch_size}x{workload.block_size} tokens, "
           f"{workload.warmup} warm-up step(s) excluded, {workload.device} {workload.precision}, "
           f"{torch.get_num_threads()} threads{', torch.compile' if workload.compile else ''}")
-    header = f"{'side':9s} {'round':>5s} {'timed steps':>11s} {'s/step':>8s} {'tokens/s':>9s}  cross-check"
+    header = (f"{'side':9s} {'round':>5s} {'timed steps':>11s} {'mean s/step':>11s} {'tokens/s':>9s} "
+              f"{'median s/step':>13s} {'tokens/s':>9s}  cross-check")
     print(header)
-    print("-" * (len(header) + 30))
-    best = {}
+    print("-" * (len(header) + 40))
+    best: dict[str, float] = {}
     for side, runs in results.items():
         for i, r in enumerate(runs):
-            tokens_per_s = r["steps"] * tokens_per_step / r["seconds"]
-            best[side] = max(best.get(side, 0.0), tokens_per_s)
+            mean_step = r["seconds"] / r["steps"]
+            best[side] = max(best.get(side, 0.0), tokens_per_step / r["median_step"])
             if side in ("raycpt", "proposed"):
                 check = (f"own perf/tokens_per_s {r['own_tokens_per_s']:.0f} over all {workload.steps} steps "
                          f"(time/train_s {r['own_train_s']:.1f})")
             else:
                 check = f"on_step_end window {r['callback_s']:.2f} s"
-            print(f"{side:9s} {i + 1:5d} {r['steps']:11d} {r['seconds'] / r['steps']:8.3f} {tokens_per_s:9.0f}  "
-                  f"{check}; loss {r['loss']:.3f}")
+            print(f"{side:9s} {i + 1:5d} {r['steps']:11d} {mean_step:11.3f} {tokens_per_step / mean_step:9.0f} "
+                  f"{r['median_step']:13.3f} {tokens_per_step / r['median_step']:9.0f}  {check}; loss {r['loss']:.3f}")
     ratio = best["raycpt"] / best["trainer"]
-    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (best round each; target >= 1.0x)")
+    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (median step, best round each; "
+          "target >= 1.0x)")
     if "proposed" in best:
         print(f"ratio {workload.name}: proposed (fused AdamW on CPU) {best['proposed'] / best['trainer']:.2f}x "
               f"Trainer, {best['proposed'] / best['raycpt']:.2f}x raycpt")
@@ -364,9 +372,11 @@ def main() -> None:
             if args.proposed and args.device == "cpu":  # on CUDA raycpt already uses fused AdamW
                 sides["proposed"] = lambda w: run_raycpt(w, proposed=True)
             results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
-            for _ in range(args.rounds):
-                for side, run in sides.items():
-                    results[side].append(run(workload))
+            for round_index in range(args.rounds):
+                # A B C, then C B A: a drift in the machine's load hits every side alike
+                order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
+                for side in order:
+                    results[side].append(sides[side](workload))
                     gc.collect()
             ratios[name] = report(workload, results, args.peak_tflops)
     print("\n" + ", ".join(f"{name}: raycpt {ratio:.2f}x Trainer" for name, ratio in ratios.items()))
