@@ -12,8 +12,11 @@ What is timed, identically on both sides: a global `torch.optim` step post-hook 
 step; the window runs from the end of step `--warmup` to the end of the last step, so it holds exactly
 `steps - warmup` whole steps (data fetch, forward, backward, clip, optimizer, scheduler, zero_grad) and no model
 load, no warm-up, no final eval or checkpoint. With `--warmup 0` the window starts at the model's first forward.
-Tokens/s is printed from the window's mean and its median step; the ratio uses the median step (a burst of load
-from another process during one step moves the mean, not the median) and each side's best round.
+Mean, median and fastest step (wall) and mean process CPU seconds per step are printed with the 1-minute load
+average at the side's end; the ratio uses each
+side's fastest step in its best round (like timeit's min: on a shared machine the fastest step is the one least
+disturbed by other processes, so it is the closest to the code's own cost). Read a row whose load1 is well
+above the thread count as contaminated.
 Cross-checks printed beside it: raycpt's own `perf/tokens_per_s` (its window includes the warm-up steps) and the
 Trainer's `on_step_end` callback window. Both sides use fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95,
 eps 1e-8, wd 0.01), linear warmup + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, and
@@ -88,7 +91,10 @@ class StepClock:
     stop_after: int = 0
     """Raise TimingDone after this many steps (0 = never)."""
     step_ends: list[float] = field(default_factory=list)
+    step_cpu_ends: list[float] = field(default_factory=list)
+    """Process CPU time (all threads) at each step's end: less moved by other processes than wall time."""
     first_forward: float | None = None
+    first_forward_cpu: float | None = None
 
     def __post_init__(self) -> None:
         self._handle = register_optimizer_step_post_hook(self._on_step)
@@ -97,23 +103,30 @@ class StepClock:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # sync point: the GPU must finish the step before it is stamped
         self.step_ends.append(time.perf_counter())
+        self.step_cpu_ends.append(time.process_time())
         if len(self.step_ends) == self.stop_after:
             raise TimingDone
 
     def watch_forward(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Stamp the first forward; needed only with no warm-up (a hook can cost graph breaks under compile)."""
+
         def stamp(module, inputs):
             if self.first_forward is None:
-                self.first_forward = time.perf_counter()
+                self.first_forward, self.first_forward_cpu = time.perf_counter(), time.process_time()
 
         model.register_forward_pre_hook(stamp)
         return model
 
-    def window(self, warmup: int) -> tuple[int, float, float]:
-        """(timed steps, seconds, median step seconds) from the end of step `warmup` (or the first forward) to the
-        last step's end. The median resists a burst of load from other processes during one step."""
+    def window(self, warmup: int) -> dict[str, float]:
+        """Timed steps, their seconds, and the median and fastest step, from the end of step `warmup` (or the first
+        forward) to the last step's end."""
         start = self.step_ends[warmup - 1] if warmup else self.first_forward
+        start_cpu = self.step_cpu_ends[warmup - 1] if warmup else self.first_forward_cpu
         step_seconds = np.diff([start, *self.step_ends[warmup:]])
-        return len(self.step_ends) - warmup, self.step_ends[-1] - start, float(np.median(step_seconds))
+        return {"steps": len(step_seconds), "seconds": self.step_ends[-1] - start,
+                "cpu_seconds": self.step_cpu_ends[-1] - start_cpu,
+                "median_step": float(np.median(step_seconds)), "min_step": float(step_seconds.min()),
+                "load": os.getloadavg()[0]}
 
     def close(self) -> None:
         self._handle.remove()
@@ -231,15 +244,14 @@ def run_raycpt(workload: Workload, proposed: bool = False) -> dict[str, float]:
         with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints, \
                 mock.patch.object(raycpt.train, "build_optimizer", optimizer):
             train(cfg, workload.data, lambda metrics, checkpoint: reports.append(metrics),
-                  checkpoint_root=checkpoints, device=workload.device, wrap_model=clock.watch_forward)
+                  checkpoint_root=checkpoints, device=workload.device,
+                  wrap_model=clock.watch_forward if workload.warmup == 0 else (lambda m: m))
     except TimingDone:
         pass
     finally:
         clock.close()
-    steps, seconds, median_step = clock.window(workload.warmup)
     last = reports[-1]
-    return {"steps": steps, "seconds": seconds, "median_step": median_step,
-            "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
+    return {**clock.window(workload.warmup), "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
             "own_train_s": last.get("time/train_s", float("nan")), "loss": last.get("train/loss", float("nan"))}
 
 
@@ -272,7 +284,8 @@ def run_trainer(workload: Workload) -> dict[str, float]:
     apply_dropout(model, 0.0)
     model.config.use_cache = False
     clock = StepClock()
-    clock.watch_forward(model)
+    if workload.warmup == 0:
+        clock.watch_forward(model)
     step_ends = StepEnds()
     args = TrainingArguments(
         output_dir=str(workload.scratch / "trainer"), report_to="none", save_strategy="no", eval_strategy="no",
@@ -288,37 +301,37 @@ def run_trainer(workload: Workload) -> dict[str, float]:
         output = trainer.train()
     finally:
         clock.close()
-    steps, seconds, median_step = clock.window(workload.warmup)
     ends = step_ends.ends
     callback_s = ends[-1] - ends[workload.warmup - 1] if workload.warmup else float("nan")
-    return {"steps": steps, "seconds": seconds, "median_step": median_step, "callback_s": callback_s,
-            "loss": output.training_loss}
+    return {**clock.window(workload.warmup), "callback_s": callback_s, "loss": output.training_loss}
 
 
 def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_tflops: float) -> float:
-    """Print one model's table; returns raycpt's tokens/s over the Trainer's (median step, best round of each)."""
+    """Print one model's table; returns raycpt's tokens/s over the Trainer's (fastest step, best round of each)."""
     tokens_per_step = workload.batch_size * workload.block_size
     print(f"\n{workload.name}: {workload.steps} steps of {workload.batch_size}x{workload.block_size} tokens, "
           f"{workload.warmup} warm-up step(s) excluded, {workload.device} {workload.precision}, "
           f"{torch.get_num_threads()} threads{', torch.compile' if workload.compile else ''}")
-    header = (f"{'side':9s} {'round':>5s} {'timed steps':>11s} {'mean s/step':>11s} {'tokens/s':>9s} "
-              f"{'median s/step':>13s} {'tokens/s':>9s}  cross-check")
+    header = (f"{'side':9s} {'round':>5s} {'steps':>5s} {'mean s':>7s} {'median s':>8s} {'min s':>7s} "
+              f"{'cpu s':>6s} {'tok/s mean':>10s} {'tok/s min':>9s} {'load1':>5s}  cross-check")
     print(header)
-    print("-" * (len(header) + 40))
+    print("-" * (len(header) + 50))
     best: dict[str, float] = {}
     for side, runs in results.items():
         for i, r in enumerate(runs):
             mean_step = r["seconds"] / r["steps"]
-            best[side] = max(best.get(side, 0.0), tokens_per_step / r["median_step"])
+            best[side] = max(best.get(side, 0.0), tokens_per_step / r["min_step"])
             if side in ("raycpt", "proposed"):
                 check = (f"own perf/tokens_per_s {r['own_tokens_per_s']:.0f} over all {workload.steps} steps "
                          f"(time/train_s {r['own_train_s']:.1f})")
             else:
                 check = f"on_step_end window {r['callback_s']:.2f} s"
-            print(f"{side:9s} {i + 1:5d} {r['steps']:11d} {mean_step:11.3f} {tokens_per_step / mean_step:9.0f} "
-                  f"{r['median_step']:13.3f} {tokens_per_step / r['median_step']:9.0f}  {check}; loss {r['loss']:.3f}")
+            print(f"{side:9s} {i + 1:5d} {r['steps']:5d} {mean_step:7.3f} {r['median_step']:8.3f} {r['min_step']:7.3f} "
+                  f"{r['cpu_seconds'] / r['steps']:6.2f} {tokens_per_step / mean_step:10.0f} "
+                  f"{tokens_per_step / r['min_step']:9.0f} {r['load']:5.1f}  "
+                  f"{check}; loss {r['loss']:.3f}")
     ratio = best["raycpt"] / best["trainer"]
-    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (median step, best round each; "
+    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (fastest step, best round each; "
           "target >= 1.0x)")
     if "proposed" in best:
         print(f"ratio {workload.name}: proposed (fused AdamW on CPU) {best['proposed'] / best['trainer']:.2f}x "
