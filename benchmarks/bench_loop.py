@@ -12,19 +12,20 @@ What is timed, identically on both sides: a global `torch.optim` step post-hook 
 step; the window runs from the end of step `--warmup` to the end of the last step, so it holds exactly
 `steps - warmup` whole steps (data fetch, forward, backward, clip, optimizer, scheduler, zero_grad) and no model
 load, no warm-up, no final eval or checkpoint. With `--warmup 0` the window starts at the model's first forward.
-Mean, median and fastest step (wall) and mean process CPU seconds per step are printed with the 1-minute load
-average at the side's end; the ratio uses each
-side's fastest step in its best round (like timeit's min: on a shared machine the fastest step is the one least
-disturbed by other processes, so it is the closest to the code's own cost). Read a row whose load1 is well
-above the thread count as contaminated.
-Cross-checks printed beside it: raycpt's own `perf/tokens_per_s` (its window includes the warm-up steps) and the
-Trainer's `on_step_end` callback window. Both sides use fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95,
-eps 1e-8, wd 0.01), linear warmup + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, and
-`--threads` torch threads. The Trainer keeps its default optimizer implementation (adamw_torch_fused on
-torch >= 2.8, also on CPU); raycpt uses its own (fused on CUDA only), and on CPU a third side, "proposed", runs
-raycpt with fused AdamW (`build_optimizer_fused`). They run back to back in one process (`--rounds` alternates
-them again). Losses are printed as a sanity check only: the Trainer may normalise its training_loss differently
-(num_items_in_batch counts every label, the model predicts T-1 per block).
+Printed per run: mean, median and fastest step (wall), process CPU seconds per step, and the 1-minute load average
+at the run's end. The ratio uses each side's median step in its best round: a burst of load from another process
+moves the mean, not the median, and the best round is the least disturbed. Read a row whose load1 is well above
+the thread count as contaminated, and rerun. Cross-checks: raycpt's own `perf/tokens_per_s` (its window includes
+the warm-up steps) and the Trainer's `on_step_end` window.
+
+Same work on both sides: fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95, eps 1e-8, wd 0.01), linear warmup
++ cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, `--threads` torch threads, back to back in
+one process (`--rounds` repeats them, alternating the order). The Trainer keeps its default optimizer
+(adamw_torch_fused for torch >= 2.8, also on CPU); raycpt uses its own (fused on CUDA and CPU). On CPU a third side,
+"unfused", runs raycpt with torch's default AdamW kernel (raycpt's CPU optimizer before 2026-11-26), and
+`optimizer.step()` alone is timed fused vs unfused, interleaved: whole steps on a shared machine are too noisy to
+resolve that difference. Losses are a sanity check only: the Trainer may normalise its training_loss differently
+(num_items_in_batch counts every label; the model predicts T-1 per block).
 """
 
 from __future__ import annotations
@@ -220,17 +221,40 @@ def planned_blocks(workload: Workload) -> np.ndarray:
     return np.stack(rows).astype(np.int64)
 
 
-def build_optimizer_fused(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
-                          ) -> torch.optim.Optimizer:
-    """The proposed raycpt.train.build_optimizer: fused AdamW on CPU too (torch >= 2.4 has a CPU fused kernel; the
-    Trainer's default optimizer, adamw_torch_fused, already uses it). Otherwise unchanged."""
+def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
+                            ) -> torch.optim.Optimizer:
+    """raycpt.train.build_optimizer as it was before fused AdamW on CPU: torch's default kernel there."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
-def run_raycpt(workload: Workload, proposed: bool = False) -> dict[str, float]:
+def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float]:
+    """optimizer.step() alone, raycpt's AdamW vs the unfused one on the same parameters and gradients,
+    interleaved `reps` times: a whole step is too noisy on a shared machine to resolve a ~0.5 s difference."""
+    from raycpt.models import load_model
+    from raycpt.train import build_optimizer
+
+    model = load_model(workload.source)
+    generator = torch.Generator().manual_seed(0)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator) * 1e-3
+    device = torch.device(workload.device)
+    optimizers = {"raycpt": build_optimizer(model, workload.lr, 0.01, device),
+                  "unfused": build_optimizer_unfused(model, workload.lr, 0.01, device)}
+    for optimizer in optimizers.values():
+        optimizer.step()  # allocates the state; not timed
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(reps):
+        for name, optimizer in optimizers.items():
+            start = time.perf_counter()
+            optimizer.step()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def run_raycpt(workload: Workload, unfused: bool = False) -> dict[str, float]:
     from unittest import mock
 
     import raycpt.train
@@ -239,7 +263,7 @@ def run_raycpt(workload: Workload, proposed: bool = False) -> dict[str, float]:
     cfg = workload.raycpt_config()
     clock = StepClock(stop_after=workload.steps if workload.skip_final_eval else 0)
     reports: list[dict[str, Any]] = [{}]
-    optimizer = build_optimizer_fused if proposed else raycpt.train.build_optimizer
+    optimizer = build_optimizer_unfused if unfused else raycpt.train.build_optimizer
     try:
         with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints, \
                 mock.patch.object(raycpt.train, "build_optimizer", optimizer):
@@ -303,11 +327,14 @@ def run_trainer(workload: Workload) -> dict[str, float]:
         clock.close()
     ends = step_ends.ends
     callback_s = ends[-1] - ends[workload.warmup - 1] if workload.warmup else float("nan")
-    return {**clock.window(workload.warmup), "callback_s": callback_s, "loss": output.training_loss}
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps the torch optimizer
+    return {**clock.window(workload.warmup), "callback_s": callback_s, "loss": output.training_loss,
+            "optimizer": f"{type(inner).__name__} fused={inner.defaults.get('fused')}"}
 
 
-def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_tflops: float) -> float:
-    """Print one model's table; returns raycpt's tokens/s over the Trainer's (fastest step, best round of each)."""
+def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_tflops: float,
+           optimizer_step: dict[str, float] | None = None) -> float:
+    """Print one model's table; returns raycpt's tokens/s over the Trainer's (median step, best round of each)."""
     tokens_per_step = workload.batch_size * workload.block_size
     print(f"\n{workload.name}: {workload.steps} steps of {workload.batch_size}x{workload.block_size} tokens, "
           f"{workload.warmup} warm-up step(s) excluded, {workload.device} {workload.precision}, "
@@ -320,22 +347,29 @@ def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_
     for side, runs in results.items():
         for i, r in enumerate(runs):
             mean_step = r["seconds"] / r["steps"]
-            best[side] = max(best.get(side, 0.0), tokens_per_step / r["min_step"])
-            if side in ("raycpt", "proposed"):
+            best[side] = max(best.get(side, 0.0), tokens_per_step / r["median_step"])
+            if side in ("raycpt", "unfused"):
                 check = (f"own perf/tokens_per_s {r['own_tokens_per_s']:.0f} over all {workload.steps} steps "
                          f"(time/train_s {r['own_train_s']:.1f})")
             else:
-                check = f"on_step_end window {r['callback_s']:.2f} s"
+                check = f"on_step_end window {r['callback_s']:.2f} s, {r['optimizer']}"
             print(f"{side:9s} {i + 1:5d} {r['steps']:5d} {mean_step:7.3f} {r['median_step']:8.3f} {r['min_step']:7.3f} "
                   f"{r['cpu_seconds'] / r['steps']:6.2f} {tokens_per_step / mean_step:10.0f} "
                   f"{tokens_per_step / r['min_step']:9.0f} {r['load']:5.1f}  "
                   f"{check}; loss {r['loss']:.3f}")
     ratio = best["raycpt"] / best["trainer"]
-    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (fastest step, best round each; "
+    print(f"ratio {workload.name}: raycpt {ratio:.2f}x Trainer tokens/s (median step, best round each; "
           "target >= 1.0x)")
-    if "proposed" in best:
-        print(f"ratio {workload.name}: proposed (fused AdamW on CPU) {best['proposed'] / best['trainer']:.2f}x "
-              f"Trainer, {best['proposed'] / best['raycpt']:.2f}x raycpt")
+    if "unfused" in best:
+        print(f"ratio {workload.name}: raycpt {best['raycpt'] / best['unfused']:.2f}x raycpt with unfused AdamW "
+              f"(whole steps; see the optimizer.step line for the resolved difference)")
+    if optimizer_step:
+        saved = optimizer_step["unfused"] - optimizer_step["raycpt"]
+        median = float(np.median([r["median_step"] for r in results["raycpt"]]))
+        speedup = optimizer_step["unfused"] / optimizer_step["raycpt"]
+        print(f"optimizer.step alone (median, interleaved): raycpt (fused) {optimizer_step['raycpt']:.3f} s, "
+              f"unfused {optimizer_step['unfused']:.3f} s ({speedup:.1f}x): fused saves {saved:.3f} s per step = "
+              f"{100 * saved / median:.1f}% of raycpt's median step")
     if workload.device == "cuda":
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -363,8 +397,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="shrink gpt2-124m / llama-1.1b to run on a CPU")
     parser.add_argument("--skip-final-eval", action=argparse.BooleanOptionalAction, default=None,
                         help="stop raycpt after the last timed step, before its eval + checkpoint (default: on CUDA)")
-    parser.add_argument("--proposed", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run raycpt with the proposed fused AdamW on CPU (CPU only)")
+    parser.add_argument("--unfused", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run raycpt with torch's default (unfused) AdamW kernel (CPU only)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
     args = parser.parse_args()
     if args.device == "cuda" and any(m in PACKAGED for m in args.model):
@@ -382,8 +416,8 @@ def main() -> None:
         for name in args.model:
             workload = prepare_workload(name, args, Path(scratch))
             sides = {"raycpt": run_raycpt, "trainer": run_trainer}
-            if args.proposed and args.device == "cpu":  # on CUDA raycpt already uses fused AdamW
-                sides["proposed"] = lambda w: run_raycpt(w, proposed=True)
+            if args.unfused and args.device == "cpu":  # on CUDA raycpt has always used fused AdamW
+                sides["unfused"] = lambda w: run_raycpt(w, unfused=True)
             results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
                 # A B C, then C B A: a drift in the machine's load hits every side alike
@@ -391,7 +425,8 @@ def main() -> None:
                 for side in order:
                     results[side].append(sides[side](workload))
                     gc.collect()
-            ratios[name] = report(workload, results, args.peak_tflops)
+            optimizer_step = compare_optimizer_step(workload) if "unfused" in sides else None
+            ratios[name] = report(workload, results, args.peak_tflops, optimizer_step)
     print("\n" + ", ".join(f"{name}: raycpt {ratio:.2f}x Trainer" for name, ratio in ratios.items()))
 
 

@@ -217,6 +217,9 @@ def main() -> None:
         print(f"sweep wall (tuner.fit) {sweep['wall']:.1f} s, sum of loop times {loops:.1f} s: loops are "
               f"{100 * loops / sweep['wall']:.0f}% of the wall time; {(sweep['wall'] - loops) / max(n, 1):.1f} s "
               "per trial is not loop (Ray start, eval, probe F1, checkpoints, Tune)")
+        trial_total = sum(t["trial_s"] for t in sweep["trials"])
+        print(f"Tune's own cost outside the trials (wall - sum of time_total_s) / trials: "
+              f"{(sweep['wall'] - trial_total) / max(n, 1):.1f} s per trial")
 
     # --- against a laptop trial ----------------------------------------------------------------------------------
     step_s, source = (laptop_step_seconds(args.laptop_run) if args.laptop_run else

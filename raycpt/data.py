@@ -1,10 +1,10 @@
 """Corpora -> tokenised, packed blocks (cached); the domain/general mixture; held-out splits; the labelled task.
 
 Flow (`prepare_data`): read documents -> drop any downstream-test text (leakage guard) -> split documents into
-train / held-out (seeded, fixed before any trial) -> tokenise once with the fast tokenizer (batched
-`datasets.map`, cached by datasets' fingerprints) with EOS after each document -> concatenate the whole stream
-and cut it into `block_size` blocks (only the stream's tail is dropped) -> `.npy` files in the cache, keyed by
-tokenizer + source fingerprint + block size. Trials memory-map those files; nothing is re-tokenised per trial.
+train / held-out (seeded, fixed before any trial) -> tokenise once (raycpt.tokenize: the fastest encoder that
+reproduces the tokenizer's ids) with EOS after each document -> cut the whole stream into `block_size` blocks
+(only the stream's tail is dropped) -> `.npy` files in the cache, keyed by tokenizer + the split's datasets
+fingerprints + block size. Trials memory-map those files; nothing is re-tokenised per trial.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import csv
 import glob
 import hashlib
 import io
+import json
 import os
 import re
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 
 from raycpt.errors import InputError
 from raycpt.packaged import cache_dir, packaged_file
+from raycpt.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, token_stream
 
 PACKAGED_CORPORA = ("rotten-tomatoes", "news")
 FILE_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
@@ -149,25 +152,23 @@ def remove_texts(ds, texts: list[str]):
     return kept, len(ds) - len(kept)
 
 
-def tokenize_documents(ds, tokenizer):
-    """Batched fast-tokenizer map (cached by datasets) -> column `input_ids`, EOS appended to each document."""
-    eos = tokenizer.eos_token_id
+def tokenize_documents(ds, tokenizer, batch_size: int = 1000) -> tuple[np.ndarray, str]:
+    """The documents' token stream (EOS after each, int32) and the encoder that produced it (raycpt.tokenize picks
+    the fastest one that reproduces the tokenizer's own ids on documents spread over the corpus)."""
+    texts = ds.select_columns(["text"])
+    sample_at = np.unique(np.linspace(0, len(texts) - 1, num=min(len(texts), VERIFY_DOCUMENTS)).astype(int))
+    sample = list(texts.select(sample_at)["text"]) if len(texts) else []
+    stride = -(-sum(map(len, sample)) // VERIFY_CHARACTERS)  # long documents: fewer of them, still spread out
+    sample = sample[::max(1, stride)]
+    batches = (list(batch["text"]) for batch in texts.iter(batch_size=batch_size))
+    return token_stream(batches, sample, tokenizer)
 
-    def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [row + [eos] for row in ids]}
 
-    return ds.map(tokenize, batched=True, batch_size=1000, remove_columns=ds.column_names)
-
-
-def pack_blocks(ds, block_size: int) -> np.ndarray:
-    """Concatenate every document's ids (one stream) and cut into [n_blocks, block_size]; only the stream's
-    final partial block is dropped, not a tail per map batch as run_clm's group_texts does."""
-    column = ds.data.column("input_ids")
-    flat = np.concatenate([chunk.flatten().to_numpy(zero_copy_only=False) for chunk in column.chunks]) \
-        if column.num_chunks else np.zeros(0, np.int64)
-    n_blocks = len(flat) // block_size
-    return flat[: n_blocks * block_size].astype(np.int32).reshape(n_blocks, block_size)
+def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
+    """Cut the whole stream into [n_blocks, block_size]; only the stream's final partial block is dropped, not a
+    tail per map batch as run_clm's group_texts does."""
+    n_blocks = len(stream) // block_size
+    return np.ascontiguousarray(stream[: n_blocks * block_size], dtype=np.int32).reshape(n_blocks, block_size)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -186,6 +187,8 @@ class PreparedCorpus:
     removed_for_leakage: int
     train_tokens: int
     heldout_tokens: int
+    tokenized_by: str = "?"
+    """The encoder that produced the ids (raycpt.tokenize: tiktoken | tokenizers | transformers), all exact."""
 
 
 def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
@@ -202,11 +205,17 @@ def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, 
                                    tokenizer_fingerprint(tokenizer), str(block_size)]).encode()).hexdigest()[:20]
     out = cache_dir("blocks", key)
     train_path, heldout_path = out / "train.npy", out / "heldout.npy"
+    record_path = out / "tokenized.json"
     if not (train_path.exists() and heldout_path.exists()):
+        record: dict[str, object] = {}
         for part, path in (("train", train_path), ("test", heldout_path)):
-            blocks = pack_blocks(tokenize_documents(split[part], tokenizer), block_size)
-            np.save(path.with_suffix(".tmp.npy"), blocks)
+            start = time.perf_counter()
+            stream, record["encoder"] = tokenize_documents(split[part], tokenizer)
+            record[f"{part}_seconds"] = round(time.perf_counter() - start, 3)
+            np.save(path.with_suffix(".tmp.npy"), pack_blocks(stream, block_size))
             os.replace(path.with_suffix(".tmp.npy"), path)
+        record_path.write_text(json.dumps(record))
+    tokenized_by = json.loads(record_path.read_text()).get("encoder", "?") if record_path.exists() else "?"
     train = np.load(train_path, mmap_mode="r")
     heldout = np.load(heldout_path, mmap_mode="r")
     if len(train) == 0 or len(heldout) == 0:
@@ -225,7 +234,7 @@ def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, 
         np.save(fixed.with_suffix(".tmp.npy"), np.asarray(heldout))
         os.replace(fixed.with_suffix(".tmp.npy"), fixed)
     return PreparedCorpus(train=str(train_path), heldout=str(fixed), documents=len(ds), removed_for_leakage=removed,
-                          train_tokens=int(train.size), heldout_tokens=int(heldout.size))
+                          train_tokens=int(train.size), heldout_tokens=int(heldout.size), tokenized_by=tokenized_by)
 
 
 def check_enough_text(ds, tokenizer, block_size: int, source: str, field: str) -> None:

@@ -57,6 +57,7 @@ def text_features(model: nn.Module, tokenizer, texts: list[str], *, batch_size: 
     order = np.argsort(lengths)[::-1]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    body = getattr(model, "base_model", model)
     for start in range(0, len(texts), batch_size):
         idx = order[start:start + batch_size]
         encoded = [tokenizer(texts[i], add_special_tokens=False, truncation=True, max_length=max_length,
@@ -68,7 +69,9 @@ def text_features(model: nn.Module, tokenizer, texts: list[str], *, batch_size: 
             ids[row, : len(e)] = torch.as_tensor(e)
             mask[row, : len(e)] = 1
         ids, mask = ids.to(device), mask.to(device)
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
+        # the decoder alone (`base_model`): its last_hidden_state is the LM's final (normed) hidden state, and the
+        # LM head's logits (a vocab-sized matmul per token, ~20% of SmolLM2's forward) are never computed
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
         out[idx] = pooled.double().cpu().numpy()
     model.train(was_training)

@@ -123,7 +123,10 @@ def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
         "domain": dataclasses.asdict(domain), "general": dataclasses.asdict(general) if general else None,
         "task": dataclasses.asdict(task) if task else None,
     }
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    # which exact encoder produced the ids does not change them: it stays out of the fingerprint
+    same_ids = {k: ({f: v for f, v in part.items() if f != "tokenized_by"} if isinstance(part, dict) else part)
+                for k, part in manifest.items()}
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(same_ids, sort_keys=True).encode()).hexdigest()[:16]
     return manifest
 
 

@@ -238,7 +238,11 @@ def two_node_cluster(tmp_path):
 
         def alive_nodes():
             out = cluster.ray("list", "nodes", "--address", cluster.dashboard, "--format", "json").stdout
-            nodes = [n for n in json.loads(out) if n["state"] == "ALIVE"]
+            try:  # before any raylet registers, `ray list nodes` prints "No resource in the cluster", not JSON
+                listed = json.loads(out)
+            except json.JSONDecodeError:
+                return None
+            nodes = [n for n in listed if n["state"] == "ALIVE"]
             return nodes if len(nodes) == 2 else None
 
         nodes = wait_for("node B to join", alive_nodes, timeout=90)

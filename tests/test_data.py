@@ -18,11 +18,11 @@ from tests.conftest import write_jsonl
 def test_packing_keeps_every_token_and_puts_eos_between_documents(tmp_path, tokenizer):
     texts = [f"document number {i} " + "word " * (i % 7) for i in range(50)]
     ds = load_documents(str(write_jsonl(tmp_path / "docs.jsonl", texts)))
-    tokenized = tokenize_documents(ds, tokenizer)
+    stream, _ = tokenize_documents(ds, tokenizer)
     expected = []
     for text in texts:
         expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = pack_blocks(tokenized, 16)
+    blocks = pack_blocks(stream, 16)
     assert blocks.shape == (len(expected) // 16, 16)
     # the whole stream in order, only its final partial block dropped (< block_size tokens lost)
     assert blocks.reshape(-1).tolist() == expected[: blocks.size]
