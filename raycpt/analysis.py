@@ -68,7 +68,7 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
         row.update({f"hp/{k}": v for k, v in (trial.config.get("train_loop_config") or {}).items()})
         for key in ("step", "tokens", "train/loss", "eval/domain_loss", "eval/domain_ppl", "eval/general_loss",
                     "eval/general_ppl", "eval/f1", "eval/f1_sd", "eval/accuracy", "data/domain_fraction",
-                    "perf/tokens_per_s", "time/train_s", "checkpoint_path", "time_total_s"):
+                    "perf/tokens_per_s", "perf/mfu", "time/train_s", "checkpoint_path", "time_total_s"):
             row[key] = last.get(key)
         row.update({k: v for k, v in flatten_result(last).items() if k.startswith("eval/f1_class/")})
         rows.append(row)

@@ -81,6 +81,9 @@ class TrainConfig:
     """fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU)."""
     compile: bool = False
     """torch.compile the model (pays a compile warm-up; worth it on GPU for long runs)."""
+    peak_tflops: float = 0.0
+    """The accelerator's dense peak TFLOP/s per worker, for `perf/mfu`; 0 = look up known GPUs (bf16: H100/H200
+    989, A100 312, L40S 362, L4 121), no MFU on CPU or an unknown GPU."""
     seed: int = 0
     """Seed for dropout masks and the data order within the mixture."""
 
@@ -408,6 +411,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "train.lr", t.lr, 0, 1, lo_open=True)
     _check_range(p, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)
     _check_range(p, "train.warmup_steps", t.warmup_steps, 0)
+    _check_range(p, "train.peak_tflops", t.peak_tflops, 0)
     _check_range(p, "train.steps", t.steps, 1)
     _check_range(p, "train.batch_size", t.batch_size, 1)
     _check_range(p, "train.grad_accum", t.grad_accum, 1)

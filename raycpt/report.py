@@ -445,6 +445,7 @@ class TrialProgress:
     general_ppl: float = math.nan
     f1: float = math.nan
     tokens_per_s: float = math.nan
+    mfu: float = math.nan
     report_seconds: float = 0.0
     """Wall time of all its reports, trial start-up included (Tune's time_this_iter_s)."""
     error: str = ""
@@ -566,6 +567,7 @@ def sweep_progress_callback(console: Console, *, metric: str, mode: str, max_rep
             state.metric = _num(flat.get(self.metric))
             state.domain_ppl, state.general_ppl = _num(flat.get("eval/domain_ppl")), _num(flat.get("eval/general_ppl"))
             state.f1, state.tokens_per_s = _num(flat.get("eval/f1")), _num(flat.get("perf/tokens_per_s"))
+            state.mfu = _num(flat.get("perf/mfu"))
             state.report_seconds += _num(flat.get("time_this_iter_s")) if flat.get("time_this_iter_s") else 0.0
             if flat.get("finished"):
                 state.status = "finished"
@@ -574,7 +576,9 @@ def sweep_progress_callback(console: Console, *, metric: str, mode: str, max_rep
                 self.console.print(f"  {self._id(state)} step {state.step or '?':>5}  domain ppl "
                                    f"{_ppl(state.domain_ppl):>8}  general ppl {_ppl(state.general_ppl):>8}"
                                    + (f"  F1 {_f(state.f1, 4)}" if not math.isnan(state.f1) else "")
-                                   + f"  {_f(state.tokens_per_s, 0)} tok/s  [dim]{escape(hps)}[/]",
+                                   + f"  {_f(state.tokens_per_s, 0)} tok/s"
+                                   + (f"  MFU {100 * state.mfu:.1f}%" if not math.isnan(state.mfu) else "")
+                                   + f"  [dim]{escape(hps)}[/]",
                                    soft_wrap=True)  # one line per report, also in an 80-column CI log
             self._refresh(force=True)
 

@@ -56,6 +56,33 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0))
+"""Dense bf16 peak per GPU, by device-name substring (first match wins: H100 PCIe before H100, L40S before L4)."""
+
+
+def peak_tflops(configured: float, device: torch.device) -> float:
+    """`train.peak_tflops` when set, else the table's value for this GPU; 0 (no MFU) on CPU or an unknown GPU."""
+    if configured > 0 or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), 0.0)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, as nanoGPT/PaLM count them: 6 x the parameters that take part in matmuls, plus
+    12 x layers x hidden x seq_len for attention scores and weighted values. Embedding tables are lookups and
+    are left out, except one tied to the output head (that matmul is real)."""
+    hf = unwrap(model)
+    head = hf.get_output_embeddings()
+    params = {id(p): p.numel() for p in hf.parameters()}
+    for module in hf.modules():
+        if isinstance(module, nn.Embedding) and (head is None or module.weight is not head.weight):
+            params.pop(id(module.weight), None)
+    layers, hidden = hf.config.num_hidden_layers, hf.config.hidden_size
+    return 6.0 * sum(params.values()) + 12.0 * layers * hidden * seq_len
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -102,6 +129,8 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    model_flops_per_token = flops_per_token(model, d.block_size)
+    peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
     model.to(device)
     model = wrap_model(model)
     if t.compile:
@@ -146,9 +175,11 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
         for micro in range(t.grad_accum):
             pos = worker_positions(step, micro, rank=rank, world_size=world_size, batch_size=t.batch_size,
                                    grad_accum=t.grad_accum)
-            batch = np.stack([(domain_train if from_domain else general_train)[i]
-                              for from_domain, i in zip(is_domain[pos], index[pos], strict=True)])
-            input_ids = torch.as_tensor(batch, dtype=torch.long).to(device, non_blocking=True)
+            batch = torch.from_numpy(np.stack([(domain_train if from_domain else general_train)[i]
+                                               for from_domain, i in zip(is_domain[pos], index[pos], strict=True)]))
+            if device.type == "cuda":  # pinned host memory: the copy runs async, the loop never waits on it
+                batch = batch.pin_memory()
+            input_ids = batch.to(device, dtype=torch.long, non_blocking=True)
             last_micro = micro == t.grad_accum - 1
             # DDP: all-reduce gradients only on the last micro-batch of a step
             skip_sync = world_size > 1 and not last_micro and hasattr(model, "no_sync")
@@ -178,12 +209,14 @@ def train(cfg: ExperimentConfig, data: dict[str, Any], report: Report, *, checkp
             train_loss /= world_size
         domain_loss, general_loss = evaluate()
         tokens = done * blocks_per_step * d.block_size
+        tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
         metrics = {
             "step": done, "tokens": tokens, "train/loss": float(train_loss),
             "eval/domain_loss": domain_loss, "eval/domain_ppl": perplexity(domain_loss),
             "eval/general_loss": general_loss, "eval/general_ppl": perplexity(general_loss) if general else None,
             "data/domain_fraction": float(is_domain[: done * blocks_per_step].mean()),
-            "perf/tokens_per_s": steps_in_window * blocks_per_step * d.block_size / window_time,
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/mfu": tokens_per_s * model_flops_per_token / peak if peak else None,
             "lr": scheduler.get_last_lr()[0], "time/train_s": state["train_time_s"],
             "restarts": state["restarts"], "resumed_from_step": resumed_from_step,
         }

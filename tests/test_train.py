@@ -73,8 +73,25 @@ def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train):
     })
 
 
+def test_flops_per_token_matches_nanogpt_for_gpt2_124m_and_skips_untied_embeddings():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from raycpt.train import flops_per_token
+
+    with torch.device("meta"):  # shapes only, no memory
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
+        llama = LlamaForCausalLM(LlamaConfig(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                                             num_key_value_heads=4, intermediate_size=5632, vocab_size=32000,
+                                             tie_word_embeddings=False))
+    # nanoGPT's estimate_mfu: N = 124,439,808 params minus wpe (786,432), tied wte counted once as the head
+    assert flops_per_token(gpt2, 1024) == 6 * 123_653_376 + 12 * 12 * 768 * 1024
+    # Llama: the input embedding is a lookup (left out), the untied lm_head is a matmul (counted)
+    total = sum(p.numel() for p in llama.parameters())
+    assert flops_per_token(llama, 2048) == 6 * (total - 32000 * 2048) + 12 * 22 * 2048 * 2048
+
+
 def test_core_loop_without_ray_lowers_domain_ppl_and_reports_contract(corpora, tiny_gpt2_dir, tmp_path):
-    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path)
+    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, peak_tflops=0.5)
     manifest = prepare_experiment(cfg)
     base = measure_base(cfg, manifest, tmp_path)
     reports = []
@@ -89,6 +106,12 @@ def test_core_loop_without_ray_lowers_domain_ppl_and_reports_contract(corpora, t
     assert abs(last["data/domain_fraction"] - 0.75) <= 0.02
     assert last["finished"] is True
     assert all((c and (tmp_path / "ckpt").exists()) for _, c in reports)
+    # MFU against the configured peak: achieved FLOP/s over 0.5 TFLOP/s
+    from raycpt.models import load_model
+    from raycpt.train import flops_per_token
+
+    achieved = last["perf/tokens_per_s"] * flops_per_token(load_model(tiny_gpt2_dir), 32)
+    assert last["perf/mfu"] == pytest.approx(achieved / 0.5e12)
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(corpora, tiny_gpt2_dir, tmp_path):
