@@ -70,6 +70,8 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
                     "eval/general_ppl", "eval/f1", "eval/f1_sd", "eval/accuracy", "data/domain_fraction",
                     "perf/tokens_per_s", "perf/mfu", "time/train_s", "checkpoint_path", "time_total_s"):
             row[key] = last.get(key)
+        if not row["checkpoint_path"] and trial.checkpoint:  # a one-worker trial: its latest checkpoint, via Tune
+            row["checkpoint_path"] = trial.checkpoint.path
         row.update({k: v for k, v in flatten_result(last).items() if k.startswith("eval/f1_class/")})
         rows.append(row)
     return pd.DataFrame(rows)

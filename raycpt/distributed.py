@@ -2,6 +2,9 @@
 
 The Ray lines are few: [1] rebuild the config, [2] get a checkpoint to resume from, [3] prepare the model (DDP,
 device), [4] report metrics + checkpoint from every rank (rank 0 alone writes the checkpoint), [5] launch.
+[6] A sweep trial with one worker skips the TorchTrainer: the loop runs in the Tune trial itself, with Tune's
+checkpoint manager and FailureConfig in Ray Train's place (no controller or worker actor to start: ~16 s and
+~1 GiB less per trial, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -67,14 +70,8 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
     placement = {"rank": rank, "world_size": world_size, "node_id": ray.get_runtime_context().get_node_id(),
                  "node_ip": node_ip}
 
-    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        # [4] Every rank reports (Ray Train requires it); the checkpoint is uploaded to storage, then dropped here.
-        if checkpoint_dir:  # rank 0 only
-            write_json(Path(checkpoint_dir) / PLACEMENT_FILE, placement)
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    # [4] Every rank reports (Ray Train requires it); the checkpoint is uploaded to storage, then dropped here.
+    report = _reporter(ray.train.report, ray.train.Checkpoint, placement)
 
     def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
         # [3] DDP wrapper and device placement from Ray Train (one worker needs no wrapper)
@@ -88,6 +85,42 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         train(cfg, train_loop_config["data"], report, checkpoint_root=root, resume_dir=resume_dir,
               rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model)
+
+
+def _reporter(report_fn, checkpoint_cls, placement: dict[str, Any]):
+    """report(metrics, checkpoint_dir) for the loop: the checkpoint records where it was trained, goes to Ray's
+    checkpoint manager (which copies it to storage), and the local copy is removed."""
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:  # rank 0 only
+            write_json(Path(checkpoint_dir) / PLACEMENT_FILE, placement)
+        report_fn(metrics, checkpoint=checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None)
+        if checkpoint_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    return report
+
+
+def train_in_trial(cfg: ExperimentConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """[6] One worker, no TorchTrainer: the loop in this Tune trial, which holds the worker's resources
+    (sweep.build_trainable). Resumes from Tune's latest checkpoint after a failure or a restored sweep."""
+    import ray
+    import torch
+    from ray import tune
+
+    from raycpt.train import train
+
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    node_ip = ray.util.get_node_ip_address()
+    check_data_visible(data, node_ip)
+    placement = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id(), "node_ip": node_ip}
+    # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    checkpoint = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
+            (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
+        return train(cfg, data, _reporter(tune.report, tune.Checkpoint, placement), checkpoint_root=root,
+                     resume_dir=resume_dir, device=device)
 
 
 def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: str | Path, name: str,

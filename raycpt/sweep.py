@@ -63,7 +63,8 @@ def max_reports(cfg: ExperimentConfig) -> int:
 
 def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = None,
                     data: dict[str, Any] | None = None, trials_dir: str = "") -> dict[str, Any]:
-    """One trial: apply the sampled hyperparameters, run a TorchTrainer on the core loop."""
+    """One trial: apply the sampled hyperparameters, run the core loop: in this trial when it has one worker,
+    else on a TorchTrainer's workers."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
     from ray.tune.trainable.trainable_fn_utils import _in_tune_session
@@ -72,6 +73,10 @@ def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = No
 
     cfg = with_overrides(config_from_dict(base_cfg or {}), config.get("train_loop_config", {}))
     in_tune = _in_tune_session()
+    if in_tune and cfg.resources.num_workers == 1:
+        from raycpt.distributed import train_in_trial
+
+        return train_in_trial(cfg, data or {})
     # Names come from the trial id, never a timestamp, so a restored sweep finds its trials again.
     name = f"trial_{tune.get_context().get_trial_id()}" if in_tune else "trial_standalone"
     trainer = build_trainer(cfg, data or {}, storage_path=trials_dir, name=name,
@@ -167,7 +172,11 @@ def build_trainable(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path):
     r = cfg.resources
     trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
                                      trials_dir=str(exp_dir / "trials"))
-    resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
+    if r.num_workers == 1:  # the trial is the worker (distributed.train_in_trial): it holds the worker's resources
+        resources = {"cpu": r.cpus_per_worker + r.trial_cpus, "gpu": 1 if r.use_gpu else 0,
+                     "custom_resources": dict(r.worker_resources)}
+    else:
+        resources = {"cpu": r.trial_cpus} if r.trial_cpus > 0 else {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY}
     return tune.with_resources(trainable, resources)
 
 
@@ -202,7 +211,14 @@ def build_tuner(cfg: ExperimentConfig, data: dict[str, Any], exp_dir: Path, conc
                                     search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)),
         # verbose=2: Tune's per-result lines and tables, which ray_progress_reporters routes to the log file.
         run_config=tune.RunConfig(name="tune", storage_path=str(exp_dir), verbose=2,
-                                  callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter),
+                                  callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter,
+                                  # one-worker trials checkpoint through Tune (multi-worker ones through Ray Train,
+                                  # distributed.build_trainer): the same policy, best by domain ppl + the latest
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
+                                                                          checkpoint_score_attribute="eval/domain_ppl",
+                                                                          checkpoint_score_order="min"),
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=2 if cfg.resources.num_workers == 1 else 0)),
     )
 
 

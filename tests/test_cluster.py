@@ -285,7 +285,8 @@ def test_smoke_sweep_submitted_to_two_node_cluster(two_node_cluster, tmp_path):
     exp_dir = storage / "smoke"
     record = json.loads((exp_dir / "cluster.json").read_text())
     assert record["driver_node_id"] == cluster.head_node_id  # data, base model, Tune: on the head
-    placement_files = list(exp_dir.glob("trials/*/checkpoint_*/ray_placement.json"))
+    # one-worker trials checkpoint through Tune (tune/<trial>/), multi-worker ones through Ray Train (trials/<trial>/)
+    placement_files = list(exp_dir.glob("*/*/checkpoint_*/ray_placement.json"))
     assert len({f.parent.parent for f in placement_files}) == 2  # both trials checkpointed
     assert {json.loads(f.read_text())["node_id"] for f in placement_files} == {cluster.node_b_id}  # trained on B
     summary = json.loads((exp_dir / "summary.json").read_text())
