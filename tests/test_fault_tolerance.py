@@ -3,11 +3,13 @@ checkpoint: the trial finishes, redoes at most eval_every steps, and ends where 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +84,71 @@ def test_worker_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_g
     assert last["resumed_from_step"] >= killed["newest_checkpoint_step"] >= 10
     torch.testing.assert_close(last["eval/domain_loss"], clean.metrics["eval/domain_loss"], rtol=1e-4, atol=0)
     torch.testing.assert_close(last["train/loss"], clean.metrics["train/loss"], rtol=1e-3, atol=0)
+
+
+def _kill_trial_after_first_report(storage, killed: dict) -> None:
+    """SIGKILL the Tune trial running a one-worker loop (by pid) once it has reported (every report carries a
+    checkpoint that Tune has persisted before the result is logged), recording the newest reported step."""
+    from ray.util.state import list_actors
+
+    deadline, pid = time.time() + 180, None
+    while time.time() < deadline:
+        if pid is None:
+            actors = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+            pid = actors[0]["pid"] if actors else None
+        else:
+            steps = []
+            for results in storage.rglob("result.json"):
+                for line in results.read_text(errors="replace").splitlines():
+                    with contextlib.suppress(ValueError, KeyError):
+                        steps.append(json.loads(line)["step"])
+            if steps:
+                killed["newest_checkpoint_step"] = max(steps)
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_one_worker_trial_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_gpt2_dir, tmp_path):
+    """The sweep's one-worker path (the loop in the Tune trial, no TorchTrainer): Tune's FailureConfig restarts the
+    killed trial from its latest checkpoint and it ends where a run without Ray ends."""
+    import ray
+
+    from raycpt.report import logger_callbacks
+    from raycpt.sweep import build_tuner
+    from raycpt.train import train
+
+    cfg = config_from_dict({
+        "name": "ft1", "storage_path": str(tmp_path),
+        "model": {"source": tiny_gpt2_dir},
+        "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
+                 "heldout_fraction": 0.1, "heldout_blocks": 4},
+        "train": {"lr": 3e-3, "steps": 100, "batch_size": 4, "eval_every": 10, "warmup_steps": 2},
+        "search": {"space": {"train.lr": {"choice": [3e-3]}}, "num_samples": 1, "scheduler": "none"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+    })
+    manifest = prepare_experiment(cfg)
+    exp_dir = tmp_path / "ft1"
+    exp_dir.mkdir()
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        killed: dict = {}
+        watcher = threading.Thread(target=_kill_trial_after_first_report, args=(exp_dir, killed), daemon=True)
+        watcher.start()
+        grid = build_tuner(cfg, manifest, exp_dir, concurrency=1, callbacks=logger_callbacks(cfg)).fit()
+        watcher.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert killed.get("pid"), "the trial was never killed: it ended before its first report"
+    (result,) = list(grid)
+    assert result.error is None
+    last = result.metrics
+    assert last["step"] == 100 and last["restarts"] == 1
+    assert last["resumed_from_step"] >= killed["newest_checkpoint_step"] >= 10
+    torch.set_num_threads(1)  # the trial's thread count: same reductions, same numbers
+    clean = train(cfg, manifest, lambda m, c: None, checkpoint_root=tmp_path / "clean")
+    torch.testing.assert_close(last["eval/domain_loss"], clean["eval/domain_loss"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(last["train/loss"], clean["train/loss"], rtol=1e-3, atol=0)
+    assert result.checkpoint is not None and (Path(result.checkpoint.path) / "model.safetensors").exists()
