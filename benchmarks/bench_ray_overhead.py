@@ -18,9 +18,12 @@ steps with `eval_every` = half of them, so each trial reports twice. Three measu
    first report: controller + worker group start, imports in the worker, and persisting the first checkpoint.
    fit() -> first optimizer step is then estimated as start overhead + in-process train() -> first step.
 3. A small sweep (`raycpt.sweep.build_tuner`, the smoke search space, ASHA, one trial at a time): wall time of
-   `tuner.fit()` against the sum over trials of their last `time/train_s` (the loop's own training time).
-Finally Ray's per-trial overhead is put against a laptop trial (experiments/laptop.yaml: SmolLM2-135M, 16 steps
-of 4x128 tokens at 1 thread): from `--laptop-run`'s measured seconds per step if given, else `--laptop-step-s`.
+   `tuner.fit()` against the sum over trials of their last `time/train_s` (the loop's own training time). Its
+   trials have one worker, so they run the loop in the Tune trial itself (no TorchTrainer, the sweep's default
+   path): their non-loop time minus the in-process call's is that path's Ray extra, plus Tune's own per-trial cost.
+Finally both paths' per-trial overhead is put against a laptop trial (experiments/laptop.yaml: SmolLM2-135M, 12
+steps of 4x128 tokens at 1 thread): from `--laptop-run`'s measured seconds per step if given, else
+`--laptop-step-s`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 # median over the 4 trials of the laptop sweep of 2026-11-26 on this VM (/tmp/runs/laptop): 14.0, 14.3, 15.2 and
 # 15.3 s/step (time/train_s / step at each trial's last report).
 LAPTOP_STEP_S_MEASURED = 14.8
-LAPTOP_TRIAL_STEPS = 16
+LAPTOP_TRIAL_STEPS = 12  # a finished trial of experiments/laptop.yaml (train.steps: choice of 8 or 12)
 
 
 def smoke_config(steps: int, storage: str):
@@ -207,6 +210,7 @@ def main() -> None:
           f"{whole_extra:9.1f}")
 
     # --- sweep ---------------------------------------------------------------------------------------------------
+    trial_extra: float | None = None
     if sweep:
         loops = sum(t["train_s"] for t in sweep["trials"])
         n = len(sweep["trials"])
@@ -218,16 +222,29 @@ def main() -> None:
               f"{100 * loops / sweep['wall']:.0f}% of the wall time; {(sweep['wall'] - loops) / max(n, 1):.1f} s "
               "per trial is not loop (Ray start, eval, probe F1, checkpoints, Tune)")
         trial_total = sum(t["trial_s"] for t in sweep["trials"])
-        print(f"Tune's own cost outside the trials (wall - sum of time_total_s) / trials: "
-              f"{(sweep['wall'] - trial_total) / max(n, 1):.1f} s per trial")
+        tune_cost = (sweep["wall"] - trial_total) / max(n, 1)
+        print(f"Tune's own cost outside the trials (wall - sum of time_total_s) / trials: {tune_cost:.1f} s per trial")
+        # One-worker sweep trials run the loop in the Tune trial (no TorchTrainer): their non-loop time against
+        # the in-process call's, on the trials that ran every step (same evals, probe and checkpoints)
+        full = [t["trial_s"] - t["train_s"] for t in sweep["trials"] if t["steps"] == cfg.train.steps]
+        if full and cfg.resources.num_workers == 1:
+            trial_extra = float(np.median(full)) - (local_total - local_loop)
+            print(f"one-worker sweep trial, not loop: median {np.median(full):.1f} s vs in-process "
+                  f"{local_total - local_loop:.1f} s: Ray extra {trial_extra:.1f} s per trial (+ Tune's "
+                  f"{tune_cost:.1f} s)")
 
     # --- against a laptop trial ----------------------------------------------------------------------------------
     step_s, source = (laptop_step_seconds(args.laptop_run) if args.laptop_run else
                       (args.laptop_step_s, "--laptop-step-s; default from the 2026-11-26 laptop sweep on this VM"))
     laptop_loop = LAPTOP_TRIAL_STEPS * step_s
     print(f"\nLaptop trial: {LAPTOP_TRIAL_STEPS} steps x {step_s:.1f} s/step = {laptop_loop:.0f} s of loop ({source})")
-    print(f"Ray start overhead {start_overhead:.1f} s = {100 * start_overhead / laptop_loop:.1f}% of that loop; "
-          f"whole-trial Ray extra (not loop) {whole_extra:.1f} s = {100 * whole_extra / laptop_loop:.1f}%")
+    print(f"TorchTrainer trial (multi-worker path): Ray start overhead {start_overhead:.1f} s = "
+          f"{100 * start_overhead / laptop_loop:.1f}% of that loop; whole-trial Ray extra (not loop) "
+          f"{whole_extra:.1f} s = {100 * whole_extra / laptop_loop:.1f}%")
+    if trial_extra is not None:
+        per_trial = trial_extra + tune_cost
+        print(f"one-worker sweep trial (the laptop's path): Ray extra {per_trial:.1f} s per trial (in-trial + Tune's) "
+              f"= {100 * per_trial / laptop_loop:.1f}% of that loop")
 
 
 if __name__ == "__main__":
