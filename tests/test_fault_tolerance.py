@@ -32,22 +32,45 @@ def _registered_steps(storage) -> list[int]:
     return steps
 
 
-def _kill_worker_after_first_checkpoint(storage, killed: dict) -> None:
-    """SIGKILL the training worker (by pid) once Ray Train has registered a checkpoint, recording the newest
-    registered step at that moment."""
+def _reported_steps(storage) -> list[int]:
+    """Steps a Tune trial has reported (every report carries a checkpoint, persisted before the result is logged)."""
+    steps = []
+    for results in storage.rglob("result.json"):
+        for line in results.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                steps.append(json.loads(line)["step"])
+    return steps
+
+
+def _kill_after_first_checkpoint(actor_class: str, checkpointed_steps, storage, killed: dict) -> None:
+    """SIGKILL the process of the live `actor_class` actor (by pid) once a checkpoint is registered, recording the
+    newest checkpointed step at that moment."""
     from ray.util.state import list_actors
 
     deadline, pid = time.time() + 180, None
     while time.time() < deadline:
         if pid is None:
-            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            actors = list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
             pid = actors[0]["pid"] if actors else None
-        elif steps := _registered_steps(storage):
+        elif steps := checkpointed_steps(storage):
             killed["newest_checkpoint_step"] = max(steps)
             os.kill(pid, signal.SIGKILL)
             killed["pid"] = pid
             return
         time.sleep(0.05)
+
+
+def _config(name: str, steps: int, corpora, tiny_gpt2_dir, tmp_path, **sections):
+    """Tiny GPT-2, one worker of one CPU, a report + checkpoint every 10 steps."""
+    return config_from_dict({
+        "name": name, "storage_path": str(tmp_path),
+        "model": {"source": tiny_gpt2_dir},
+        "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
+                 "heldout_fraction": 0.1, "heldout_blocks": 4},
+        "train": {"lr": 3e-3, "steps": steps, "batch_size": 4, "eval_every": 10, "warmup_steps": 2},
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        **sections,
+    })
 
 
 @pytest.mark.e2e
@@ -56,20 +79,14 @@ def test_worker_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_g
 
     from raycpt.distributed import build_trainer
 
-    cfg = config_from_dict({
-        "name": "ft", "storage_path": str(tmp_path),
-        "model": {"source": tiny_gpt2_dir},
-        "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
-                 "heldout_fraction": 0.1, "heldout_blocks": 4},
-        "train": {"lr": 3e-3, "steps": 150, "batch_size": 4, "eval_every": 10, "warmup_steps": 2},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-    })
+    cfg = _config("ft", 150, corpora, tiny_gpt2_dir, tmp_path)
     manifest = prepare_experiment(cfg)
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         killed: dict = {}
         storage = tmp_path / "interrupted"
-        watcher = threading.Thread(target=_kill_worker_after_first_checkpoint, args=(storage, killed), daemon=True)
+        watcher = threading.Thread(target=_kill_after_first_checkpoint,
+                                   args=("RayTrainWorker", _registered_steps, storage, killed), daemon=True)
         watcher.start()
         interrupted = build_trainer(cfg, manifest, storage_path=storage, name="run").fit()
         watcher.join(timeout=5)
@@ -86,30 +103,6 @@ def test_worker_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_g
     torch.testing.assert_close(last["train/loss"], clean.metrics["train/loss"], rtol=1e-3, atol=0)
 
 
-def _kill_trial_after_first_report(storage, killed: dict) -> None:
-    """SIGKILL the Tune trial running a one-worker loop (by pid) once it has reported (every report carries a
-    checkpoint that Tune has persisted before the result is logged), recording the newest reported step."""
-    from ray.util.state import list_actors
-
-    deadline, pid = time.time() + 180, None
-    while time.time() < deadline:
-        if pid is None:
-            actors = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
-            pid = actors[0]["pid"] if actors else None
-        else:
-            steps = []
-            for results in storage.rglob("result.json"):
-                for line in results.read_text(errors="replace").splitlines():
-                    with contextlib.suppress(ValueError, KeyError):
-                        steps.append(json.loads(line)["step"])
-            if steps:
-                killed["newest_checkpoint_step"] = max(steps)
-                os.kill(pid, signal.SIGKILL)
-                killed["pid"] = pid
-                return
-        time.sleep(0.05)
-
-
 @pytest.mark.e2e
 def test_one_worker_trial_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_gpt2_dir, tmp_path):
     """The sweep's one-worker path (the loop in the Tune trial, no TorchTrainer): Tune's FailureConfig restarts the
@@ -120,22 +113,16 @@ def test_one_worker_trial_killed_mid_run_resumes_and_matches_uninterrupted(corpo
     from raycpt.sweep import build_tuner
     from raycpt.train import train
 
-    cfg = config_from_dict({
-        "name": "ft1", "storage_path": str(tmp_path),
-        "model": {"source": tiny_gpt2_dir},
-        "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
-                 "heldout_fraction": 0.1, "heldout_blocks": 4},
-        "train": {"lr": 3e-3, "steps": 100, "batch_size": 4, "eval_every": 10, "warmup_steps": 2},
-        "search": {"space": {"train.lr": {"choice": [3e-3]}}, "num_samples": 1, "scheduler": "none"},
-        "resources": {"num_workers": 1, "cpus_per_worker": 1},
-    })
+    cfg = _config("ft1", 100, corpora, tiny_gpt2_dir, tmp_path,
+                  search={"space": {"train.lr": {"choice": [3e-3]}}, "num_samples": 1, "scheduler": "none"})
     manifest = prepare_experiment(cfg)
     exp_dir = tmp_path / "ft1"
     exp_dir.mkdir()
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         killed: dict = {}
-        watcher = threading.Thread(target=_kill_trial_after_first_report, args=(exp_dir, killed), daemon=True)
+        watcher = threading.Thread(target=_kill_after_first_checkpoint,
+                                   args=("ImplicitFunc", _reported_steps, exp_dir, killed), daemon=True)
         watcher.start()
         grid = build_tuner(cfg, manifest, exp_dir, concurrency=1, callbacks=logger_callbacks(cfg)).fit()
         watcher.join(timeout=5)
