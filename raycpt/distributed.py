@@ -56,40 +56,52 @@ def check_data_visible(data: dict[str, Any], node: str) -> None:
 def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    import torch
 
-    from raycpt.train import train
-
-    # [1] Rebuild the config; one torch thread per CPU this worker holds (oversubscription slows CPU training).
+    # [1] Rebuild the config
     cfg = config_from_dict(train_loop_config["cfg"])
-    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
-    node_ip = ray.util.get_node_ip_address()
-    check_data_visible(train_loop_config["data"], node_ip)
-    placement = {"rank": rank, "world_size": world_size, "node_id": ray.get_runtime_context().get_node_id(),
-                 "node_ip": node_ip}
 
-    # [4] Every rank reports (Ray Train requires it); the checkpoint is uploaded to storage, then dropped here.
-    report = _reporter(ray.train.report, ray.train.Checkpoint, placement)
-
-    def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    def wrap_model(model):
         # [3] DDP wrapper and device placement from Ray Train (one worker needs no wrapper)
         if world_size == 1:
             return model
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs())
 
     # [2] A checkpoint exists when Ray Train restarts workers after a failure: resume from it.
-    checkpoint = ray.train.get_checkpoint()
-    with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
-            (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
-        train(cfg, train_loop_config["data"], report, checkpoint_root=root, resume_dir=resume_dir,
+    # [4] Every rank reports (Ray Train requires it).
+    _run_loop(cfg, train_loop_config["data"], ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint(),
               rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model)
 
 
-def _reporter(report_fn, checkpoint_cls, placement: dict[str, Any]):
-    """report(metrics, checkpoint_dir) for the loop: the checkpoint records where it was trained, goes to Ray's
-    checkpoint manager (which copies it to storage), and the local copy is removed."""
+def train_in_trial(cfg: ExperimentConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """[6] One worker, no TorchTrainer: the loop in this Tune trial, which holds the worker's resources
+    (sweep.build_trainable). Resumes from Tune's latest checkpoint after a failure or a restored sweep."""
+    import torch
+    from ray import tune
+
+    # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    return _run_loop(cfg, data, tune.report, tune.Checkpoint, tune.get_checkpoint(), rank=0, world_size=1,
+                     device=device)
+
+
+def _run_loop(cfg: ExperimentConfig, data: dict[str, Any], report_fn, checkpoint_cls, checkpoint, *, rank: int,
+              world_size: int, device, wrap_model=lambda model: model) -> dict[str, Any]:
+    """The loop inside Ray (a Ray Train worker or a Tune trial; `report_fn`/`checkpoint_cls` are that API's):
+    one torch thread per CPU held (oversubscription slows CPU training), resume from `checkpoint` when Ray hands
+    one back, and report each checkpoint with the node that trained it; Ray's checkpoint manager copies it to
+    storage, then the local copy is removed."""
+    import ray
+    import torch
+
+    from raycpt.train import train
+
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    node_ip = ray.util.get_node_ip_address()
+    check_data_visible(data, node_ip)
+    placement = {"rank": rank, "world_size": world_size, "node_id": ray.get_runtime_context().get_node_id(),
+                 "node_ip": node_ip}
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir:  # rank 0 only
@@ -98,29 +110,10 @@ def _reporter(report_fn, checkpoint_cls, placement: dict[str, Any]):
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
-    return report
-
-
-def train_in_trial(cfg: ExperimentConfig, data: dict[str, Any]) -> dict[str, Any]:
-    """[6] One worker, no TorchTrainer: the loop in this Tune trial, which holds the worker's resources
-    (sweep.build_trainable). Resumes from Tune's latest checkpoint after a failure or a restored sweep."""
-    import ray
-    import torch
-    from ray import tune
-
-    from raycpt.train import train
-
-    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
-    node_ip = ray.util.get_node_ip_address()
-    check_data_visible(data, node_ip)
-    placement = {"rank": 0, "world_size": 1, "node_id": ray.get_runtime_context().get_node_id(), "node_ip": node_ip}
-    # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU
-    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
-    checkpoint = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
-        return train(cfg, data, _reporter(tune.report, tune.Checkpoint, placement), checkpoint_root=root,
-                     resume_dir=resume_dir, device=device)
+        return train(cfg, data, report, checkpoint_root=root, resume_dir=resume_dir, rank=rank,
+                     world_size=world_size, device=device, wrap_model=wrap_model)
 
 
 def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: str | Path, name: str,

@@ -38,9 +38,13 @@ def to_ragged(rows: list[list[int]]) -> Ragged:
     return np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum())), lengths
 
 
+def split_rows(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """One array (a view) per document."""
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
 def to_rows(batch: Ragged) -> list[list[int]]:
-    flat, lengths = batch
-    return [row.tolist() for row in np.split(flat, np.cumsum(lengths)[:-1])] if len(lengths) else []
+    return [row.tolist() for row in split_rows(*batch)]
 
 
 def reference_encoder(tokenizer) -> Encoder:
@@ -165,9 +169,9 @@ class TiktokenBPE:
                                            if self.added is not None else set()))
             if not exceptions:
                 return flat, lengths
-            rows = np.split(flat, ends[:-1])
+            rows = split_rows(flat, lengths)
             redone_flat, redone_lengths = reference([texts[i] for i in exceptions])
-            for i, row in zip(exceptions, np.split(redone_flat, np.cumsum(redone_lengths)[:-1]), strict=True):
+            for i, row in zip(exceptions, split_rows(redone_flat, redone_lengths), strict=True):
                 rows[i] = row
             lengths[exceptions] = redone_lengths
             return np.concatenate(rows), lengths
