@@ -25,9 +25,10 @@ import sys
 import time
 from typing import Any
 
-from raycpt.config import ExperimentConfig, load_config
-from raycpt.errors import InputError
-from raycpt.files import write_json
+from raycpt.core.config import ExperimentConfig, load_config
+from raycpt.core.errors import InputError
+from raycpt.core.files import write_json
+from raycpt.core.resources import trial_resources
 
 WAIT_FOR_RESOURCES_S = 1800
 """How long to wait for the autoscaler to bring up the trials' nodes (GPU nodes take minutes to boot and pull)."""
@@ -35,15 +36,9 @@ POLL_S = 5.0
 
 
 def check_cluster_storage(storage_path: str) -> None:
-    """storage_path must name the same directory on every node: an absolute path (on a shared filesystem).
-
-    A relative path would resolve inside the job's temporary working dir on the head node, and a URI such as
-    s3://bucket/runs would silently become a local directory named `s3:` (raycpt writes the experiment dir with
-    local file operations, although Ray Tune and Ray Train themselves accept s3:// URIs)."""
-    if "://" in storage_path:
-        raise InputError(f"storage_path '{storage_path}': URIs are not supported yet (raycpt reads and writes the "
-                         "experiment dir as local files); mount the bucket or a shared filesystem on every node and "
-                         "give its path, e.g. --set storage_path=/mnt/raycpt/runs")
+    """storage_path must name the same directory on every node: an absolute path (on a shared filesystem). A
+    relative path would resolve inside the job's temporary working dir on the head node. (URIs are rejected by
+    config validation already.)"""
     if not storage_path.startswith(("/", "~")):
         raise InputError(f"storage_path '{storage_path}' is relative: in a Ray job it would land in the job's "
                          "temporary working dir on the head node; give an absolute path on a filesystem every node "
@@ -51,11 +46,10 @@ def check_cluster_storage(storage_path: str) -> None:
 
 
 def trial_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
-    """One resource bundle per Ray Train worker, for as many trials as should run at once (the request the
-    autoscaler scales up for). Without a max_concurrent_trials, one trial's worth."""
-    r = cfg.resources
-    worker = {"CPU": r.cpus_per_worker, **({"GPU": 1.0} if r.use_gpu else {}), **r.worker_resources}
-    return [dict(worker) for _ in range(r.num_workers * max(1, cfg.search.max_concurrent_trials))]
+    """The resource bundles of as many trials as should run at once (the request the autoscaler scales up for):
+    each trial's own bundles from raycpt.core.resources. Without a max_concurrent_trials, one trial's worth."""
+    one_trial = trial_resources(cfg.resources).bundles()
+    return [dict(b) for _ in range(max(1, cfg.search.max_concurrent_trials)) for b in one_trial]
 
 
 def missing_resources(bundles: list[dict[str, float]], cluster: dict[str, float]) -> dict[str, float]:
@@ -79,7 +73,7 @@ def scale_up(cfg: ExperimentConfig, timeout_s: float) -> None:
     while missing := missing_resources(bundles, ray.cluster_resources()):
         now = time.monotonic()
         if now > deadline:
-            raise InputError(f"the cluster did not reach the resources of {len(bundles)} Ray Train worker(s) in "
+            raise InputError(f"the cluster did not reach the resources of {len(bundles)} trial bundle(s) in "
                              f"{timeout_s:.0f} s (still missing {missing}); check `ray status` and the cluster "
                              "config's worker node types and max_workers, or lower resources.num_workers / "
                              "search.max_concurrent_trials")
@@ -101,8 +95,8 @@ def cluster_record(driver_node_id: str) -> dict[str, Any]:
 def run(config: str, overrides: list[str], *, force: bool, wait_s: float) -> int:
     import ray
 
-    from raycpt.report import make_console
-    from raycpt.sweep import sweep
+    from raycpt.pipeline import sweep
+    from raycpt.results.format import make_console
 
     cfg = load_config(config, overrides)
     check_cluster_storage(cfg.storage_path)
@@ -122,9 +116,9 @@ def run(config: str, overrides: list[str], *, force: bool, wait_s: float) -> int
                       f"{ray.cluster_resources()}")
         summary = sweep(cfg, force=force, console=console)
         write_json(cfg.experiment_dir() / "cluster.json", cluster_record(ray.get_runtime_context().get_node_id()))
-        console.print(f"results: {cfg.experiment_dir()}" + (f"; winner exported to {summary['export']}"
-                                                            if summary.get("export") else ""))
-        return 0 if summary["winner"] is not None else 1
+        console.print(f"results: {cfg.experiment_dir()}" + (f"; winner exported to {summary.export}"
+                                                            if summary.export else ""))
+        return 0 if summary.winner is not None else 1
     finally:
         request_resources(bundles=[])  # drop the request: idle nodes may scale down again
         ray.shutdown()  # disconnects this driver; the cluster keeps running

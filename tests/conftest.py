@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycpt.config import load_config
-from raycpt.models import resolve_model_source
+from raycpt.core.config import load_config
+from raycpt.core.models import resolve_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +87,8 @@ def smoke_sweep(tmp_path_factory):
 
     import ray
 
-    from raycpt.report import make_console
-    from raycpt.sweep import sweep
+    from raycpt.pipeline import sweep
+    from raycpt.results.format import make_console
 
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(ROOT / "experiments" / "smoke.yaml", [f"storage_path={storage}"])

@@ -94,7 +94,8 @@ CASES = [
     ("unknown packaged model", lambda t, c: _set(c, "model.source", "packaged:gpt5"), "unknown packaged model"),
     ("block over max positions", lambda t, c: _set(c, "data.block_size", 1024), "over the model's maximum of 512"),
     # resources and storage
-    ("too many workers", lambda t, c: _set(c, "resources", {"num_workers": 64}), "one trial needs 64 CPUs"),
+    ("too many workers", lambda t, c: _set(_set(c, "resources", {"num_workers": 64}), "train.global_batch_size", 64),
+     "one trial needs 64 CPUs"),
     ("storage not writable", lambda t, c: _set(c, "storage_path", _corpus(t, "a-file", b"x") + "/runs"),
      "storage_path"),
 ]

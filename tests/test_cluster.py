@@ -90,7 +90,7 @@ def test_aws_cluster_opens_only_ssh_to_the_outside():
 
 def test_gpu_config_is_valid_and_sized_for_gpus():
     from raycpt.cli import main
-    from raycpt.config import load_config
+    from raycpt.core.config import load_config
 
     assert main(["validate", "--config-only", str(ROOT / "experiments" / "gpu.yaml")]) == 0
     cfg = load_config(ROOT / "experiments" / "gpu.yaml")
@@ -107,15 +107,17 @@ def load_submit_module():
     return module
 
 
-def test_submit_requests_one_bundle_per_worker_of_each_concurrent_trial():
-    from raycpt.config import load_config
+def test_submit_requests_the_bundles_of_each_concurrent_trial():
+    from raycpt.core.config import load_config
 
     submit = load_submit_module()
     cfg = load_config(ROOT / "experiments" / "gpu.yaml")
     bundles = submit.trial_bundles(cfg)
-    assert bundles == [{"CPU": 8.0, "GPU": 1.0}] * 4
+    # per trial: its driver (no CPU, a little logical memory) and its two GPU workers; two trials at a time
+    driver, worker = {"memory": float(256 * 1024**2)}, {"CPU": 8.0, "GPU": 1.0}
+    assert bundles == [driver, worker, worker] * 2
     assert submit.missing_resources(bundles, {"CPU": 0.0, "memory": 1e9}) == {"CPU": 32.0, "GPU": 4.0}
-    assert submit.missing_resources(bundles, {"CPU": 48.0, "GPU": 4.0}) == {}
+    assert submit.missing_resources(bundles, {"CPU": 48.0, "GPU": 4.0, "memory": 1e9}) == {}
 
 
 @pytest.mark.parametrize("override, message", [

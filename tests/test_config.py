@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from raycpt.cli import main
-from raycpt.config import load_config, with_overrides
-from raycpt.errors import ConfigError
+from raycpt.core.config import load_config, with_overrides
+from raycpt.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raycpt.data import (
+from raycpt.core.data import (
     load_documents,
     load_task,
     mixture_plan,
@@ -11,7 +11,7 @@ from raycpt.data import (
     tokenize_documents,
     worker_positions,
 )
-from raycpt.errors import InputError
+from raycpt.core.errors import InputError
 from tests.conftest import write_jsonl
 
 

@@ -1,4 +1,4 @@
-"""Multi-worker DDP on CPU (gloo), through `raycpt.distributed.build_trainer(...).fit()` on local Ray.
+"""Multi-worker DDP on CPU (gloo), through `raycpt.edge.worker.build_trainer(...).fit()` on local Ray.
 
 One worker with batch_size 4 and two workers with batch_size 2 draw the same blocks at every step
 (`data.worker_positions` gives each rank a disjoint slice of the same global plan) and DDP averages the two
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from raycpt.config import config_from_dict
-from raycpt.prepare import prepare_experiment
+from raycpt.core.config import config_from_dict
+from raycpt.core.prepare import prepare_experiment
 
 STEPS, EVAL_EVERY, GLOBAL_BATCH = 8, 2, 4
 RTOL = 1e-4  # observed: 1.8e-7 relative at most (float32 summation order); a step changes the loss by >1e-2
@@ -31,7 +31,7 @@ def experiment(source: str, corpora: dict[str, str], storage: Path, num_workers:
         "data": {"domain": corpora["domain"], "general": corpora["general"], "block_size": 32,
                  "heldout_fraction": 0.1, "heldout_blocks": heldout_blocks},
         "train": {"lr": 3e-3, "warmup_steps": 2, "steps": STEPS, "eval_every": EVAL_EVERY, "mix_ratio": 0.7,
-                  "batch_size": GLOBAL_BATCH // num_workers, "precision": "fp32"},
+                  "batch_size": GLOBAL_BATCH, "precision": "fp32"},  # the same global batch for any workers
         "resources": {"num_workers": num_workers, "cpus_per_worker": 1},
     }
 
@@ -40,7 +40,7 @@ def run_reports(raw: dict[str, Any], storage: Path) -> list[list[dict[str, Any]]
     """Fit one TorchTrainer; returns every report as the list of all ranks' metrics (recorded by the controller)."""
     from ray.train import UserCallback
 
-    from raycpt.distributed import build_trainer
+    from raycpt.edge.worker import build_trainer
 
     class ReportLog(UserCallback):
         """Appends each report (all ranks' metrics) as one JSON line; runs in the Train controller process."""

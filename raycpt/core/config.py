@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from raycpt.errors import ConfigError
+from raycpt.core import metrics
+from raycpt.core.errors import ConfigError
+from raycpt.core.files import read_json
 
 
 @dataclass
@@ -62,13 +64,19 @@ class TrainConfig:
     steps: int = 24
     """Optimizer steps."""
     batch_size: int = 4
-    """Blocks per micro-batch per worker."""
+    """Blocks per micro-batch per worker (at most: see `micro_batching`)."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step (per worker)."""
+    """Micro-batches per optimizer step on one worker; with `global_batch_size` 0 the global batch is
+    batch_size x grad_accum blocks, whatever the number of workers."""
+    global_batch_size: int = 0
+    """Blocks per optimizer step summed over all workers (0 = batch_size x grad_accum). It stays fixed when
+    resources.num_workers changes: each worker's accumulation is derived (`micro_batching`)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
     dropout: float = 0.0
-    """Dropout applied during CPT (attention and residual/MLP outputs); released models often ship with 0."""
+    """Dropout during CPT, set wherever the architecture has it: GPT-2-style models get it on embeddings, residual
+    and attention; Llama-style models (SmolLM2, Qwen, Mistral) only have attention dropout, so only that. Released
+    models often ship with 0."""
     mix_ratio: float = 0.8
     """Fraction of training blocks drawn from the domain corpus; the rest is general replay."""
     eval_every: int = 8
@@ -81,11 +89,30 @@ class TrainConfig:
     """fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU)."""
     compile: bool = False
     """torch.compile the model (pays a compile warm-up; worth it on GPU for long runs)."""
+    loss_impl: str = "auto"
+    """Next-token loss: hf (the model's own) | chunked (never materialises the [batch, seq, vocab] logits; exact
+    to fp32 rounding) | liger (liger-kernel's fused kernel on CUDA, `pip install raycpt[gpu]`) | auto (liger ->
+    chunked -> hf on CUDA, hf on CPU). An unavailable choice falls back, saying why."""
     peak_tflops: float = 0.0
     """The accelerator's dense peak TFLOP/s per worker, for `perf/mfu`; 0 = look up known GPUs (bf16: H100/H200
     989, A100 312, L40S 362, L4 121), no MFU on CPU or an unknown GPU."""
     seed: int = 0
     """Seed for dropout masks and the data order within the mixture."""
+
+    def global_batch(self) -> int:
+        """Blocks per optimizer step, summed over workers."""
+        return self.global_batch_size or self.batch_size * self.grad_accum
+
+    def micro_batching(self, world_size: int) -> tuple[int, int]:
+        """(blocks per micro-batch per worker, micro-batches per step) for `world_size` workers, keeping the
+        global batch fixed (nanoGPT's rule: accumulation shrinks as workers grow). The micro-batch is the largest
+        divisor of each worker's share that is at most `batch_size`, so memory per forward never grows."""
+        per_worker, rest = divmod(self.global_batch(), world_size)
+        if rest or per_worker == 0:
+            raise ConfigError(f"train.global_batch_size: {self.global_batch()} blocks per step cannot be split "
+                              f"evenly over {world_size} workers; use a multiple of resources.num_workers")
+        micro = max(d for d in range(1, min(self.batch_size, per_worker) + 1) if per_worker % d == 0)
+        return micro, per_worker // micro
 
 
 @dataclass
@@ -119,7 +146,8 @@ class SearchConfig:
     """Samples drawn from the space (each grid point is sampled this many times)."""
     scheduler: str = "asha"
     """asha | none."""
-    metric: str = "eval/domain_ppl"
+    metric: str = metrics.DOMAIN_PPL
+    """What ASHA compares trials on (reported at every eval)."""
     mode: str = "min"
     grace_period: int = 1
     """ASHA: reports a trial gets before it can be stopped."""
@@ -182,12 +210,10 @@ class ExperimentConfig:
     def experiment_dir(self) -> Path:
         return Path(self.storage_path).expanduser().resolve() / self.name
 
-    def tokens_per_step(self, world_size: int) -> int:
-        return self.train.batch_size * self.train.grad_accum * world_size * self.data.block_size
-
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 PRECISIONS = ("auto", "fp32", "bf16")
+LOSS_IMPLS = ("auto", "hf", "chunked", "liger")
 DTYPES = ("float32", "bfloat16", "float16")
 LOGGERS = ("tensorboard", "csv", "json", "mlflow", "wandb")
 
@@ -415,12 +441,18 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "train.steps", t.steps, 1)
     _check_range(p, "train.batch_size", t.batch_size, 1)
     _check_range(p, "train.grad_accum", t.grad_accum, 1)
+    _check_range(p, "train.global_batch_size", t.global_batch_size, 0)
+    if t.global_batch() % max(1, r.num_workers):
+        p.append(f"train.global_batch_size: {t.global_batch()} blocks per step cannot be split evenly over "
+                 f"resources.num_workers={r.num_workers}; use a multiple of the number of workers")
     _check_range(p, "train.weight_decay", t.weight_decay, 0, 1)
     _check_range(p, "train.dropout", t.dropout, 0, 0.9)
     _check_range(p, "train.mix_ratio", t.mix_ratio, 0, 1)
     _check_range(p, "train.eval_every", t.eval_every, 1)
     _check_range(p, "train.grad_clip", t.grad_clip, 0)
     _check_range(p, "train.early_stopping_patience", t.early_stopping_patience, 0)
+    if t.loss_impl not in LOSS_IMPLS:
+        p.append(f"train.loss_impl: '{t.loss_impl}' is not allowed{_closest(t.loss_impl, list(LOSS_IMPLS))}")
     if t.precision not in PRECISIONS:
         p.append(f"train.precision: '{t.precision}' is not allowed{_closest(t.precision, list(PRECISIONS))}")
     if not d.general and t.mix_ratio < 1 and "train.mix_ratio" not in s.space:
@@ -435,9 +467,9 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"search.scheduler: '{s.scheduler}' is not allowed (valid: asha, none)")
     if s.mode not in ("min", "max"):
         p.append(f"search.mode: '{s.mode}' is not allowed (valid: min, max)")
-    if s.metric not in ("eval/domain_ppl", "eval/domain_loss", "eval/general_ppl", "train/loss"):
-        p.append(f"search.metric: '{s.metric}' is not reported during training (use eval/domain_ppl, "
-                 "eval/domain_loss, eval/general_ppl or train/loss)")
+    if s.metric not in metrics.SCHEDULABLE:
+        p.append(f"search.metric: '{s.metric}' is not reported during training (use "
+                 f"{', '.join(metrics.SCHEDULABLE)})")
     _check_range(p, "search.grace_period", s.grace_period, 1)
     _check_range(p, "search.reduction_factor", s.reduction_factor, 2)
     _check_range(p, "search.max_concurrent_trials", s.max_concurrent_trials, 0)
@@ -459,3 +491,29 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         p.append(f"name: '{cfg.name}' must be a plain directory name (no '/', not starting with '.')")
     return p
+
+
+CONFIG_FILE = "raycpt_config.json"
+"""The resolved config, saved in every experiment dir and checkpoint."""
+
+
+def load_saved_config(exp_dir: str | os.PathLike, overrides: list[str] | None = None, *,
+                      relocate: bool = False) -> ExperimentConfig:
+    """The config an experiment dir was run with, plus `--set` overrides. `relocate` points storage_path/name at
+    `exp_dir` itself (a sweep lives where its dir is now, wherever it was started from)."""
+    exp_dir = Path(exp_dir)
+    path = exp_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{exp_dir}: not a raycpt experiment dir (no {CONFIG_FILE}); pass the "
+                          "<storage_path>/<name> dir of a sweep")
+    try:
+        raw = read_json(path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({str(err).splitlines()[0][:120]}); restore it from a "
+                          f"checkpoint's {CONFIG_FILE} or re-run the sweep") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections; restore it or re-run the sweep")
+    raw = apply_overrides(raw, dict(parse_override(o) for o in overrides or []))
+    if relocate:
+        raw["storage_path"], raw["name"] = str(exp_dir.resolve().parent), exp_dir.resolve().name
+    return config_from_dict(raw)

@@ -1,4 +1,5 @@
-"""Held-out perplexity. Plain PyTorch: `@torch.no_grad()` functions of (model, blocks) that restore train mode."""
+"""Scoring, plain PyTorch + scikit-learn: held-out perplexity on fixed blocks and downstream F1 of a linear probe
+on frozen features. `@torch.no_grad()` functions of (model, data) that restore train mode."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raycpt.core import metrics
+from raycpt.core.data import Task
+from raycpt.core.models import load_tokenizer
+
+MAX_LOSS_FOR_PPL = 50.0
+"""exp(50) ~ 5e21: a diverged model's perplexity stays a finite number that tables and JSON can hold."""
+PROBE_SUBSAMPLE = 0.8
+"""With eval.seeds > 1, each probe refit sees this share of the probe's train split."""
+PROBE_MAX_ITER = 2000
+"""LogisticRegression iterations: standardised features converge well within this."""
 
 
 def block_token_losses(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -42,7 +54,7 @@ def heldout_loss(model: nn.Module, blocks: np.ndarray, *, batch_size: int, devic
 
 
 def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
+    return math.exp(min(loss, MAX_LOSS_FOR_PPL))
 
 
 @torch.no_grad()
@@ -95,8 +107,10 @@ def probe_scores(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, te
         if seeds == 1:
             rows = np.arange(len(train_y_arr))
         else:
-            rows = np.random.default_rng(seed + k).permutation(len(train_y_arr))[: max(2, int(0.8 * len(train_y)))]
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0, random_state=seed + k))
+            keep = max(2, int(PROBE_SUBSAMPLE * len(train_y)))
+            rows = np.random.default_rng(seed + k).permutation(len(train_y_arr))[:keep]
+        probe = make_pipeline(StandardScaler(),
+                              LogisticRegression(max_iter=PROBE_MAX_ITER, C=1.0, random_state=seed + k))
         probe.fit(train_x[rows], train_y_arr[rows])
         predicted = probe.predict(test_x)
         f1s.append(f1_score(test_y, predicted, average="macro", labels=classes, zero_division=0))
@@ -106,9 +120,26 @@ def probe_scores(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, te
             "per_class_f1": {c: float(v) for c, v in zip(classes, np.mean(per_class, axis=0), strict=True)}}
 
 
-def downstream_f1(model: nn.Module, tokenizer, task: dict, *, seeds: int = 1, seed: int = 0, max_length: int = 128,
+def downstream_f1(model: nn.Module, tokenizer, task: Task, *, seeds: int = 1, seed: int = 0, max_length: int = 128,
                   device: torch.device | str = "cpu") -> dict[str, float | dict[str, float]]:
-    """The linear probe of DESIGN.md on a task dict (train/test texts and labels), end to end."""
-    train_x = text_features(model, tokenizer, task["train_texts"], max_length=max_length, device=device)
-    test_x = text_features(model, tokenizer, task["test_texts"], max_length=max_length, device=device)
-    return probe_scores(train_x, task["train_labels"], test_x, task["test_labels"], seeds=seeds, seed=seed)
+    """The linear probe of DESIGN.md on the labelled task (train/test texts and labels), end to end."""
+    train_x = text_features(model, tokenizer, task.train_texts, max_length=max_length, device=device)
+    test_x = text_features(model, tokenizer, task.test_texts, max_length=max_length, device=device)
+    return probe_scores(train_x, task.train_labels, test_x, task.test_labels, seeds=seeds, seed=seed)
+
+
+def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, seed: int, max_length: int,
+               device: torch.device | str, trust_remote_code: bool = False, prefix: str = metrics.EVAL_PREFIX
+               ) -> dict[str, float]:
+    """The probe's scores as flat metrics: `eval/f1` (macro), `eval/f1_sd`, `eval/accuracy`,
+    `eval/f1_class/<label>` (`base/...` with prefix 'base/')."""
+    tokenizer = load_tokenizer(model_source, trust_remote_code)
+    scores = downstream_f1(model, tokenizer, task, seeds=seeds, seed=seed, max_length=max_length, device=device)
+
+    def name(metric: str) -> str:
+        return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
+
+    flat = {name(metrics.F1): scores["f1"], name(metrics.F1_SD): scores["f1_sd"],
+            name(metrics.ACCURACY): scores["accuracy"]}
+    flat.update({name(metrics.F1_CLASS_PREFIX) + label: v for label, v in scores["per_class_f1"].items()})
+    return flat

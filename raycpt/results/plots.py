@@ -15,8 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from raycpt.files import read_json
-from raycpt.report import _ppl, hp_labels, short_ids
+from raycpt.core.files import read_json
+from raycpt.results.format import hp_labels, ppl_text, short_ids
+from raycpt.results.summary import Summary
 
 DPI = 120
 PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png")
@@ -48,9 +49,9 @@ def load_history(trial_dir: Path) -> pd.DataFrame:
     return frame.sort_values(order).drop_duplicates(subset=[order], keep="last") if order in frame else frame
 
 
-def load_histories(exp_dir: Path, summary: dict[str, Any]) -> dict[str, pd.DataFrame]:
+def load_histories(exp_dir: Path, summary: Summary) -> dict[str, pd.DataFrame]:
     histories = {}
-    for trial in summary["trials"]:
+    for trial in summary.trials:
         trial_dir = _trial_dir(exp_dir, trial)
         if trial_dir is not None:
             history = load_history(trial_dir)
@@ -125,20 +126,20 @@ def _status_legend(ax, statuses: set[str], extra: list | None = None) -> None:
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
 
 
-def plot_curves(path: Path, summary: dict[str, Any], histories: dict[str, pd.DataFrame], metric: str,
+def plot_curves(path: Path, summary: Summary, histories: dict[str, pd.DataFrame], metric: str,
                 title: str, ylabel: str, bound: float | None = None) -> Path | None:
     """One line per trial of `metric` against tokens; the base model as a dashed line at its value; each trial's
     end marked by how it ended (ASHA stop, failure)."""
-    trials = [t for t in summary["trials"] if t["trial_id"] in histories and metric in histories[t["trial_id"]]]
+    trials = [t for t in summary.trials if t["trial_id"] in histories and metric in histories[t["trial_id"]]]
     if not trials:
         return None
-    styles = _style(summary["trials"], summary.get("winner"))
-    base_value = (summary.get("base") or {}).get("base/" + metric.split("/", 1)[1])
+    styles = _style(summary.trials, summary.winner)
+    base_value = (summary.base or {}).get("base/" + metric.split("/", 1)[1])
     fig, ax = _figure()
     values: list[float] = []
     for t in trials:
         h = histories[t["trial_id"]].dropna(subset=[metric])
-        s, is_winner = styles[t["trial_id"]], t["trial_id"] == summary.get("winner")
+        s, is_winner = styles[t["trial_id"]], t["trial_id"] == summary.winner
         # Every trial starts from the base model, measured on the same held-out blocks: draw the curve from there.
         xs, ys = list(h["tokens"]), list(h[metric])
         if base_value is not None:
@@ -152,11 +153,11 @@ def plot_curves(path: Path, summary: dict[str, Any], histories: dict[str, pd.Dat
     extra = []
     if base_value is not None:
         extra.append((ax.axhline(base_value, color="gray", linestyle="--", linewidth=1.2),
-                      f"base model ({_ppl(base_value)})"))
+                      f"base model ({ppl_text(base_value)})"))
         values.append(base_value)
     if bound is not None:
         extra.append((ax.axhline(bound, color="firebrick", linestyle=":", linewidth=1.2),
-                      f"forgetting bound ({_ppl(bound)}): winners stay below"))
+                      f"forgetting bound ({ppl_text(bound)}): winners stay below"))
     _log_if_wide(ax, values)
     _ppl_axis(ax.yaxis)
     _tokens_axis(ax)
@@ -176,16 +177,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def plot_ppl_vs_f1(path: Path, summary: dict[str, Any]) -> Path | None:
+def plot_ppl_vs_f1(path: Path, summary: Summary) -> Path | None:
     """Final domain ppl (x, lower is better) against downstream macro-F1 (y, higher is better): trials that
     measured F1, the base model, the Pareto front, the winner starred."""
     from matplotlib.lines import Line2D
 
-    trials = [t for t in summary["trials"] if t.get("eval/f1") is not None and t.get("eval/domain_ppl") is not None]
+    trials = [t for t in summary.trials if t.get("eval/f1") is not None and t.get("eval/domain_ppl") is not None]
     if not trials:
         return None
-    styles = _style(summary["trials"], summary.get("winner"))
-    base = summary.get("base") or {}
+    styles = _style(summary.trials, summary.winner)
+    base = summary.base or {}
     points = [(t["eval/domain_ppl"], t["eval/f1"]) for t in trials]
     has_base = base.get("base/f1") is not None and base.get("base/domain_ppl") is not None
     if has_base:
@@ -195,10 +196,10 @@ def plot_ppl_vs_f1(path: Path, summary: dict[str, Any]) -> Path | None:
     # Rings mark the front's points, so a front of one point (a winner that beats the base on both) still shows.
     ax.plot([p[0] for p in front], [p[1] for p in front], color="gray", linestyle="--", linewidth=1.2,
             marker="o", markersize=22, markerfacecolor="none", markeredgecolor="gray", zorder=1)
-    excluded = summary.get("excluded") or {}
+    excluded = summary.excluded or {}
     for t in trials:
         s = styles[t["trial_id"]]
-        is_winner = t["trial_id"] == summary.get("winner")
+        is_winner = t["trial_id"] == summary.winner
         ax.scatter(t["eval/domain_ppl"], t["eval/f1"], color=s["color"], label=s["label"],
                    marker="*" if is_winner else "o", s=320 if is_winner else 70, edgecolors="black",
                    linewidths=0.8, zorder=3, alpha=0.45 if t["trial_id"] in excluded else 1.0)
@@ -217,7 +218,7 @@ def plot_ppl_vs_f1(path: Path, summary: dict[str, Any]) -> Path | None:
     _log_if_wide(ax, [p[0] for p in points], axis="x")
     _ppl_axis(ax.xaxis)
     ax.margins(0.12)
-    missing = len(summary["trials"]) - len(trials)
+    missing = len(summary.trials) - len(trials)
     ax.set_xlabel("domain held-out perplexity (lower is better)" + (
         f"\nnot shown: {missing} trial(s) without F1 (stopped or failed before the final probe)" if missing else ""))
     ax.set_ylabel("downstream macro-F1 (higher is better)")
@@ -245,16 +246,16 @@ def _key(statuses: list[str], winner: bool) -> tuple[list, list[str]]:
     return handles, labels
 
 
-def plot_hyperparameters(path: Path, summary: dict[str, Any], metric: str) -> Path | None:
+def plot_hyperparameters(path: Path, summary: Summary, metric: str) -> Path | None:
     """One column per swept hyperparameter: the final `metric` (top) and F1 (bottom, when measured) of every trial
     against the value it sampled; the marker says how the trial ended."""
-    trials = [t for t in summary["trials"] if t.get(metric) is not None]
-    hp_keys = sorted({k for t in summary["trials"] for k in t if k.startswith("hp/")})
+    trials = [t for t in summary.trials if t.get(metric) is not None]
+    hp_keys = sorted({k for t in summary.trials for k in t if k.startswith("hp/")})
     if not trials or not hp_keys:
         return None
     labels = hp_labels(hp_keys)
-    styles = _style(summary["trials"], summary.get("winner"))
-    base = summary.get("base") or {}
+    styles = _style(summary.trials, summary.winner)
+    base = summary.base or {}
     rows = [(metric, metric.split("/")[-1].replace("_", " ") + " (last report)")]
     if any(t.get("eval/f1") is not None for t in trials):
         rows.append(("eval/f1", "downstream macro-F1"))
@@ -272,7 +273,7 @@ def plot_hyperparameters(path: Path, summary: dict[str, Any], metric: str) -> Pa
                     continue
                 x = t[key] if numeric else categories.index(str(t[key]))
                 marker = STATUS_MARKERS.get(t["status"], ("o", None))[0]
-                is_winner = t["trial_id"] == summary.get("winner")
+                is_winner = t["trial_id"] == summary.winner
                 ax.scatter(x, t[name], color=styles[t["trial_id"]]["color"], marker="*" if is_winner else marker,
                            s=250 if is_winner else 70, edgecolors="black", linewidths=0.8, zorder=3)
                 ax.annotate(styles[t["trial_id"]]["short"], (x, t[name]), textcoords="offset points",
@@ -297,13 +298,13 @@ def plot_hyperparameters(path: Path, summary: dict[str, Any], metric: str) -> Pa
                 ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
     fig.suptitle("Swept hyperparameters vs metrics (points labelled by trial)")
-    fig.legend(*_key([t["status"] for t in trials], winner=summary.get("winner") is not None),
+    fig.legend(*_key([t["status"] for t in trials], winner=summary.winner is not None),
                loc="outside lower center", ncols=5, fontsize=8, frameon=False)
     fig.savefig(path)
     return path
 
 
-def write_plots(exp_dir: Path, summary: dict[str, Any]) -> list[Path]:
+def write_plots(exp_dir: Path, summary: Summary) -> list[Path]:
     """Write every plot the sweep has data for into <exp_dir>/plots/; returns the files written."""
     exp_dir = Path(exp_dir)
     out = exp_dir / "plots"
@@ -312,7 +313,7 @@ def write_plots(exp_dir: Path, summary: dict[str, Any]) -> list[Path]:
     cfg = read_json(config_file) if config_file.exists() else {}
     metric = cfg.get("search", {}).get("metric", "eval/domain_ppl")
     max_forgetting = cfg.get("select", {}).get("max_forgetting")
-    base_general = (summary.get("base") or {}).get("base/general_ppl")
+    base_general = (summary.base or {}).get("base/general_ppl")
     bound = (1 + max_forgetting) * base_general if max_forgetting is not None and base_general else None
     histories = load_histories(exp_dir, summary)
     for name in PLOT_FILES:  # a plot this sweep has no data for must not survive from an earlier one

@@ -1,7 +1,8 @@
 """Corpora -> tokenised, packed blocks (cached); the domain/general mixture; held-out splits; the labelled task.
 
-Flow (`prepare_data`): read documents -> drop any downstream-test text (leakage guard) -> split documents into
-train / held-out (seeded, fixed before any trial) -> tokenise once (raycpt.tokenize: the fastest encoder that
+Flow (`prepare_corpus`, called by `raycpt.core.prepare.prepare_experiment`): read documents -> drop any
+downstream-test text (leakage guard) -> split documents into
+train / held-out (seeded, fixed before any trial) -> tokenise once (raycpt.core.tokenize: the fastest encoder that
 reproduces the tokenizer's ids) with EOS after each document -> cut the whole stream into `block_size` blocks
 (only the stream's tail is dropped) -> `.npy` files in the cache, keyed by tokenizer + the split's datasets
 fingerprints + block size. Trials memory-map those files; nothing is re-tokenised per trial.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import glob
 import hashlib
 import io
@@ -24,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from raycpt.errors import InputError
-from raycpt.packaged import cache_dir, packaged_file
-from raycpt.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, token_stream
+from raycpt.core.errors import InputError
+from raycpt.core.packaged import cache_dir, packaged_file
+from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, token_stream
 
 PACKAGED_CORPORA = ("rotten-tomatoes", "news")
 FILE_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
@@ -153,7 +155,7 @@ def remove_texts(ds, texts: list[str]):
 
 
 def tokenize_documents(ds, tokenizer, batch_size: int = 1000) -> tuple[np.ndarray, str]:
-    """The documents' token stream (EOS after each, int32) and the encoder that produced it (raycpt.tokenize picks
+    """The documents' token stream (EOS after each, int32) and the encoder that produced it (raycpt.core.tokenize picks
     the fastest one that reproduces the tokenizer's own ids on documents spread over the corpus)."""
     texts = ds.select_columns(["text"])
     sample_at = np.unique(np.linspace(0, len(texts) - 1, num=min(len(texts), VERIFY_DOCUMENTS)).astype(int))
@@ -188,7 +190,7 @@ class PreparedCorpus:
     train_tokens: int
     heldout_tokens: int
     tokenized_by: str = "?"
-    """The encoder that produced the ids (raycpt.tokenize: tiktoken | tokenizers | transformers), all exact."""
+    """The encoder that produced the ids (raycpt.core.tokenize: tiktoken | tokenizers | transformers), all exact."""
 
 
 def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
@@ -286,6 +288,15 @@ def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: in
     return is_domain, index
 
 
+MIXTURE_SEED_STRIDE = 1_000_003
+"""A prime that keeps (data.seed, train.seed) pairs apart when combined into the mixture's one seed."""
+
+
+def mixture_seed(data_seed: int, train_seed: int) -> int:
+    """The mixture plan's seed: a function of both seeds, so either changes the data order."""
+    return data_seed * MIXTURE_SEED_STRIDE + train_seed
+
+
 def worker_positions(step: int, micro: int, *, rank: int, world_size: int, batch_size: int, grad_accum: int
                      ) -> slice:
     """Global plan positions of one worker's micro-batch: workers take disjoint, interleaved shards."""
@@ -307,6 +318,9 @@ class Task:
     @property
     def classes(self) -> list[str]:
         return sorted(set(self.train_labels) | set(self.test_labels))
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return dataclasses.asdict(self)
 
 
 def _labelled(source: str, text_field: str, label_field: str, labels: list[str], field: str

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycpt.errors import InputError
-from raycpt.packaged import cache_dir, packaged_file
+from raycpt.core.errors import InputError
+from raycpt.core.packaged import cache_dir, packaged_file
 
 PACKAGED_MODELS = ("smollm2-135m", "tiny-gpt2")
 
@@ -147,12 +147,3 @@ def apply_dropout(model: nn.Module, p: float) -> int:
             module.attention_dropout = p
             applied += 1
     return applied
-
-
-def model_summary(model: nn.Module) -> dict:
-    config = model.config
-    return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
-            "num_layers": getattr(config, "num_hidden_layers", None), "hidden_size": getattr(config, "hidden_size",
-                                                                                           None),
-            "max_positions": max_positions(config), "vocab_size": getattr(config, "vocab_size", None)}
-

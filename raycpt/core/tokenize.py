@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -186,7 +187,9 @@ def _tiktoken_for(tokenizer) -> TiktokenBPE | None:
 
 
 def choose_encoder(tokenizer, sample: list[str]) -> tuple[str, Encoder]:
-    """The fastest encoder that reproduces the reference's ids on `sample`; (its name, the encoder)."""
+    """The fastest encoder that reproduces the reference's ids on `sample`: (its name, the encoder). When a faster
+    one is passed over, the name says why (e.g. "tokenizers (tiktoken: ids differ on the sample)") and a warning is
+    logged, so a slow prepare is never a mystery."""
     reference = reference_encoder(tokenizer)
     if not sample:  # nothing to check a candidate on (and nothing to encode)
         return "transformers", reference
@@ -195,12 +198,23 @@ def choose_encoder(tokenizer, sample: list[str]) -> tuple[str, Encoder]:
         tiktoken_bpe = _tiktoken_for(tokenizer)
     except TypeError:  # an unhashable tokenizer class: build it each time
         tiktoken_bpe = TiktokenBPE.from_tokenizer(tokenizer)
-    candidates = [("tiktoken", tiktoken_bpe.encoder(reference) if tiktoken_bpe else None),
-                  ("tokenizers", backend_encoder(tokenizer))]
-    for name, encoder in candidates:
-        if encoder is not None and to_rows(encoder(sample)) == expected:
-            return name, encoder
-    return "transformers", reference
+    candidates = [("tiktoken", tiktoken_bpe.encoder(reference) if tiktoken_bpe else None,
+                   "not a plain byte-level BPE tokenizer, or tiktoken is not installed"),
+                  ("tokenizers", backend_encoder(tokenizer), "no fast (Rust) tokenizer backend")]
+    passed_over = []
+    for name, encoder, unavailable in candidates:
+        if encoder is None:
+            passed_over.append(f"{name}: {unavailable}")
+        elif to_rows(encoder(sample)) != expected:
+            passed_over.append(f"{name}: ids differ from the tokenizer's on the sample")
+        else:
+            break
+    else:
+        name, encoder = "transformers", reference
+    if passed_over:
+        name = f"{name} ({'; '.join(passed_over)})"
+        logging.getLogger("raycpt").warning("tokenising with %s", name)
+    return name, encoder
 
 
 def token_stream(texts: Iterable[list[str]], sample: list[str], tokenizer) -> tuple[np.ndarray, str]:

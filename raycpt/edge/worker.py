@@ -1,4 +1,4 @@
-"""Ray Train: one CPT trial on 1..N workers. A thin wrapper: the loop itself is `raycpt.train.train`.
+"""Where the loop runs on Ray: one CPT trial on 1..N workers. A thin wrapper: the loop is `raycpt.core.train.train`.
 
 The Ray lines are few: [1] rebuild the config, [2] get a checkpoint to resume from, [3] prepare the model (DDP,
 device), [4] report metrics + checkpoint from every rank (rank 0 alone writes the checkpoint), [5] launch.
@@ -14,12 +14,30 @@ import inspect
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from raycpt.config import ExperimentConfig, config_from_dict, to_dict
-from raycpt.errors import InputError
-from raycpt.files import write_json
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.train.torch import TorchTrainer
+from torch.nn.parallel import DistributedDataParallel
+
+from raycpt.core import metrics as m
+from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
+from raycpt.core.errors import InputError
+from raycpt.core.files import write_json
+from raycpt.core.prepare import Manifest
+from raycpt.core.train import train
+from raycpt.edge.policy import checkpoint_config, failure_config
+
+PAUSE_ENV = "RAYCPT_PAUSE_AFTER_FIRST_CHECKPOINT"
+"""Fault-injection hook (tests, chaos drills): a directory. After its first checkpointed report, the rank-0 loop
+writes `<dir>/paused` (its pid and step) and waits until `<dir>/release` exists or it is killed. Once per dir, so
+the restarted attempt runs through; unset, nothing happens."""
 
 PLACEMENT_FILE = "ray_placement.json"
 """Written by rank 0 into every checkpoint: which Ray node trained it (clusters: did work land where expected?)."""
@@ -33,30 +51,25 @@ def ddp_kwargs() -> dict[str, Any]:
     training forward, which is a collective: when held-out eval gives a rank no block at all (fewer held-out
     blocks than workers), rank 0's broadcast meets the other rank's all-reduce and the group hangs (seen with a
     Llama on 2 workers and 1 held-out block; tests/test_ddp.py)."""
-    from torch.nn.parallel import DistributedDataParallel
-
     # torch 2.13 renamed the flag; older releases only know the deprecated one.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
 
 
-def check_data_visible(data: dict[str, Any], node: str) -> None:
+def check_data_visible(manifest: Manifest, node: str) -> None:
     """Fail with the fix when this node cannot read the prepared blocks: on a cluster they must sit on a
     filesystem every node mounts at the same path (RAYCPT_CACHE), since the driver prepared them on its node."""
-    for corpus in ("domain", "general"):
-        for split in ("train", "heldout"):
-            path = (data.get(corpus) or {}).get(split)
-            if path and not os.path.exists(path):
-                raise InputError(f"node {node}: prepared {corpus} blocks {path} not found; on a multi-node cluster "
-                                 "set RAYCPT_CACHE to a shared filesystem mounted at the same path on every node "
+    for corpus_name, corpus in (("domain", manifest.domain), ("general", manifest.general)):
+        for split, path in ((("train", corpus.train), ("heldout", corpus.heldout)) if corpus else ()):
+            if not os.path.exists(path):
+                raise InputError(f"node {node}: prepared {corpus_name} {split} blocks {path} not found; on a "
+                                 "multi-node cluster set RAYCPT_CACHE to a shared filesystem mounted at the same path "
+                                 "on every node "
                                  "(see docs/cluster.md)")
 
 
 def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
     # [1] Rebuild the config
     cfg = config_from_dict(train_loop_config["cfg"])
     context = ray.train.get_context()
@@ -74,29 +87,21 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
               rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model)
 
 
-def train_in_trial(cfg: ExperimentConfig, data: dict[str, Any]) -> dict[str, Any]:
+def train_in_trial(cfg: ExperimentConfig, data: Manifest) -> dict[str, Any]:
     """[6] One worker, no TorchTrainer: the loop in this Tune trial, which holds the worker's resources
-    (sweep.build_trainable). Resumes from Tune's latest checkpoint after a failure or a restored sweep."""
-    import torch
-    from ray import tune
-
+    (raycpt.core.resources). Resumes from Tune's latest checkpoint after a failure or a restored sweep."""
     # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU
     device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
     return _run_loop(cfg, data, tune.report, tune.Checkpoint, tune.get_checkpoint(), rank=0, world_size=1,
                      device=device)
 
 
-def _run_loop(cfg: ExperimentConfig, data: dict[str, Any], report_fn, checkpoint_cls, checkpoint, *, rank: int,
+def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, checkpoint, *, rank: int,
               world_size: int, device, wrap_model=lambda model: model) -> dict[str, Any]:
     """The loop inside Ray (a Ray Train worker or a Tune trial; `report_fn`/`checkpoint_cls` are that API's):
     one torch thread per CPU held (oversubscription slows CPU training), resume from `checkpoint` when Ray hands
     one back, and report each checkpoint with the node that trained it; Ray's checkpoint manager copies it to
     storage, then the local copy is removed."""
-    import ray
-    import torch
-
-    from raycpt.train import train
-
     torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
     node_ip = ray.util.get_node_ip_address()
     check_data_visible(data, node_ip)
@@ -109,6 +114,7 @@ def _run_loop(cfg: ExperimentConfig, data: dict[str, Any], report_fn, checkpoint
         report_fn(metrics, checkpoint=checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            _pause_if_asked(metrics[m.STEP])
 
     with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
@@ -116,12 +122,19 @@ def _run_loop(cfg: ExperimentConfig, data: dict[str, Any], report_fn, checkpoint
                      world_size=world_size, device=device, wrap_model=wrap_model)
 
 
-def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: str | Path, name: str,
-                  callbacks: list | None = None):
-    """[5] A TorchTrainer for one trial, with bounded checkpoints (best by domain ppl + the latest)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+def _pause_if_asked(step: int) -> None:
+    """See PAUSE_ENV: hold here after the first checkpoint until a test has killed this process or released it."""
+    pause_dir = os.environ.get(PAUSE_ENV)
+    if not pause_dir or os.path.exists(os.path.join(pause_dir, "paused")):
+        return
+    write_json(Path(pause_dir) / "paused", {"pid": os.getpid(), "step": step})
+    while not os.path.exists(os.path.join(pause_dir, "release")):
+        time.sleep(0.05)
 
+
+def build_trainer(cfg: ExperimentConfig, data: Manifest, *, storage_path: str | Path, name: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """[5] A TorchTrainer for one trial, with the checkpoint and failure policy of raycpt.edge.policy."""
     r = cfg.resources
     return TorchTrainer(
         train_fn_per_worker,
@@ -131,10 +144,7 @@ def build_trainer(cfg: ExperimentConfig, data: dict[str, Any], *, storage_path: 
                                                                      **r.worker_resources}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path), callbacks=callbacks or [],
-            # Ray Train always keeps the latest checkpoint too, so a restart resumes from the newest state.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1,
-                                                         checkpoint_score_attribute="eval/domain_ppl",
-                                                         checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=checkpoint_config(ray.train.CheckpointConfig),
+            failure_config=failure_config(ray.train.FailureConfig),
         ),
     )

@@ -1,0 +1,52 @@
+"""Metric names: a public contract. The loop reports them, ASHA schedules on them, analysis selects by them, and
+reports and plots show them. Spell a name here once and import it everywhere else.
+
+A trial reports `eval/...` on the validation held-out sets; the base model's values carry `base/...` instead.
+"""
+
+from __future__ import annotations
+
+STEP = "step"
+TOKENS = "tokens"
+"""Training tokens consumed so far, summed over workers."""
+TRAIN_LOSS = "train/loss"
+DOMAIN_LOSS = "eval/domain_loss"
+DOMAIN_PPL = "eval/domain_ppl"
+GENERAL_LOSS = "eval/general_loss"
+GENERAL_PPL = "eval/general_ppl"
+F1 = "eval/f1"
+"""Macro-F1 of the linear probe on the labelled task (finished trials and the base model only)."""
+F1_SD = "eval/f1_sd"
+ACCURACY = "eval/accuracy"
+F1_CLASS_PREFIX = "eval/f1_class/"
+DOMAIN_FRACTION = "data/domain_fraction"
+"""The share of training blocks the loop actually drew from the domain corpus."""
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"
+LR = "lr"
+TRAIN_TIME_S = "time/train_s"
+RESTARTS = "restarts"
+RESUMED_FROM_STEP = "resumed_from_step"
+FINISHED = "finished"
+"""True on a trial's last report when it ran all its steps (or stopped early by its own patience rule)."""
+CHECKPOINT_PATH = "checkpoint_path"
+
+EVAL_PREFIX = "eval/"
+BASE_PREFIX = "base/"
+
+SCHEDULABLE = (DOMAIN_PPL, DOMAIN_LOSS, GENERAL_PPL, TRAIN_LOSS)
+"""Metrics reported at every eval, so ASHA (`search.metric`) can compare trials on them."""
+
+FINAL = (STEP, TOKENS, TRAIN_LOSS, DOMAIN_LOSS, DOMAIN_PPL, GENERAL_LOSS, GENERAL_PPL, F1, F1_SD, ACCURACY,
+         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH)
+"""A trial's last values that analysis collects into its row."""
+
+
+def base_name(metric: str) -> str:
+    """The base model's name of a trial metric: 'eval/domain_ppl' -> 'base/domain_ppl'."""
+    return BASE_PREFIX + metric.removeprefix(EVAL_PREFIX)
+
+
+def short_name(metric: str) -> str:
+    """'eval/domain_ppl' -> 'domain_ppl' (the keys of `raycpt report --format json`)."""
+    return metric.split("/", 1)[-1]

@@ -1,0 +1,334 @@
+"""The continued-pre-training loop: one function, top to bottom. No Ray here.
+
+`train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
+and cosine re-decay over a deterministic domain/general mixture. Every `eval_every` steps (and at the last step) it
+scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`) and calls
+`report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
+`python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raycpt.core import metrics as m
+from raycpt.core.config import CONFIG_FILE, ExperimentConfig, load_config, to_dict
+from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
+from raycpt.core.errors import InputError
+from raycpt.core.evaluate import f1_metrics, heldout_loss, perplexity
+from raycpt.core.files import write_json
+from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
+from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.prepare import Manifest, prepare_experiment
+
+Report = Callable[[dict[str, Any], "str | None"], None]
+STATE_FILE = "trainer_state.pt"
+ADAMW_BETAS = (0.9, 0.95)
+"""The LLM pre-training convention (GPT-3, Llama): a shorter second-moment memory than PyTorch's 0.999."""
+ADAMW_EPS = 1e-8
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """AdamW; no decay on biases and norm weights (1-D params); fused kernels on CUDA and CPU (on CPU the fused
+    step measured ~5x faster per optimizer step than the default for SmolLM2-135M: benchmarks/RESULTS.md)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type in ("cuda", "cpu"))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: int, min_lr_ratio: float):
+    """Linear re-warm to lr, cosine re-decay to lr * min_lr_ratio at the last step (transformers' schedule)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
+                                                       num_training_steps=steps, min_lr_rate=min_lr_ratio)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0))
+"""Dense bf16 peak per GPU, by device-name substring (first match wins: H100 PCIe before H100, L40S before L4)."""
+
+
+def peak_tflops(configured: float, device: torch.device) -> float:
+    """`train.peak_tflops` when set, else the table's value for this GPU; 0 (no MFU) on CPU or an unknown GPU."""
+    if configured > 0 or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), 0.0)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, as nanoGPT/PaLM count them: 6 x the parameters that take part in matmuls, plus
+    12 x layers x hidden x seq_len for attention scores and weighted values. Embedding tables are lookups and
+    are left out, except one tied to the output head (that matmul is real)."""
+    hf = unwrap(model)
+    head = hf.get_output_embeddings()
+    params = {id(p): p.numel() for p in hf.parameters()}
+    for module in hf.modules():
+        if isinstance(module, nn.Embedding) and (head is None or module.weight is not head.weight):
+            params.pop(id(module.weight), None)
+    layers, hidden = hf.config.num_hidden_layers, hf.config.hidden_size
+    return 6.0 * sum(params.values()) + 12.0 * layers * hidden * seq_len
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the weights, the optimizer and the scheduler: saved and restored as one
+    unit with them (`trainer_state.pt`, loaded with weights_only=True). The mixture and the data position are
+    functions of the config and `step`; numpy draws are all from seeded generators, so no numpy state."""
+
+    step: int = 0
+    train_time_s: float = 0.0
+    best_domain_ppl: float = math.inf
+    evals_since_best: int = 0
+    restarts: int = 0
+    torch_rng: torch.Tensor | None = None
+    python_rng: tuple | None = None
+    cuda_rng: list[torch.Tensor] | None = None
+
+    def capture_rng(self) -> None:
+        self.torch_rng, self.python_rng = torch.get_rng_state(), random.getstate()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore_rng(self) -> None:
+        if self.torch_rng is not None:
+            torch.set_rng_state(self.torch_rng)
+        if self.python_rng is not None:
+            random.setstate(_as_tuples(self.python_rng))
+        if self.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def _as_tuples(value: Any) -> Any:
+    """random.setstate wants the nested tuples getstate gave (a round trip through torch.save may give lists)."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: torch.optim.Optimizer, scheduler,
+                    cfg: ExperimentConfig, metrics: dict[str, Any]) -> None:
+    """One unit: weights (safetensors), the train state with optimizer and scheduler, the config, the metrics."""
+    path.mkdir(parents=True, exist_ok=True)
+    unwrap(model).save_pretrained(path, safe_serialization=True)
+    state.capture_rng()
+    torch.save({"state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, path / STATE_FILE)
+    write_json(path / CONFIG_FILE, to_dict(cfg))
+    write_json(path / "metrics.json", metrics)
+
+
+def load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+    saved = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return TrainState(**saved["state"])
+
+
+def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
+          resume_dir: str | None = None, rank: int = 0, world_size: int = 1,
+          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model
+          ) -> dict[str, Any]:
+    """Run one CPT trial on the prepared data; returns the last metrics."""
+    t, d = cfg.train, cfg.data
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.resources.use_gpu else "cpu"))
+    amp_dtype = autocast_dtype(t.precision, device)
+    torch.manual_seed(t.seed + rank)
+    random.seed(t.seed + rank)
+
+    # --- model: released weights (init) or a checkpoint (resume) -------------------------------------------------
+    model = load_model(resume_dir or cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
+    apply_dropout(model, t.dropout)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model_flops_per_token = flops_per_token(model, d.block_size)
+    peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
+    model.to(device)
+    model = wrap_model(model)
+    if t.compile:
+        model = torch.compile(model)
+    loss_impl, loss_note = resolve_loss_impl(t.loss_impl, device, unwrap(model))
+    if loss_impl != t.loss_impl and t.loss_impl != "auto" and rank == 0:  # a fallback: say why
+        logging.getLogger("raycpt").warning("train.loss_impl=%s: %s", t.loss_impl, loss_note)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, device)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+
+    # --- data: the mixture plan is a pure function of the config, so resume needs only the step ----------------
+    domain_train, domain_heldout = load_blocks(manifest.domain.train), load_blocks(manifest.domain.heldout)
+    general = manifest.general
+    general_train = load_blocks(general.train) if general else domain_train[:0]
+    general_heldout = load_blocks(general.heldout) if general else None
+    micro_batch, grad_accum = t.micro_batching(world_size)  # the global batch is fixed; accumulation adapts
+    blocks_per_step = t.global_batch()
+    is_domain, index = mixture_plan(t.steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train),
+                                    seed=mixture_seed(d.seed, t.seed), window=blocks_per_step)
+
+    # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
+    state = TrainState()
+    if resume_dir:
+        state = load_train_state(Path(resume_dir), optimizer, scheduler)
+        state.restore_rng()
+        state.restarts += 1
+    resumed_from_step = state.step
+
+    def evaluate() -> tuple[float, float | None]:
+        kwargs = dict(batch_size=micro_batch, device=device, rank=rank, world_size=world_size,
+                      autocast_dtype=amp_dtype)
+        domain = heldout_loss(model, domain_heldout, **kwargs)
+        general_loss = heldout_loss(model, general_heldout, **kwargs) if general else None
+        return domain, general_loss
+
+    # --- loop ----------------------------------------------------------------------------------------------------
+    model.train()
+    loss_acc = torch.zeros((), device=device)
+    domain_drawn = 0  # blocks this worker actually drew from the domain corpus
+    steps_in_window, window_start = 0, time.perf_counter()
+    metrics: dict[str, Any] = {}
+    for step in range(state.step, t.steps):
+        for micro in range(grad_accum):
+            pos = worker_positions(step, micro, rank=rank, world_size=world_size, batch_size=micro_batch,
+                                   grad_accum=grad_accum)
+            domain_drawn += int(is_domain[pos].sum())
+            batch = torch.from_numpy(np.stack([(domain_train if from_domain else general_train)[i]
+                                               for from_domain, i in zip(is_domain[pos], index[pos], strict=True)]))
+            if device.type == "cuda":  # pinned host memory: the copy runs async, the loop never waits on it
+                batch = batch.pin_memory()
+            input_ids = batch.to(device, dtype=torch.long, non_blocking=True)
+            last_micro = micro == grad_accum - 1
+            # DDP: all-reduce gradients only on the last micro-batch of a step
+            skip_sync = world_size > 1 and not last_micro and hasattr(model, "no_sync")
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
+                loss.backward()
+            loss_acc += loss.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        steps_in_window += 1
+        done = step + 1
+
+        if done % t.eval_every and done != t.steps:
+            continue
+        # --- eval, report, checkpoint: the only host syncs in the loop -------------------------------------------
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        window_time = time.perf_counter() - window_start
+        state.train_time_s += window_time
+        train_loss = loss_acc / steps_in_window
+        drawn = torch.tensor([domain_drawn, (done - resumed_from_step) * blocks_per_step // world_size],
+                             dtype=torch.float64, device=device)
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(train_loss)  # sync point: mean train loss across workers
+            train_loss /= world_size
+            torch.distributed.all_reduce(drawn)  # sync point: blocks drawn by every worker
+        domain_loss, general_loss = evaluate()
+        tokens = done * blocks_per_step * d.block_size
+        tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
+        metrics = {
+            m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss),
+            m.DOMAIN_LOSS: domain_loss, m.DOMAIN_PPL: perplexity(domain_loss),
+            m.GENERAL_LOSS: general_loss, m.GENERAL_PPL: perplexity(general_loss) if general else None,
+            # what the loop consumed since this run (re)started, not the plan: a resumed run counts its own draws
+            m.DOMAIN_FRACTION: float(drawn[0] / drawn[1]),
+            m.TOKENS_PER_S: tokens_per_s,
+            m.MFU: tokens_per_s * model_flops_per_token / peak if peak else None,
+            m.LR: scheduler.get_last_lr()[0], m.TRAIN_TIME_S: state.train_time_s,
+            m.RESTARTS: state.restarts, m.RESUMED_FROM_STEP: resumed_from_step,
+        }
+        if metrics[m.DOMAIN_PPL] < state.best_domain_ppl:
+            state.best_domain_ppl, state.evals_since_best = metrics[m.DOMAIN_PPL], 0
+        else:
+            state.evals_since_best += 1
+        state.step = done
+        stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
+        if (done == t.steps or stop_early) and manifest.task and rank == 0:
+            # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
+            # trials Tune stops, and this keeps the probe on the trial's own resources).
+            e = cfg.eval
+            metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
+                                      max_length=e.max_length, device=device,
+                                      trust_remote_code=cfg.model.trust_remote_code))
+        metrics[m.FINISHED] = done == t.steps or stop_early
+        checkpoint_dir = None
+        if rank == 0:
+            checkpoint_dir = Path(checkpoint_root) / f"checkpoint_step{done:06d}"
+            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics)
+        report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
+        loss_acc.zero_()
+        steps_in_window, window_start = 0, time.perf_counter()
+        if stop_early:
+            break
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m raycpt.core.train CONFIG [--set k=v ...]`: prepare the data and run one trial's loop in this
+    process, without Ray (a GPU box with torch and transformers only). Checkpoints go to
+    <storage_path>/<name>/local; one line per report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m raycpt.core.train", description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    return 0 if run_local(cfg, print) else 1
+
+
+def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Prepare and run one trial in-process (no Ray); each report is logged as one line. Returns the last
+    metrics."""
+    manifest = prepare_experiment(cfg)
+    out = cfg.experiment_dir() / "local"
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.save(cfg.experiment_dir())
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        general = metrics.get(m.GENERAL_PPL)
+        log(f"step {metrics[m.STEP]}: train loss {metrics[m.TRAIN_LOSS]:.4f}, domain ppl {metrics[m.DOMAIN_PPL]:.2f}"
+            + (f", general ppl {general:.2f}" if general is not None else "")
+            + (f", F1 {metrics[m.F1]:.4f}" if metrics.get(m.F1) is not None else "")
+            + f", {metrics[m.TOKENS_PER_S]:.0f} tok/s; checkpoint {checkpoint_dir}")
+
+    return train(cfg, manifest, report, checkpoint_root=out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        sys.exit(main())
+    except InputError as err:
+        print(f"raycpt: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,172 @@
+"""Ray Tune: the search space from config, ASHA whose rungs survive a driver crash, the trial trainable, and the
+Tuner. `train_driver_fn(config)` is the Tune function trainable: it applies a trial's sampled hyperparameters and
+runs that trial's loop; it also runs alone (outside Tune) without the report callback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.trainable.trainable_fn_utils import _in_tune_session
+
+from raycpt.core import metrics
+from raycpt.core.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict, with_overrides
+from raycpt.core.prepare import Manifest
+from raycpt.core.resources import trial_resources
+from raycpt.edge.policy import MAX_FAILURES, checkpoint_config, failure_config
+from raycpt.edge.ray_output import RAY_OUTPUT_LOG, ray_progress_reporters
+from raycpt.edge.worker import build_trainer, train_in_trial
+
+TUNE_DIR = "tune"
+"""Tune's experiment state and trial dirs, inside the experiment dir."""
+TRIALS_DIR = "trials"
+"""Ray Train runs of multi-worker trials, inside the experiment dir."""
+SCHEDULER_STATE = "scheduler_state.pkl"
+
+
+def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """YAML distributions -> Tune's; integer fields sample integers."""
+    result = {}
+    for key, spec in space.items():
+        (dist, args), = spec.items()
+        default = getattr(TrainConfig(), key.split(".", 1)[1], 0.0) if key.startswith("train.") else 0
+        is_int = isinstance(default, int) and not isinstance(default, bool)
+        if dist == "loguniform":
+            result[key] = tune.lograndint(int(args[0]), int(args[1]) + 1) if is_int else tune.loguniform(*args)
+        elif dist == "uniform":
+            result[key] = tune.randint(int(args[0]), int(args[1]) + 1) if is_int else tune.uniform(*args)
+        elif dist == "choice":
+            result[key] = tune.choice(args)
+        else:
+            result[key] = tune.grid_search(args)
+    return result
+
+
+def _extreme(cfg: ExperimentConfig, key: str, default: int, pick=max) -> int:
+    spec = cfg.search.space.get(key)
+    return int(pick(next(iter(spec.values())))) if spec else int(default)
+
+
+def max_steps(cfg: ExperimentConfig) -> int:
+    """The most optimizer steps any trial can run (ASHA's max_t)."""
+    return _extreme(cfg, "train.steps", cfg.train.steps)
+
+
+def max_reports(cfg: ExperimentConfig) -> int:
+    """The most reports any trial can make (for progress estimates)."""
+    return max(1, math.ceil(max_steps(cfg) / _extreme(cfg, "train.eval_every", cfg.train.eval_every, min)))
+
+
+def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = None, data: Manifest | None = None,
+                    trials_dir: str = "") -> dict[str, Any]:
+    """One trial: apply the sampled hyperparameters, run the core loop: in this trial when it has one worker,
+    else on a TorchTrainer's workers."""
+    cfg = with_overrides(config_from_dict(base_cfg or {}), config.get("train_loop_config", {}))
+    in_tune = _in_tune_session()
+    if in_tune and cfg.resources.num_workers == 1:
+        return train_in_trial(cfg, data)
+    # Names come from the trial id, never a timestamp, so a restored sweep finds its trials again.
+    name = f"trial_{tune.get_context().get_trial_id()}" if in_tune else "trial_standalone"
+    trainer = build_trainer(cfg, data, storage_path=trials_dir, name=name,
+                            callbacks=[TuneReportCallback()] if in_tune else [])
+    result = trainer.fit()
+    # Nothing important after fit(): when Tune stops a trial, this line is never reached.
+    return result.metrics or {}
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rung records survive a driver crash. Tune's restore brings back trials but not scheduler state,
+    so a resumed sweep would compare its remaining trials against empty rungs and stop none of them. This one
+    saves its state after every decision and reloads it on first use."""
+
+    def __init__(self, state_path: str | Path, **asha_kwargs: Any) -> None:
+        super().__init__(**asha_kwargs)
+        self._state_path, self._state_loaded = str(state_path), False
+
+    def _load_state_once(self) -> None:
+        if not self._state_loaded:
+            self._state_loaded = True
+            if os.path.exists(self._state_path):
+                self.restore(self._state_path)
+
+    def _save_state(self) -> None:
+        tmp = f"{self._state_path}.tmp"
+        self.save(tmp)
+        os.replace(tmp, self._state_path)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_state_once()
+        if trial.trial_id not in self._trial_info:
+            super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._load_state_once()
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._save_state()
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self._load_state_once()
+        if trial.trial_id in self._trial_info:
+            super().on_trial_complete(tune_controller, trial, result)
+        self._save_state()
+
+
+def build_trainable(cfg: ExperimentConfig, data: Manifest, exp_dir: Path):
+    """The Tune trainable: `train_driver_fn` with the base config, the manifest and the trial's resources
+    (raycpt.core.resources). Built the same way for a new sweep and for `Tuner.restore`."""
+    trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
+                                     trials_dir=str(exp_dir / TRIALS_DIR))
+    driver = dict(trial_resources(cfg.resources).driver)
+    request = {"cpu": driver.pop("CPU", 0.0), "gpu": driver.pop("GPU", 0.0)}
+    if "memory" in driver:
+        request["memory"] = driver.pop("memory")
+    return tune.with_resources(trainable, {**request, "custom_resources": driver})
+
+
+def build_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path, concurrency: int, callbacks: list, *,
+                verbose: bool = False) -> tune.Tuner:
+    """The Tuner for the sweep. `callbacks` are raycpt's progress display and the logger callbacks
+    (raycpt.edge.ray_output.logger_callbacks). Tune's own progress tables go to <exp>/ray_output.log, and also to
+    the terminal when `verbose`."""
+    s = cfg.search
+    # The legacy output engine takes a progress reporter we can point at a file; the new one prints to stdout.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # The logger callbacks are passed explicitly (report.loggers is the truth): stop Tune adding its defaults.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    ray_reporter, ray_trial_lines = ray_progress_reporters(exp_dir / RAY_OUTPUT_LOG, echo=verbose)
+    # Rungs are counted in optimizer steps, not reports: a trial resumed after a crash restarts Tune's iteration
+    # counter but not its step, and a swept eval_every would make reports incomparable.
+    eval_every = _extreme(cfg, "train.eval_every", cfg.train.eval_every, min)
+    scheduler = (ResumableASHA(exp_dir / SCHEDULER_STATE, time_attr=metrics.STEP, max_t=max_steps(cfg),
+                               grace_period=s.grace_period * eval_every, reduction_factor=s.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        build_trainable(cfg, data, exp_dir),
+        param_space={"train_loop_config": search_space(s.space)},
+        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
+                                    # an explicit generator ignores TuneConfig's limit: give it its own
+                                    search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)),
+        # verbose=2: Tune's per-result lines and tables, which ray_progress_reporters routes to the log file.
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(exp_dir), verbose=2,
+                                  callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter,
+                                  # one-worker trials checkpoint and restart through Tune, multi-worker ones
+                                  # through Ray Train (raycpt.edge.worker.build_trainer): one policy for both
+                                  checkpoint_config=checkpoint_config(tune.CheckpointConfig),
+                                  failure_config=failure_config(
+                                      tune.FailureConfig, MAX_FAILURES if cfg.resources.num_workers == 1 else 0)),
+    )
+
+
+def restore_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path) -> tune.Tuner:
+    """The interrupted sweep's Tuner: finished trials kept, unfinished and errored ones resumed from their latest
+    checkpoint. Tune restores its own callbacks (the live view, loggers) from the run's tuner.pkl."""
+    return tune.Tuner.restore(str(exp_dir / TUNE_DIR), trainable=build_trainable(cfg, data, exp_dir),
+                              resume_unfinished=True, resume_errored=True)

@@ -1,0 +1,138 @@
+"""The job as a short pipeline: open the experiment -> prepare the data and measure the base model -> run the tuner
+-> analyse, export, plot and print. `raycpt sweep` runs it all; `raycpt train` shares the first two steps and runs
+one trial on Ray Train instead of the tuner."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+
+from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
+from raycpt.core.errors import InputError
+from raycpt.core.files import write_json
+from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
+from raycpt.core.resources import trial_concurrency
+from raycpt.edge.callbacks import SweepProgress
+from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
+from raycpt.edge.session import ray_session
+from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
+from raycpt.edge.worker import build_trainer
+from raycpt.results.export import CARD_FILE, EXPORT_DIR
+from raycpt.results.format import make_console
+from raycpt.results.plots import write_plots
+from raycpt.results.render import print_base, print_data, print_summary
+from raycpt.results.summary import Summary, analyze
+
+
+def open_experiment(cfg: ExperimentConfig, *, force: bool = False, resume: bool = False,
+                    replaces: tuple[str, ...] = (TUNE_DIR, TRIALS_DIR, EXPORT_DIR)) -> Path:
+    """The experiment dir, checked writable, with the resolved config saved in it. An earlier sweep there is
+    replaced only with `force` (its `replaces` subdirs are removed) and continued only with `resume`."""
+    exp_dir = check_storage(cfg)  # a bad storage_path fails here, before anything is computed
+    if resume and not (exp_dir / TUNE_DIR).exists():
+        raise InputError(f"{exp_dir}: no sweep to resume (no {TUNE_DIR}/ dir); start one with `raycpt sweep CONFIG`")
+    if (exp_dir / TUNE_DIR).exists() and not resume and TUNE_DIR in replaces:
+        if not force:
+            raise InputError(f"experiment dir {exp_dir} already holds a sweep; pass --force to replace it or "
+                             "--set name=<new name>")
+        for old in replaces:
+            shutil.rmtree(exp_dir / old, ignore_errors=True)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    write_json(exp_dir / CONFIG_FILE, to_dict(cfg))
+    return exp_dir
+
+
+def prepare_and_measure(cfg: ExperimentConfig, exp_dir: Path, console: Console) -> tuple[Manifest, dict[str, Any]]:
+    """Fetch, tokenise and pack (cached), then score the base model on the held-out sets trials will use."""
+    with console.status("Preparing model and data (cached after the first run)"):
+        manifest = prepare_experiment(cfg)
+    manifest.save(exp_dir)
+    print_data(console, manifest)
+    with console.status("Measuring the base model on the held-out sets"):
+        base = measure_base(cfg, manifest, exp_dir)
+    print_base(console, base)
+    return manifest, base
+
+
+def run_tuner(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console, *, loggers: list,
+              resume: bool = False, verbose: bool = False) -> None:
+    """The Tune sweep on local Ray or the cluster in RAY_ADDRESS, with the live view; returns when it ends."""
+    with ray_session():
+        concurrency = trial_concurrency(cfg, ray.cluster_resources())
+        console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
+                      f"hyperparameter(s), {concurrency} trial(s) at a time, scheduler {cfg.search.scheduler}")
+        # The live table needs the terminal to itself: with --verbose Ray prints there too, so plain lines instead.
+        progress = SweepProgress(console, metric=cfg.search.metric, mode=cfg.search.mode,
+                                 max_reports=max_reports(cfg), concurrency=concurrency, live=not verbose)
+        tuner = (restore_tuner(cfg, manifest, exp_dir) if resume
+                 else build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose))
+        try:
+            with ray_logs_to(exp_dir / RAY_OUTPUT_LOG, echo=verbose):
+                tuner.fit()
+        finally:
+            progress.close()
+
+
+def finish(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, export: bool = True,
+           force: bool = False) -> Summary:
+    """Select, export (and verify) the winner, draw the plots, print the table and winner panel, save
+    summary.json."""
+    summary = analyze(exp_dir, cfg, export=export, force=force)
+    print_summary(console, summary)
+    if cfg.report.plots:
+        try:
+            summary.plots = [str(p) for p in write_plots(exp_dir, summary)]
+            console.print(f"Plots: {', '.join(Path(p).name for p in summary.plots)} in {exp_dir / 'plots'}")
+        except Exception as err:  # a figure is not worth losing the summary and export over
+            console.print(f"[yellow]Plots failed[/] ({type(err).__name__}: {err}); the summary and export are kept")
+    return summary
+
+
+def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None = None, verbose: bool = False,
+          resume: bool = False) -> Summary:
+    """The whole job. `verbose` also shows Ray Tune's own tables and logs (always in <exp>/ray_output.log);
+    `resume` continues an interrupted sweep in cfg's experiment dir: finished trials are kept, unfinished ones
+    resume from their latest checkpoint."""
+    console = console or make_console()
+    started = time.perf_counter()
+    loggers = logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
+    exp_dir = open_experiment(cfg, force=force, resume=resume)
+    manifest, _ = prepare_and_measure(cfg, exp_dir, console)
+    run_tuner(cfg, manifest, exp_dir, console, loggers=loggers, resume=resume, verbose=verbose)
+    already_exported = resume and (exp_dir / EXPORT_DIR / CARD_FILE).exists()
+    if already_exported:
+        console.print(f"The sweep had already exported its winner to {exp_dir / EXPORT_DIR}; re-analysing only")
+    summary = finish(cfg, exp_dir, console, export=not already_exported)
+    summary.wall_time_s = time.perf_counter() - started
+    summary.save()
+    tensorboard = f"; tensorboard --logdir {exp_dir / TUNE_DIR}" if "tensorboard" in cfg.report.loggers else ""
+    console.print(f"Sweep wall time: {summary.wall_time_s:.0f} s; results in {exp_dir} "
+                  f"({summary.experiment_dir_bytes / 2**30:.1f} GiB on disk; Ray's own output in "
+                  f"{RAY_OUTPUT_LOG}{tensorboard})")
+    return summary
+
+
+TRAIN_DIR = "train"
+"""`raycpt train`'s Ray Train run, inside the experiment dir."""
+
+
+def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
+    """`raycpt train`: one trial's loop on Ray Train with resources.num_workers workers (no Tune). A run of the same
+    name resumes from its latest checkpoint. Returns the last metrics."""
+    exp_dir = open_experiment(cfg, replaces=())
+    manifest, _ = prepare_and_measure(cfg, exp_dir, console)
+    if (exp_dir / TRAIN_DIR / "run").exists():
+        # Ray Train restores a run of the same name from its latest checkpoint: say so instead of surprising
+        console.print(f"[yellow]resuming[/] the run in {exp_dir / TRAIN_DIR / 'run'} from its latest checkpoint "
+                      "(remove that dir or --set name=<new> to start fresh)")
+    with ray_session():
+        trial_concurrency(cfg, ray.cluster_resources())  # fails early when the trial cannot fit
+        result = build_trainer(cfg, manifest, storage_path=exp_dir / TRAIN_DIR, name="run").fit()
+    metrics = dict(result.metrics or {})
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    return metrics
