@@ -3,8 +3,8 @@
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py --sources packaged:rotten-tomatoes --repeats 3
 
-Every side starts from the same `datasets.Dataset` of documents (`raycpt.data.load_documents`) and the same
-fast tokenizer (`raycpt.models.load_tokenizer`), with datasets' caching disabled so each timed map tokenises for
+Every side starts from the same `datasets.Dataset` of documents (`raycpt.core.data.load_documents`) and the same
+fast tokenizer (`raycpt.core.models.load_tokenizer`), with datasets' caching disabled so each timed map tokenises for
 real. Sides:
 - run_clm:  transformers' examples/pytorch/language-modeling/run_clm.py: `tokenizer(texts)` in a batched map,
             then `group_texts` in a second batched map (1,000 documents per batch, each batch's remainder dropped).
@@ -17,7 +17,7 @@ Sides alternate for `--repeats` rounds and each side's best time counts: the mac
 the best run is the least disturbed one. The time ratio is the fair comparison (same documents in); tokens/s
 counts the tokens kept in blocks (raycpt's stream also holds one EOS per document, run_clm's does not).
 
-Last, `raycpt.data.prepare_corpus` runs twice on a fresh cache (datasets' caching on, as in real use): the first
+Last, `raycpt.core.data.prepare_corpus` runs twice on a fresh cache (datasets' caching on, as in real use): the first
 call reads, splits, tokenises and packs; the second must be served from the packed-block cache.
 """
 
@@ -61,8 +61,8 @@ def run_clm_blocks(documents, tokenizer, block_size: int):
 
 def reference_blocks(documents, tokenizer, block_size: int) -> np.ndarray:
     """The blocks raycpt must produce: `tokenizer(texts)` (the reference encoder) + EOS per document, packed."""
-    from raycpt.data import pack_blocks
-    from raycpt.tokenize import reference_encoder, to_rows
+    from raycpt.core.data import pack_blocks
+    from raycpt.core.tokenize import reference_encoder, to_rows
 
     encode, texts, parts = reference_encoder(tokenizer), list(documents[:]["text"]), []
     for start in range(0, len(texts), 1000):
@@ -102,8 +102,8 @@ def time_sides(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, t
 def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, repeats: int) -> None:
     import datasets
 
-    from raycpt.data import load_documents, pack_blocks, tokenize_documents
-    from raycpt.tokenize import TiktokenBPE
+    from raycpt.core.data import load_documents, pack_blocks, tokenize_documents
+    from raycpt.core.tokenize import TiktokenBPE
 
     # raycpt builds its tiktoken encoder once per tokenizer and process (cached): the timed rounds reuse it, so its
     # one-time cost is measured here and added back in the ratio line.
@@ -161,8 +161,8 @@ def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, re
 
 def compare_prepare_cache(sources: list[str], tokenizer, block_size: int) -> None:
     """prepare_corpus twice on a fresh cache: the first call does the work, the second reads the cached blocks."""
-    from raycpt.data import prepare_corpus
-    from raycpt.packaged import cache_dir
+    from raycpt.core.data import prepare_corpus
+    from raycpt.core.packaged import cache_dir
 
     source_cache = cache_dir()
     with tempfile.TemporaryDirectory(prefix="raycpt-bench-cache-") as fresh:
@@ -207,7 +207,7 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    from raycpt.models import load_tokenizer
+    from raycpt.core.models import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(args.model)

@@ -1,12 +1,15 @@
-"""raycpt's core loop (`raycpt.train.train`) vs `transformers.Trainer`: same model, data, batch, steps, lr schedule.
+"""raycpt's core loop (`raycpt.core.train.train`) vs `transformers.Trainer`: same model, data, batch, steps and
+lr schedule.
 
 CPU (this machine; packaged models on the packed Rotten Tomatoes + news blocks that `prepare_experiment` caches):
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_loop.py                        # tiny-gpt2, then SmolLM2-135M
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_loop.py --model tiny-gpt2 --steps 40 --rounds 2
     python benchmarks/bench_loop.py --device cpu --model gpt2-124m --tiny --steps 2   # checks the GPU path on CPU
 GPU (no Ray, no datasets needed; random-init models on random tokens, bf16 autocast, MFU against --peak-tflops):
-    python benchmarks/bench_loop.py --device cuda --model gpt2-124m llama-1.1b
-    python benchmarks/bench_loop.py --device cuda --model gpt2-124m --compile
+    python benchmarks/bench_loop.py --device cuda --model gpt2-124m llama-1.1b llama-3.2-1b
+    python benchmarks/bench_loop.py --device cuda --model gpt2-124m --compile --loss-impl chunked
+`--loss-impl` sets raycpt's `train.loss_impl` (the Trainer always computes HF's loss over full logits);
+llama-3.2-1b is Llama-3.2-1B's shape (128,256-token vocabulary, tied embeddings), random init.
 
 What is timed, identically on both sides: a global `torch.optim` step post-hook stamps the end of every optimizer
 step; the window runs from the end of step `--warmup` to the end of the last step, so it holds exactly
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import tempfile
 import time
@@ -43,12 +47,16 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from raycpt.core.data import PreparedCorpus
+from raycpt.core.prepare import Manifest
+
 PACKAGED = {"tiny-gpt2": "packaged:tiny-gpt2", "smollm2-135m": "packaged:smollm2-135m"}
-SYNTHETIC = ("gpt2-124m", "llama-1.1b")
+SYNTHETIC = ("gpt2-124m", "llama-1.1b", "llama-3.2-1b")
 # Per model: (steps, warmup, batch_size, block_size, lr). Packaged ones follow smoke.yaml / laptop.yaml; the GPU
 # ones follow nanoGPT's GPT-2 124M (batch 16 x 1024) and TinyLlama 1.1B (batch 8 x 2048).
 DEFAULTS = {"tiny-gpt2": (30, 5, 4, 128, 3e-3), "smollm2-135m": (8, 2, 4, 128, 2e-4),
-            "gpt2-124m": (30, 10, 16, 1024, 6e-4), "llama-1.1b": (20, 5, 8, 2048, 4e-4)}
+            "gpt2-124m": (30, 10, 16, 1024, 6e-4), "llama-1.1b": (20, 5, 8, 2048, 4e-4),
+            "llama-3.2-1b": (20, 5, 8, 2048, 4e-4)}
 TINY_SHAPE = (4, 64)  # --tiny: batch x block for the synthetic models, so the GPU path runs on a CPU in seconds
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM
 
@@ -61,25 +69,16 @@ def synthetic_config(name: str, tiny: bool):
         size = dict(n_layer=2, n_embd=64, n_head=2) if tiny else dict(n_layer=12, n_embd=768, n_head=12)
         return GPT2Config(vocab_size=50304, n_positions=1024, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=True, **size)
-    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128) if tiny else
-            dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 intermediate_size=5632))
+    tiny_size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128)
+    if name == "llama-3.2-1b":  # Llama-3.2-1B's shape: the 128k vocabulary is the point, so --tiny keeps it
+        size = tiny_size if tiny else dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                           num_key_value_heads=8, intermediate_size=8192)
+        return LlamaConfig(vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True,
+                           rope_theta=500000.0, **size)
+    size = tiny_size if tiny else dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                                       num_key_value_heads=4, intermediate_size=5632)
     return LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False, **size)
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """nanoGPT's estimate: 6*N + 12*L*H*Q*T (N = parameters without position embeddings, Q = head dim)."""
-    config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    position_embeddings = getattr(getattr(model, "transformer", None), "wpe", None)
-    if position_embeddings is not None:
-        params -= position_embeddings.weight.numel()
-    layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
-    return 6 * params + 12 * layers * heads * head_dim * seq_len
-
 
 class TimingDone(Exception):
     """Raised after the last timed step to skip raycpt's final eval and checkpoint (GBs for a 1.1B model)."""
@@ -138,7 +137,7 @@ class Workload:
     name: str
     source: str  # model dir or packaged source
     corpora: tuple[str, str] | None  # (domain, general) packaged corpora, or None for random tokens
-    data: dict[str, Any]  # raycpt data manifest
+    data: Any  # raycpt's data manifest (raycpt.core.prepare.Manifest)
     steps: int
     warmup: int
     batch_size: int
@@ -150,9 +149,10 @@ class Workload:
     seq_len: int
     scratch: Path
     skip_final_eval: bool
+    loss_impl: str = "hf"
 
     def raycpt_config(self):
-        from raycpt.config import config_from_dict
+        from raycpt.core.config import config_from_dict
 
         domain, general = self.corpora or ("random-tokens", "")
         return config_from_dict({
@@ -163,7 +163,8 @@ class Workload:
             # eval_every = steps: the only eval and checkpoint come after the last step, outside the timed window
             "train": {"lr": self.lr, "warmup_steps": min(2, self.steps), "steps": self.steps,
                       "batch_size": self.batch_size, "eval_every": self.steps, "mix_ratio": 0.8 if general else 1.0,
-                      "precision": self.precision, "compile": self.compile, "dropout": 0.0},
+                      "precision": self.precision, "compile": self.compile, "dropout": 0.0,
+                      "loss_impl": self.loss_impl},
             "resources": {"num_workers": 1, "cpus_per_worker": 1, "use_gpu": self.device == "cuda"},
         })
 
@@ -178,9 +179,10 @@ def prepare_workload(name: str, args: argparse.Namespace, scratch: Path) -> Work
     precision = "bf16" if args.device == "cuda" else "fp32"
     common = dict(steps=steps, warmup=warmup, batch_size=batch_size, block_size=block_size, lr=lr,
                   device=args.device, precision=precision, compile=args.compile, seq_len=block_size, scratch=scratch,
-                  skip_final_eval=args.skip_final_eval if args.skip_final_eval is not None else args.device == "cuda")
+                  skip_final_eval=args.skip_final_eval if args.skip_final_eval is not None else args.device == "cuda",
+                  loss_impl=args.loss_impl)
     if name in PACKAGED:
-        from raycpt.prepare import prepare_experiment
+        from raycpt.core.prepare import prepare_experiment
 
         workload = Workload(name=name, source=PACKAGED[name], corpora=("packaged:rotten-tomatoes", "packaged:news"),
                             data={}, **common)
@@ -196,23 +198,26 @@ def prepare_workload(name: str, args: argparse.Namespace, scratch: Path) -> Work
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     paths = {}
-    for part, n_blocks in (("train", steps * batch_size), ("heldout", batch_size)):
+    for part, n_blocks in (("train", steps * batch_size), ("heldout", batch_size), ("test", batch_size)):
         paths[part] = str(scratch / f"{name}-{part}.npy")
         np.save(paths[part], rng.integers(0, config.vocab_size, (n_blocks, block_size), dtype=np.int32))
-    data = {"domain": {"train": paths["train"], "heldout": paths["heldout"]}, "general": None, "task": None}
+    corpus = PreparedCorpus(train=paths["train"], heldout=paths["heldout"], test=paths["test"], documents=0,
+                            removed_for_leakage=0, train_tokens=steps * batch_size * block_size,
+                            heldout_tokens=batch_size * block_size, test_tokens=batch_size * block_size)
+    data = Manifest(str(model_dir), "random", block_size, corpus, None, None)
     return Workload(name=name, source=str(model_dir), corpora=None, data=data, **common)
 
 
 def planned_blocks(workload: Workload) -> np.ndarray:
     """The blocks raycpt's loop draws, in its order (one worker), so the Trainer sees exactly the same data."""
-    from raycpt.data import load_blocks, mixture_plan, worker_positions
+    from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
 
     cfg = workload.raycpt_config()
     t = cfg.train
-    domain = load_blocks(workload.data["domain"]["train"])
-    general = load_blocks(workload.data["general"]["train"]) if workload.data.get("general") else domain[:0]
-    is_domain, index = mixture_plan(t.steps * t.batch_size, t.mix_ratio, len(domain), len(general),
-                                    seed=cfg.data.seed * 1_000_003 + t.seed, window=t.batch_size)
+    domain = load_blocks(workload.data.domain.train)
+    general = load_blocks(workload.data.general.train) if workload.data.general else domain[:0]
+    is_domain, index = mixture_plan(t.steps * t.global_batch(), t.mix_ratio, len(domain), len(general),
+                                    seed=mixture_seed(cfg.data.seed, t.seed), window=t.global_batch())
     rows = []
     for step in range(t.steps):
         pos = worker_positions(step, 0, rank=0, world_size=1, batch_size=t.batch_size, grad_accum=1)
@@ -223,7 +228,7 @@ def planned_blocks(workload: Workload) -> np.ndarray:
 
 def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
                             ) -> torch.optim.Optimizer:
-    """raycpt.train.build_optimizer as it was before fused AdamW on CPU: torch's default kernel there."""
+    """raycpt.core.train.build_optimizer as it was before fused AdamW on CPU: torch's default kernel there."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -233,8 +238,8 @@ def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: flo
 def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float]:
     """optimizer.step() alone, raycpt's AdamW vs the unfused one on the same parameters and gradients,
     interleaved `reps` times: a whole step is too noisy on a shared machine to resolve a ~0.5 s difference."""
-    from raycpt.models import load_model
-    from raycpt.train import build_optimizer
+    from raycpt.core.models import load_model
+    from raycpt.core.train import build_optimizer
 
     model = load_model(workload.source)
     generator = torch.Generator().manual_seed(0)
@@ -257,16 +262,16 @@ def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float
 def run_raycpt(workload: Workload, unfused: bool = False) -> dict[str, float]:
     from unittest import mock
 
-    import raycpt.train
-    from raycpt.train import train
+    import raycpt.core.train
+    from raycpt.core.train import train
 
     cfg = workload.raycpt_config()
     clock = StepClock(stop_after=workload.steps if workload.skip_final_eval else 0)
     reports: list[dict[str, Any]] = [{}]
-    optimizer = build_optimizer_unfused if unfused else raycpt.train.build_optimizer
+    optimizer = build_optimizer_unfused if unfused else raycpt.core.train.build_optimizer
     try:
         with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints, \
-                mock.patch.object(raycpt.train, "build_optimizer", optimizer):
+                mock.patch.object(raycpt.core.train, "build_optimizer", optimizer):
             train(cfg, workload.data, lambda metrics, checkpoint: reports.append(metrics),
                   checkpoint_root=checkpoints, device=workload.device,
                   wrap_model=clock.watch_forward if workload.warmup == 0 else (lambda m: m))
@@ -282,7 +287,7 @@ def run_raycpt(workload: Workload, unfused: bool = False) -> dict[str, float]:
 def run_trainer(workload: Workload) -> dict[str, float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from raycpt.models import apply_dropout, load_model
+    from raycpt.core.models import apply_dropout, load_model
 
     blocks = torch.from_numpy(planned_blocks(workload))
 
@@ -373,12 +378,18 @@ def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_
     if workload.device == "cuda":
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from raycpt.core.train import flops_per_token  # the formula raycpt logs as perf/mfu
+
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workload.source))
         flops = flops_per_token(model, workload.seq_len)
         for side, tokens_per_s in best.items():
+            peak_gib = min(r["peak_gib"] for r in results[side])
             print(f"MFU {side}: {100 * tokens_per_s * flops / (peak_tflops * 1e12):.1f}% "
-                  f"({flops / 1e9:.2f} GFLOP/token, peak {peak_tflops:g} TFLOP/s)")
+                  f"({flops / 1e9:.2f} GFLOP/token, peak {peak_tflops:g} TFLOP/s); peak memory {peak_gib:.1f} GiB")
+        memory = {side: min(r["peak_gib"] for r in results[side]) for side in best}
+        print(f"peak memory {workload.name}: raycpt {memory['raycpt']:.1f} GiB vs Trainer {memory['trainer']:.1f} GiB "
+              f"({100 * (1 - memory['raycpt'] / memory['trainer']):+.0f}% less)")
     return ratio
 
 
@@ -400,6 +411,8 @@ def main() -> None:
     parser.add_argument("--unfused", action=argparse.BooleanOptionalAction, default=True,
                         help="also run raycpt with torch's default (unfused) AdamW kernel (CPU only)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_TFLOPS)
+    parser.add_argument("--loss-impl", default="hf", choices=["auto", "hf", "chunked", "liger"],
+                        help="raycpt's train.loss_impl (the Trainer always uses HF's loss)")
     args = parser.parse_args()
     if args.device == "cuda" and any(m in PACKAGED for m in args.model):
         parser.error("--device cuda takes the synthetic models (gpt2-124m, llama-1.1b): the packaged ones need "
@@ -423,7 +436,12 @@ def main() -> None:
                 # A B C, then C B A: a drift in the machine's load hits every side alike
                 order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
                 for side in order:
-                    results[side].append(sides[side](workload))
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    run = sides[side](workload)
+                    run["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else math.nan
+                    results[side].append(run)
                     gc.collect()
             optimizer_step = compare_optimizer_step(workload) if "unfused" in sides else None
             ratios[name] = report(workload, results, args.peak_tflops, optimizer_step)

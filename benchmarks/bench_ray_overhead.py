@@ -7,17 +7,17 @@ the time its loops train.
 
 The workload is experiments/smoke.yaml (tiny GPT-2, Rotten Tomatoes + news, probe F1 at the end), `--steps`
 steps with `eval_every` = half of them, so each trial reports twice. Three measurements, back to back:
-1. In-process (no Ray): `raycpt.train.train` called directly with the worker's thread count; stamps the call, the
+1. In-process (no Ray): `raycpt.core.train.train` called directly with the worker's thread count; stamps the call, the
    first forward and the first optimizer step (global torch.optim hook), each report, and the return.
 2. One trial through Ray: `ray.init(num_cpus=2, include_dashboard=True)`, then
-   `raycpt.distributed.build_trainer(...).fit()`; a Ray Train UserCallback on the controller stamps each report's
+   `raycpt.edge.worker.build_trainer(...).fit()`; a Ray Train UserCallback on the controller stamps each report's
    arrival (same machine, same wall clock). The worker's first step cannot be stamped from outside without
    changing raycpt, so Ray's start cost is taken by difference, on the same config:
        start overhead = (fit() -> 1st report - loop time in it) - (train() -> 1st report - loop time in it)
    where "loop time" is the `time/train_s` the report itself carries. What remains is what Ray adds before the
    first report: controller + worker group start, imports in the worker, and persisting the first checkpoint.
    fit() -> first optimizer step is then estimated as start overhead + in-process train() -> first step.
-3. A small sweep (`raycpt.sweep.build_tuner`, the smoke search space, ASHA, one trial at a time): wall time of
+3. A small sweep (`raycpt.edge.tune.build_tuner`, the smoke search space, ASHA, one trial at a time): wall time of
    `tuner.fit()` against the sum over trials of their last `time/train_s` (the loop's own training time). Its
    trials have one worker, so they run the loop in the Tune trial itself (no TorchTrainer, the sweep's default
    path): their non-loop time minus the in-process call's is that path's Ray extra, plus Tune's own per-trial cost.
@@ -46,7 +46,7 @@ LAPTOP_TRIAL_STEPS = 12  # a finished trial of experiments/laptop.yaml (train.st
 
 
 def smoke_config(steps: int, storage: str):
-    from raycpt.config import load_config
+    from raycpt.core.config import load_config
 
     return load_config(Path(__file__).resolve().parent.parent / "experiments" / "smoke.yaml",
                        {"storage_path": storage, "name": "bench-ray-overhead", "train.steps": steps,
@@ -58,7 +58,7 @@ def run_in_process(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from raycpt.train import train
+    from raycpt.core.train import train
 
     stamps: dict[str, Any] = {"step_ends": [], "reports": [], "first_forward": None}
 
@@ -102,7 +102,7 @@ def report_clock_callback(path: str):
 
 
 def run_one_trial(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]:
-    from raycpt.distributed import build_trainer
+    from raycpt.edge.worker import build_trainer
 
     clock_file = os.path.join(scratch, "report_clock.jsonl")
     trainer = build_trainer(cfg, manifest, storage_path=os.path.join(scratch, "trials"), name="one_trial",
@@ -118,7 +118,7 @@ def run_one_trial(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]
 def run_sweep(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]:
     import ray
 
-    from raycpt.sweep import build_tuner, trial_concurrency
+    from raycpt.edge.tune import build_tuner, trial_concurrency
 
     exp_dir = Path(scratch) / "sweep"
     exp_dir.mkdir()
@@ -160,7 +160,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from raycpt.prepare import prepare_experiment
+    from raycpt.core.prepare import prepare_experiment
 
     print(f"ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{os.cpu_count()} CPUs")

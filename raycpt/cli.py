@@ -16,12 +16,14 @@ import yaml
 from raycpt import __version__
 from raycpt.core import metrics
 from raycpt.core.config import load_config, load_saved_config, to_dict
-from raycpt.core.errors import InputError
+from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.prepare import preflight, prepare_experiment
 from raycpt.core.train import run_local
 from raycpt.results.format import fixed, make_console
+from raycpt.results.plots import write_plots
 from raycpt.results.render import print_data, print_summary, report_command
-from raycpt.results.summary import analyze
+from raycpt.results.suggest import write_suggestions
+from raycpt.results.summary import SUMMARY_FILE, analyze, keep_earlier
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -56,10 +58,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Re-apply the selection rule to a finished or interrupted sweep (no retraining); --export re-exports."""
+    """Re-apply the selection rule to a finished or interrupted sweep (no retraining), e.g. with --set
+    select.max_forgetting=0.05; --export re-exports. Writes summary.json and plots/ anew and keeps the earlier ones
+    as summary-<time>.json and plots-<time>/. --suggest also writes final.yaml (one run at law.target_tokens with
+    the mixing law's best mix, for `raycpt train`) and next.yaml (the sweep narrowed around it, for `raycpt sweep`)."""
     exp_dir = Path(args.experiment_dir)
-    summary = analyze(exp_dir, load_saved_config(exp_dir, args.set), export=args.export, force=args.force)
-    print_summary(make_console(), summary)
+    cfg = load_saved_config(exp_dir, args.set)
+    summary = analyze(exp_dir, cfg, export=args.export, force=args.force)
+    console = make_console()
+    print_summary(console, summary)
+    kept = keep_earlier(exp_dir)
+    if cfg.report.plots:
+        try:
+            summary.plots = [str(p) for p in write_plots(exp_dir, summary, to_dict(cfg)["select"])]
+        except Exception as err:  # a figure is not worth losing the summary over
+            console.print(f"[yellow]Plots failed[/] ({type(err).__name__}: {err}); the summary is kept")
+    summary.save()
+    console.print(f"Wrote {SUMMARY_FILE}" + (" and plots/" if summary.plots else "") + f" in {exp_dir}"
+                  + (f"; the earlier ones are kept as {', '.join(p.name for p in kept)}" if kept else ""))
+    if args.suggest:
+        final, nxt = write_suggestions(exp_dir, cfg, summary)
+        console.print(f"Wrote {final} (raycpt train {final}) and {nxt} (raycpt sweep {nxt})")
     return 0 if summary.winner is not None else 1
 
 
@@ -115,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", help="experiment YAML, e.g. experiments/laptop.yaml")
         if name == "analyze":
             p.add_argument("--export", action="store_true", help="export the winner (again)")
+            p.add_argument("--suggest", action="store_true", help="write final.yaml (one run at law.target_tokens at "
+                           "the mixing law's best mix) and next.yaml (the sweep narrowed around it) into the dir")
         if name == "report":
             p.add_argument("--format", choices=["table", "json", "markdown"], default="table",
                            help="json: stable keys, see raycpt.results.render.REPORT_SCHEMA; markdown: for "
@@ -147,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split("\n"))
         print(f"raycpt: error: {message}", file=sys.stderr)
         return 2
+    except ExportCheckError as err:
+        print(f"raycpt: export check failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raycpt: interrupted; finished results stay in the experiment dir", file=sys.stderr)
         return 130

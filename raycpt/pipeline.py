@@ -1,5 +1,5 @@
-"""The job as a short pipeline: open the experiment -> prepare the data and measure the base model -> run the tuner
--> analyse, export, plot and print. `raycpt sweep` runs it all; `raycpt train` shares the first two steps and runs
+"""The job as a short pipeline: open the experiment -> prepare the data -> measure the base model -> run the tuner ->
+analyse, export, plot and print. `raycpt sweep` runs it all; `raycpt train` shares the first three steps and runs
 one trial on Ray Train instead of the tuner."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from raycpt.edge.callbacks import SweepProgress
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
 from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
-from raycpt.edge.worker import build_trainer
+from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
 from raycpt.results.export import CARD_FILE, EXPORT_DIR
 from raycpt.results.format import make_console
 from raycpt.results.plots import write_plots
@@ -47,35 +47,42 @@ def open_experiment(cfg: ExperimentConfig, *, force: bool = False, resume: bool 
     return exp_dir
 
 
-def prepare_and_measure(cfg: ExperimentConfig, exp_dir: Path, console: Console) -> tuple[Manifest, dict[str, Any]]:
-    """Fetch, tokenise and pack (cached), then score the base model on the held-out sets trials will use."""
+def prepare(cfg: ExperimentConfig, exp_dir: Path, console: Console) -> Manifest:
+    """Fetch, tokenise and pack (cached); no Ray yet, so bad inputs fail before it starts."""
     with console.status("Preparing model and data (cached after the first run)"):
         manifest = prepare_experiment(cfg)
     manifest.save(exp_dir)
     print_data(console, manifest)
+    return manifest
+
+
+def measure(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console) -> dict[str, Any]:
+    """Score the base model on the held-out sets trials will use, on the trials' device and in their precision:
+    here on CPU, as a Ray task on a trial's GPU when trials use GPUs (so call it inside `ray_session`)."""
     with console.status("Measuring the base model on the held-out sets"):
-        base = measure_base(cfg, manifest, exp_dir)
+        measure_on = measure_base_on_trial_resources if cfg.resources.use_gpu else measure_base
+        base = measure_on(cfg, manifest, exp_dir)
     print_base(console, base)
-    return manifest, base
+    return base
 
 
 def run_tuner(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console, *, loggers: list,
               resume: bool = False, verbose: bool = False) -> None:
-    """The Tune sweep on local Ray or the cluster in RAY_ADDRESS, with the live view; returns when it ends."""
-    with ray_session():
-        concurrency = trial_concurrency(cfg, ray.cluster_resources())
-        console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
-                      f"hyperparameter(s), {concurrency} trial(s) at a time, scheduler {cfg.search.scheduler}")
-        # The live table needs the terminal to itself: with --verbose Ray prints there too, so plain lines instead.
-        progress = SweepProgress(console, metric=cfg.search.metric, mode=cfg.search.mode,
-                                 max_reports=max_reports(cfg), concurrency=concurrency, live=not verbose)
-        tuner = (restore_tuner(cfg, manifest, exp_dir) if resume
-                 else build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose))
-        try:
-            with ray_logs_to(exp_dir / RAY_OUTPUT_LOG, echo=verbose):
-                tuner.fit()
-        finally:
-            progress.close()
+    """The Tune sweep (inside `ray_session`), with the live view; returns when it ends."""
+    concurrency = trial_concurrency(cfg, ray.cluster_resources())
+    console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
+                  f"hyperparameter(s), {concurrency} trial(s) at a time, search {cfg.search.algorithm}, "
+                  f"scheduler {cfg.search.scheduler}")
+    # The live table needs the terminal to itself: with --verbose Ray prints there too, so plain lines instead.
+    progress = SweepProgress(console, metric=cfg.search.metric, mode=cfg.search.mode,
+                             max_reports=max_reports(cfg), concurrency=concurrency, live=not verbose)
+    tuner = (restore_tuner(cfg, manifest, exp_dir) if resume
+             else build_tuner(cfg, manifest, exp_dir, concurrency, [progress, *loggers], verbose=verbose))
+    try:
+        with ray_logs_to(exp_dir / RAY_OUTPUT_LOG, echo=verbose):
+            tuner.fit()
+    finally:
+        progress.close()
 
 
 def finish(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, export: bool = True,
@@ -102,8 +109,10 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     started = time.perf_counter()
     loggers = logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
     exp_dir = open_experiment(cfg, force=force, resume=resume)
-    manifest, _ = prepare_and_measure(cfg, exp_dir, console)
-    run_tuner(cfg, manifest, exp_dir, console, loggers=loggers, resume=resume, verbose=verbose)
+    manifest = prepare(cfg, exp_dir, console)
+    with ray_session():
+        measure(cfg, manifest, exp_dir, console)
+        run_tuner(cfg, manifest, exp_dir, console, loggers=loggers, resume=resume, verbose=verbose)
     already_exported = resume and (exp_dir / EXPORT_DIR / CARD_FILE).exists()
     if already_exported:
         console.print(f"The sweep had already exported its winner to {exp_dir / EXPORT_DIR}; re-analysing only")
@@ -125,12 +134,13 @@ def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
     """`raycpt train`: one trial's loop on Ray Train with resources.num_workers workers (no Tune). A run of the same
     name resumes from its latest checkpoint. Returns the last metrics."""
     exp_dir = open_experiment(cfg, replaces=())
-    manifest, _ = prepare_and_measure(cfg, exp_dir, console)
     if (exp_dir / TRAIN_DIR / "run").exists():
         # Ray Train restores a run of the same name from its latest checkpoint: say so instead of surprising
         console.print(f"[yellow]resuming[/] the run in {exp_dir / TRAIN_DIR / 'run'} from its latest checkpoint "
                       "(remove that dir or --set name=<new> to start fresh)")
+    manifest = prepare(cfg, exp_dir, console)
     with ray_session():
+        measure(cfg, manifest, exp_dir, console)
         trial_concurrency(cfg, ray.cluster_resources())  # fails early when the trial cannot fit
         result = build_trainer(cfg, manifest, storage_path=exp_dir / TRAIN_DIR, name="run").fit()
     metrics = dict(result.metrics or {})

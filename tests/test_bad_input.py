@@ -22,7 +22,8 @@ def inputs(tmp_path, tiny_gpt2_dir):
     base = {"name": "bad", "storage_path": str(tmp_path / "runs"), "model": {"source": tiny_gpt2_dir},
             "data": {"domain": str(domain), "general": str(general), "block_size": 16, "heldout_blocks": 2},
             "train": {"steps": 2, "eval_every": 1},
-            "eval": {"task": str(task), "label_field": "label", "train_size": 20, "test_size": 10},
+            "eval": {"task": str(task), "label_field": "label", "train_size": 20, "val_size": 10,
+                     "test_size": 10},
             "search": {"space": {"train.lr": {"loguniform": [1e-4, 1e-3]}}, "num_samples": 1}}
     return tmp_path, base
 
@@ -66,6 +67,18 @@ CASES = [
      "need 0 < low < high"),
     ("not sweepable", lambda t, c: _set(c, "search", {"space": {"model.source": {"choice": ["a"]}}}),
      "search.space.model.source: not a sweepable field"),
+    # every value a distribution can produce passes the field's own checks, alone and in the worst combination
+    ("space choice lr negative", lambda t, c: _set(c, "search", {"space": {"train.lr": {"choice": [-1e-4, 3e-4]}}}),
+     "search.space.train.lr: choice value -0.0001 is out of range, must be > 0 and <= 1"),
+    ("space choice steps zero", lambda t, c: _set(c, "search", {"space": {"train.steps": {"choice": [0, 8]}}}),
+     "search.space.train.steps: choice value 0 is out of range, must be >= 1"),
+    ("space uniform end", lambda t, c: _set(c, "search", {"space": {"train.mix_ratio": {"uniform": [0.6, 1.5]}}}),
+     "search.space.train.mix_ratio: uniform value 1.5 is out of range, must be >= 0 and <= 1"),
+    ("space warmup over steps", lambda t, c: _set(c, "search", {"space": {"train.warmup_steps": {"grid": [1, 5]}}}),
+     "search.space.train.warmup_steps: grid value 5 is more than train.steps=2"),
+    ("space worst combination", lambda t, c: _set(_set(c, "train", {"steps": 8, "warmup_steps": 1}), "search", {
+        "space": {"train.steps": {"choice": [2, 8]}, "train.warmup_steps": {"choice": [1, 4]}}}),
+     "search.space.train.warmup_steps: choice value 4 is more than train.steps=2"),
     ("yaml syntax", lambda t, c: "data:\n  domain: a.txt\ntrain: [unclosed\n", "YAML syntax error"),
     ("top level list", lambda t, c: "- a\n- b\n", "expected a mapping of sections"),
     ("no replay data", lambda t, c: _set(_set(c, "data.general", ""), "train.mix_ratio", 0.5),
@@ -83,8 +96,11 @@ CASES = [
     ("one class", lambda t, c: _set(c, "eval.task", str(write_jsonl(t / "one.jsonl", [f"x {i}" for i in range(40)],
                                                                     label=["a"] * 40))), "at least 2 classes"),
     ("missing label field", lambda t, c: _set(c, "eval.label_field", "sentiment"), "no label field 'sentiment'"),
-    ("test overlaps train", lambda t, c: _set(c, "eval.test_task", str(write_jsonl(
-        t / "test.jsonl", ["Labelled review 3", "other"], label=["pos", "neg"]))), "also appear in the train split"),
+    ("block size swept", lambda t, c: _set(c, "search.space", {"data.block_size": {"choice": [32, 64]}}),
+     "search.space.data.block_size: not sweepable"),
+    ("validation split too big", lambda t, c: _set(c, "eval.val_size", 500), "eval.val_size=500"),
+    ("probe train split too big", lambda t, c: _set(c, "eval.train_size", 300),
+     "eval.train_size=300: only 40 labelled texts remain"),
     ("unknown label", lambda t, c: _set(c, "eval.labels", ["pos", "neutral"]), "eval.labels: ['neutral'] not found"),
     ("test split too big", lambda t, c: _set(c, "eval.test_size", 500), "eval.test_size=500"),
     # models

@@ -275,7 +275,8 @@ def test_smoke_sweep_submitted_to_two_node_cluster(two_node_cluster, tmp_path):
     job_id = f"raycpt-e2e-{secrets.token_hex(4)}"
     overrides = [f"storage_path={storage}", "resources.worker_resources={node_b: 1}",
                  "search.space.train.lr={grid: [3.0e-3, 2.0e-3]}", "search.space.train.mix_ratio={choice: [0.7]}",
-                 "train.steps=12", "train.eval_every=6", "eval.train_size=100", "eval.test_size=100"]
+                 "train.steps=12", "train.eval_every=6", "eval.train_size=100", "eval.val_size=100",
+                 "eval.test_size=100"]
     cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", job_id, "--no-wait",
                 "--working-dir", str(ROOT), "--", "python", "experiments/submit_sweep.py", "experiments/smoke.yaml",
                 *[arg for o in overrides for arg in ("--set", o)])

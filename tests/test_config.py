@@ -11,7 +11,7 @@ from raycpt.core.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["laptop.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["laptop.yaml", "smoke.yaml", "own-data.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(ROOT / "experiments" / name)
     assert cfg.data.domain and cfg.search.space

@@ -62,16 +62,17 @@ def test_prepare_corpus_guards_leakage_and_fixes_heldout(tmp_path, tokenizer):
     texts = [f"Review {i}: the movie was {'great' if i % 2 else 'dull'} and long." for i in range(400)]
     path = write_jsonl(tmp_path / "domain.jsonl", texts)
     leaked = ["  REVIEW 3: the movie was great and LONG. ", "Review 10: the movie was dull and long."]
-    kwargs = dict(text_field="text", block_size=16, heldout_fraction=0.1, heldout_blocks=4, max_tokens=0, seed=0,
-                  field="data.domain")
+    kwargs = dict(text_field="text", block_size=16, heldout_fraction=0.1, heldout_blocks=4, test_blocks=3,
+                  max_tokens=0, seed=0, field="data.domain")
     corpus = prepare_corpus(str(path), tokenizer, exclude_texts=leaked, **kwargs)
     assert corpus.removed_for_leakage == 2
     assert corpus.documents == 398
-    ds = load_documents(str(path))
-    remaining = {normalize_text(t) for t in ds["text"]} - {normalize_text(t) for t in leaked}
-    assert all(normalize_text(t) in remaining for t in texts if normalize_text(t) not in map(normalize_text, leaked))
-    heldout = np.load(corpus.heldout)
-    assert heldout.shape == (4, 16)
+    everything = " ".join(tokenizer.decode(np.load(p).reshape(-1).tolist())
+                          for p in (corpus.train, corpus.heldout, corpus.test))
+    assert "Review 3:" not in everything and "Review 10:" not in everything and "Review 11:" in everything
+    heldout, test = np.load(corpus.heldout), np.load(corpus.test)
+    assert heldout.shape == (4, 16) and test.shape == (3, 16)
+    assert not {tuple(b) for b in heldout} & {tuple(b) for b in test}, "validation and test blocks are distinct"
     again = prepare_corpus(str(path), tokenizer, exclude_texts=leaked, **kwargs)
     assert again == corpus  # served from the cache, same fixed held-out set
 
@@ -81,7 +82,8 @@ def test_leaked_test_texts_never_reach_training_blocks(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", texts)
     leaked = texts[:20]
     corpus = prepare_corpus(str(path), tokenizer, exclude_texts=leaked, text_field="text", block_size=8,
-                            heldout_fraction=0.1, heldout_blocks=2, max_tokens=0, seed=1, field="data.domain")
+                            heldout_fraction=0.1, heldout_blocks=2, test_blocks=2, max_tokens=0, seed=1,
+                            field="data.domain")
     stream = tokenizer.decode(np.load(corpus.train).reshape(-1).tolist())
     assert not any(t in stream for t in leaked)
 
@@ -110,23 +112,169 @@ def test_corpus_shorter_than_one_block(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "short.jsonl", ["tiny", "text"])
     with pytest.raises(InputError, match="shorter than one block"):
         prepare_corpus(str(path), tokenizer, exclude_texts=[], text_field="text", block_size=64,
-                       heldout_fraction=0.5, heldout_blocks=1, max_tokens=0, seed=0, field="data.domain")
+                       heldout_fraction=0.5, heldout_blocks=1, test_blocks=1, max_tokens=0, seed=0,
+                       field="data.domain")
 
 
-def test_task_split_and_errors(tmp_path):
-    texts = [f"text {i}" for i in range(100)]
-    labels = ["pos" if i % 2 else "neg" for i in range(100)]
+def test_task_splits_are_disjoint_deduplicated_and_errors_are_clear(tmp_path):
+    texts = [f"text {i}" for i in range(100)] + ["TEXT 5 ", "text   7"]  # two normalised duplicates
+    labels = ["pos" if i % 2 else "neg" for i in range(102)]
     path = write_jsonl(tmp_path / "task.jsonl", texts, label=labels)
-    task = load_task(str(path), text_field="text", label_field="label", labels=[], train_size=40, test_size=30,
-                     seed=0)
-    assert len(task.train_texts) == 40 and len(task.test_texts) == 30
-    assert not set(task.train_texts) & set(task.test_texts)
+    task = load_task(str(path), text_field="text", label_field="label", labels=[], train_size=40, val_size=20,
+                     test_size=30, seed=0)
+    assert (len(task.train_texts), len(task.val_texts), len(task.test_texts)) == (40, 20, 30)
+    splits = [{normalize_text(t) for t in part} for part in (task.train_texts, task.val_texts, task.test_texts)]
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert task.duplicates_removed == 2
     assert task.classes == ["neg", "pos"]
+    again = load_task(str(path), text_field="text", label_field="label", labels=[], train_size=40, val_size=20,
+                      test_size=30, seed=0)
+    assert again == task, "fixed by the seed"
+    explicit_test = write_jsonl(tmp_path / "test.jsonl", ["Text 3", "a new text"], label=["pos", "neg"])
+    with_file = load_task(str(path), text_field="text", label_field="label", labels=[], train_size=0, val_size=20,
+                          test_size=0, seed=0, test_source=str(explicit_test))
+    assert with_file.test_texts == ["Text 3", "a new text"] and with_file.duplicates_removed == 3
+    assert "text 3" not in {normalize_text(t) for t in with_file.train_texts + with_file.val_texts}
+    common = dict(text_field="text", labels=[], val_size=10, seed=0)
     with pytest.raises(InputError, match="no label field 'y'"):
-        load_task(str(path), text_field="text", label_field="y", labels=[], train_size=0, test_size=10, seed=0)
-    one_class = write_jsonl(tmp_path / "one.jsonl", texts, label=["a"] * 100)
+        load_task(str(path), label_field="y", train_size=0, test_size=10, **common)
+    one_class = write_jsonl(tmp_path / "one.jsonl", texts, label=["a"] * 102)
     with pytest.raises(InputError, match="at least 2 classes"):
-        load_task(str(one_class), text_field="text", label_field="label", labels=[], train_size=0, test_size=10,
-                  seed=0)
+        load_task(str(one_class), label_field="label", train_size=0, test_size=10, **common)
     with pytest.raises(InputError, match="eval.test_size=500"):
-        load_task(str(path), text_field="text", label_field="label", labels=[], train_size=0, test_size=500, seed=0)
+        load_task(str(path), label_field="label", train_size=0, test_size=500, **common)
+    with pytest.raises(InputError, match="eval.train_size=90: only 60"):
+        load_task(str(path), label_field="label", train_size=90, test_size=30, **common)
+
+
+def test_validation_and_test_texts_never_reach_any_prepared_block(tmp_path, tiny_gpt2_dir, tokenizer):
+    """The prepared corpus itself (decoded blocks of train, validation and test), not the source file."""
+    from raycpt.core.config import config_from_dict
+    from raycpt.core.prepare import prepare_experiment
+
+    reviews = [f"Review number {i} says the film is {'great' if i % 2 else 'dull'}." for i in range(300)]
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", reviews)
+    task_path = write_jsonl(tmp_path / "task.jsonl", reviews[:120], label=["pos" if i % 2 else "neg"
+                                                                         for i in range(120)])
+    cfg = config_from_dict({"name": "leak", "storage_path": str(tmp_path / "runs"), "model": {"source": tiny_gpt2_dir},
+                            "data": {"domain": str(corpus), "block_size": 16, "heldout_blocks": 4},
+                            "train": {"mix_ratio": 1.0},
+                            "eval": {"task": str(task_path), "train_size": 40, "val_size": 30, "test_size": 30}})
+    manifest = prepare_experiment(cfg)
+    protected = manifest.task.val_texts + manifest.task.test_texts
+    assert manifest.domain.removed_for_leakage == len(protected) == 60
+    blocks = " ".join(tokenizer.decode(np.load(p).reshape(-1).tolist())
+                      for p in (manifest.domain.train, manifest.domain.heldout, manifest.domain.test))
+    assert not [t for t in protected if t in blocks]
+    assert sum(t in blocks for t in manifest.task.train_texts) > 30  # probe-train texts may stay in CPT data
+
+
+# -- .txt corpora: what one document is ----------------------------------------------------------------------------
+
+
+def _txt_folder(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    files = {}
+    for i in range(3):  # 3 files x 2 paragraphs x 2 lines
+        text = (f"Chapter {i} opens on a quiet street.\nThe rain has stopped.\n\n"
+                f"In chapter {i} the detective returns.\nShe finds the letter.\n")
+        (folder / f"part{i}.txt").write_text(text)
+        files[i] = text
+    return folder, files
+
+
+@pytest.mark.parametrize("unit,documents", [("file", 3), ("paragraph", 6), ("line", 12)])
+def test_txt_unit_makes_one_document_per_file_by_default_and_eos_only_between_documents(tmp_path, tokenizer, unit,
+                                                                                          documents):
+    from raycpt.core.config import load_config
+
+    folder, files = _txt_folder(tmp_path)
+    cfg = load_config(None, [f"data.domain={folder}", "train.mix_ratio=1"]
+                      + ([f"data.txt_unit={unit}"] if unit != "file" else []))
+    assert cfg.data.txt_unit == unit  # "file" is the default
+    ds = load_documents(str(folder), txt_unit=cfg.data.txt_unit)
+    assert len(ds) == documents
+    stream, _ = tokenize_documents(ds, tokenizer)
+    eos = tokenizer.eos_token_id
+    assert int((stream == eos).sum()) == documents and stream[-1] == eos  # one EOS after each document, no more
+    pieces = [tokenizer.decode(p) for p in np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]]
+    if unit == "file":  # each file whole, its blank line and line breaks inside one document
+        assert sorted(p.removesuffix(tokenizer.eos_token) for p in pieces) == sorted(files.values())
+    elif unit == "paragraph":
+        assert all("\n\n" not in p and p.count("\n") == 1 for p in pieces)
+    corpus = prepare_corpus(str(folder), tokenizer, exclude_texts=[], text_field="text", block_size=8,
+                            heldout_fraction=0.34, heldout_blocks=1, test_blocks=1, max_tokens=0, seed=0,
+                            field="data.domain", txt_unit=unit)
+    assert corpus.documents == documents
+
+
+def test_one_txt_file_says_how_to_split_it(tmp_path, tokenizer):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"Paragraph {i} of a long book, with enough words to fill blocks." for i in range(40)))
+    kwargs = dict(exclude_texts=[], text_field="text", block_size=8, heldout_fraction=0.1, heldout_blocks=1,
+                  test_blocks=1, max_tokens=0, seed=0, field="data.domain")
+    with pytest.raises(InputError, match="only 1 non-empty document.*data.txt_unit=paragraph"):
+        prepare_corpus(str(book), tokenizer, **kwargs)
+    assert prepare_corpus(str(book), tokenizer, txt_unit="paragraph", **kwargs).documents == 40
+
+
+# -- hub sources: the mapping form, the split a test task reads, ClassLabel names ---------------------------------
+
+
+class FakeHub:
+    """Stands in for datasets.load_dataset (the hub is out of reach here): records each call, serves local rows."""
+
+    def __init__(self, splits):
+        self.calls, self.splits = [], splits
+
+    def __call__(self, path, **kwargs):
+        self.calls.append((path, kwargs))
+        return self.splits[kwargs.get("split", "train")]
+
+
+def test_hub_source_as_a_mapping_passes_name_split_and_revision(monkeypatch):
+    import datasets
+
+    from raycpt.core.config import load_config
+    from raycpt.core.errors import ConfigError
+
+    cfg = load_config(None, ["data.domain={path: wikitext, name: wikitext-2-raw-v1, split: validation, "
+                             "revision: main}", "data.general=org/news", "train.mix_ratio=0.5"])
+    assert cfg.data.domain == {"path": "wikitext", "name": "wikitext-2-raw-v1", "split": "validation",
+                               "revision": "main"}
+    assert cfg.data.general == "org/news"  # the string form is unchanged
+    with pytest.raises(ConfigError, match=r"data.domain.nmae: unknown key \(did you mean 'name'\?\)"):
+        load_config(None, ["data.domain={path: wikitext, nmae: wikitext-2-raw-v1}", "train.mix_ratio=1"])
+    with pytest.raises(ConfigError, match="data.domain: a hub mapping needs path"):
+        load_config(None, ["data.domain={name: wikitext-2-raw-v1}", "train.mix_ratio=1"])
+    rows = datasets.Dataset.from_dict({"text": ["A first article.", "", "A second article."]})
+    hub = FakeHub({"validation": rows, "train": rows})
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    assert load_documents(cfg.data.domain)["text"] == ["A first article.", "A second article."]
+    assert hub.calls[-1] == ("wikitext", {"split": "validation", "name": "wikitext-2-raw-v1", "revision": "main"})
+    load_documents(cfg.data.general, field="data.general")
+    assert hub.calls[-1] == ("org/news", {"split": "train"})
+
+
+def test_hub_task_reads_the_named_splits_and_class_label_names(monkeypatch):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+
+    def split(name, n):
+        rows = {"text": [f"{name} review {i}" for i in range(n)], "label": [i % 2 for i in range(n)]}
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    hub = FakeHub({"train": split("train", 80), "test": split("test", 30), "validation": split("validation", 20)})
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    common = dict(text_field="text", label_field="label", labels=[], train_size=0, val_size=10, test_size=10, seed=0)
+    task = load_task("imdb", test_source="imdb", **common)
+    assert ("imdb", {"split": "test"}) in hub.calls and ("imdb", {"split": "train"}) in hub.calls
+    assert all(t.startswith("test review") for t in task.test_texts) and len(task.test_texts) == 30
+    assert set(task.train_labels) == set(task.test_labels) == {"neg", "pos"}  # names, not 0/1
+    task = load_task({"path": "imdb", "revision": "v2"}, test_source={"path": "imdb", "split": "validation"},
+                     **common)
+    assert ("imdb", {"split": "validation"}) in hub.calls[-2:]
+    assert ("imdb", {"split": "train", "revision": "v2"}) in hub.calls[-2:]
+    assert all(t.startswith("validation review") for t in task.test_texts)

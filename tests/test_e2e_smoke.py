@@ -1,6 +1,7 @@
 """The smoke sweep end to end on local Ray (2 CPUs): every trial reports, ASHA stops one, the export reloads and
 reproduces its reported perplexity, and each trial's realised domain share matches its mix_ratio."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -54,14 +55,54 @@ def test_export_reloads_and_reproduces_reported_ppl(smoke_sweep):
 
 
 @pytest.mark.e2e
-def test_card_carries_f1_and_lift(smoke_sweep):
-    _, summary = smoke_sweep
+def test_card_and_report_carry_test_numbers_lifts_and_intervals(smoke_sweep, capsys):
+    from raycpt.cli import main
+
+    cfg, summary = smoke_sweep
     card = read_json(Path(summary.export) / "raycpt_card.json")
-    assert 0.0 <= card["metrics"]["eval/f1"] <= 1.0
-    assert 0.0 <= card["base"]["base/f1"] <= 1.0
+    assert 0.0 <= card["metrics"]["eval/f1"] <= 1.0 and 0.0 <= card["base"]["base/f1"] <= 1.0
     assert set(card["metrics"]["eval/f1_per_class"]) == {"fresh", "rotten"}
-    assert card["lift"]["f1"] is not None and card["metrics"]["eval/accuracy"] is not None
-    assert card["data_mix"]["domain_stats"]["removed_for_leakage"] >= 200  # the 200 downstream test texts
+    for name in ("test/f1", "test/domain_ppl", "test/general_ppl", "test/lift/f1", "test/lift/domain_ppl"):
+        low, value, high = card["test"][name + "_ci_low"], card["test"][name], card["test"][name + "_ci_high"]
+        assert low <= value <= high, name
+    for name in ("lift/f1", "lift/domain_ppl", "lift/general_ppl"):
+        assert card["lift"][name + "_ci_low"] <= card["lift"][name] <= card["lift"][name + "_ci_high"], name
+    assert card["test_verdict"].split(":")[0] in ("significant lift over the base model on test", "not significant",
+                                                  "negative")
+    assert card["verification"]["ok"] and card["verification"]["checks"]["f1"]["difference"] <= 1e-3
+    # the 200 validation + 200 test texts of the task were removed from the domain corpus
+    assert card["data_mix"]["domain_stats"]["removed_for_leakage"] >= 400
+    assert main(["report", str(cfg.experiment_dir()), "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["test"]["test/f1"] == card["test"]["test/f1"] and report["test_verdict"] == card["test_verdict"]
+    winner = next(t for t in report["trials"] if t["winner"])
+    assert winner["f1_ci_low"] <= winner["f1"] <= winner["f1_ci_high"]
+    assert winner["lift"]["f1"] == pytest.approx(card["lift"]["lift/f1"])
+
+
+@pytest.mark.e2e
+def test_an_export_that_does_not_reproduce_its_numbers_fails_the_command(smoke_sweep, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The re-score check can fail: a reload scoring 1% off ends `raycpt analyze --export` with exit 1."""
+    import shutil
+
+    from raycpt.cli import main
+    from raycpt.results import export
+
+    cfg, _ = smoke_sweep
+    copy = tmp_path / "smoke"
+    shutil.copytree(cfg.experiment_dir(), copy)
+    real = export.score_model
+
+    def off_by_one_percent(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        return {k: v * 1.01 if k == "eval/domain_ppl" else v for k, v in scores.items()}
+
+    monkeypatch.setattr(export, "score_model", off_by_one_percent)
+    assert main(["analyze", str(copy), "--export", "--force"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raycpt: export check failed:") and "domain_ppl" in err and "\n" not in err
+    assert read_json(copy / "export" / "raycpt_card.json")["verification"]["ok"] is False
 
 
 @pytest.mark.e2e

@@ -39,7 +39,7 @@ def test_probe_on_the_model_is_deterministic_and_learns_a_separable_text_task(ti
 
     train_texts, train_labels = texts(60)
     test_texts, test_labels = texts(40)
-    task = Task(train_texts, train_labels, test_texts, test_labels)
+    task = Task(train_texts, train_labels, test_texts, test_labels, test_texts, test_labels)
     first = downstream_f1(model, tokenizer, task)
     second = downstream_f1(model, tokenizer, task)
     assert first["f1"] == pytest.approx(second["f1"], abs=1e-6)

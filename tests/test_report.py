@@ -111,9 +111,12 @@ def test_table_has_base_row_then_trials_in_rule_order_with_winner_starred(summar
     assert f"{winner['eval/f1']:.4f}" in winner_line
 
 
-def test_hyperparameter_headers_are_the_field_names(summary):
-    header = next(line for line in rendered(render.summary_table(summary)).splitlines() if "status" in line)
-    assert " lr " in header and "mix_ratio" in header and "train." not in header
+def test_hyperparameters_are_named_by_field_and_abbreviated_with_a_legend_when_narrow(summary):
+    wide = rendered(render.summary_table(summary), width=140)
+    assert "lr=" in wide and "mix_ratio=" in wide and "train." not in wide
+    narrow = rendered(render.summary_table(summary), width=80)
+    assert "mix=" in narrow and "mix_ratio=" not in narrow
+    assert "hyperparameters: mix = train.mix_ratio" in narrow
 
 
 def test_report_command_table_shows_export_and_how_to_load_it(sweep_dir, capsys):
@@ -233,7 +236,8 @@ def test_failed_and_forgetting_trials_say_why_in_one_line():
     assert status["00002"].startswith("failed: torch.OutOfMemoryError") and status["00002"].endswith("…")
     assert "\n" not in status["00002"] and len(status["00002"]) <= 70
     # data.seed and train.seed would both be "seed": they keep their section
-    assert "data.seed" in headers and "train.seed" in headers and "lr" in headers
+    hps = rows[1].cells[headers.index("hyperparameters")]
+    assert hps.startswith("lr=2e-4 ") and "data.seed=1" in hps and "train.seed=2" in hps
     assert rows[2].cells[headers.index("time")] == "1h01m" and rows[1].cells[headers.index("time")] == "3m20s"
     assert [row.kind for row in rows] == ["base", "winner", "excluded", "failed"]
 
@@ -245,6 +249,127 @@ def test_f1_column_is_left_out_when_nothing_measured_f1():
         t["eval/f1"] = None
     headers, rows = render.trial_rows(summary)
     assert "F1" not in headers and all(len(row.cells) == len(headers) for row in rows)
+
+
+# -- the table at 80, 100 and 140 columns --------------------------------------------------------------------------
+
+
+def four_hp_summary(intervals: bool = False) -> Summary:
+    """Four swept hyperparameters; three learning rates differ only in their 4th significant digit."""
+    lrs = [3.0812e-4, 3.0847e-4, 3.0871e-4, 5.25e-05, 1.2345e-3]
+    statuses = ["finished", "finished", "stopped", "stopped", "failed"]
+    trials = []
+    for i, (lr, status) in enumerate(zip(lrs, statuses, strict=True)):
+        done = status == "finished"
+        trial = {"trial_id": f"9f3c1_{i:05d}", "status": status, "hp/train.lr": lr, "hp/train.steps": [12, 8][i % 2],
+                 "hp/train.dropout": [0.1, 0.0][i % 2], "hp/train.mix_ratio": 0.6 + 0.08713 * i,
+                 "step": 12 if done else 4, "tokens": 6144.0 * (i + 1), "eval/domain_ppl": 64.7 + i * 1.3172,
+                 "eval/general_ppl": 42.3 + i * 1.01, "eval/f1": 0.72137 - i * 0.00411 if done else None,
+                 "time_total_s": 190.0 + 31 * i,
+                 "error": "RuntimeError: loss is NaN at step 3 (try a lower train.lr)" if status == "failed" else ""}
+        if intervals and done:
+            trial.update({"eval/f1_ci_low": trial["eval/f1"] - 0.0304, "eval/f1_ci_high": trial["eval/f1"] + 0.0281,
+                          "eval/domain_ppl_ci_low": trial["eval/domain_ppl"] - 2.13,
+                          "eval/domain_ppl_ci_high": trial["eval/domain_ppl"] + 2.31})
+        trials.append(trial)
+    base = {"base/domain_ppl": 106.2, "base/general_ppl": 45.14, "base/f1": 0.698}
+    if intervals:
+        base.update({"base/f1_ci_low": 0.671, "base/f1_ci_high": 0.7249, "base/domain_ppl_ci_low": 101.04,
+                     "base/domain_ppl_ci_high": 111.33})
+    return Summary("/runs/laptop", base, trials, winner="9f3c1_00000", reasons=["highest downstream F1"],
+                   order=[t["trial_id"] for t in trials],
+                   excluded={"9f3c1_00001": "forgetting: general ppl 43.31 > bound 43.00"})
+
+
+def _shows(text: str, full: float) -> bool:
+    """`text` ('3.081e-4', '64.70', '51,237', '12.3k', '-6.3') is `full` rounded to the digits it shows."""
+    scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(text[-1], 1.0)
+    text = text.replace(",", "").rstrip("kMG")
+    significant = text.lower().split("e")[0].lstrip("+-").replace(".", "").lstrip("0") or "0"
+    return math.isclose(float(text), float(f"{full / scale:.{len(significant)}g}"), rel_tol=1e-12, abs_tol=1e-15)
+
+
+def _rendered_cells(text: str, widths: list[int], n_rows: int) -> list[list[str]]:
+    """Each body row's cells as printed, read back by column position (a cell wrapped over lines is rejoined)."""
+    lines = text.splitlines()
+    body = lines[next(i for i, line in enumerate(lines) if line.startswith("─")) + 1:]
+    body = body[:next(i for i, line in enumerate(body) if line[:1] not in (" ", "★"))]
+    starts = [sum(widths[:i]) + 2 * i for i in range(len(widths))]
+    rows: list[list[list[str]]] = []
+    for line in body:
+        pieces = [line[a:a + w].strip() for a, w in zip(starts, widths, strict=True)]
+        if pieces[1]:  # the trial column starts a row
+            rows.append([[] for _ in widths])
+        for cell, piece in zip(rows[-1], pieces, strict=True):
+            if piece:
+                cell.append(piece)
+    assert len(rows) == n_rows
+    return [[" ".join(cell) for cell in row] for row in rows]
+
+
+@pytest.mark.parametrize("width", [80, 100, 140])
+@pytest.mark.parametrize("which", ["recorded", "four hyperparameters", "four hyperparameters with intervals"])
+def test_table_reads_at_80_100_and_140_columns_and_cuts_nothing(summary, which, width):
+    data = {"recorded": summary, "four hyperparameters": four_hp_summary(),
+            "four hyperparameters with intervals": four_hp_summary(intervals=True)}[which]
+    text = rendered(render.summary_table(data), width=width)
+    assert max(len(line) for line in text.splitlines()) <= width
+    layout, headers, rows, widths = render.summary_table(data).layout(width)
+    assert widths is not None, "a layout fits"
+    printed = _rendered_cells(text, widths, len(rows))
+    for row, cells in zip(rows, printed, strict=True):
+        for header, cell, shown in zip(headers, row.cells, cells, strict=True):
+            if header == "status" and row.kind == "failed":  # a long failure reason may fold mid-word
+                assert shown.replace(" ", "") == cell.replace(" ", "").replace("\n", "")
+            else:  # ids, statuses, every number: whole
+                assert shown == " ".join(cell.split()), (header, cell, shown)
+    trials = {fmt.short_ids(data.order)[t["trial_id"]]: t for t in data.trials}
+    column = {h: i for i, h in enumerate(headers)}
+    hp_column = next(h for h in headers if h in render.HP_HEADERS.values())
+    names = (fmt.hp_short_labels if layout.names == "short" else fmt.hp_labels)(fmt.hp_keys(data.trials))
+    keys = {name: key for key, name in names.items()}
+    seen: dict[str, dict[str, float]] = {}
+    for row in rows[1:]:
+        t = trials[row.cells[1]]
+        for token in row.cells[column[hp_column]].split():  # every hyperparameter, to the digits it shows
+            name, value = token.split("=")
+            assert _shows(value, t[keys[name]]), token
+            seen.setdefault(name, {})[value] = t[keys[name]]
+        numbers = [(metric, row.cells[column[header]]) for metric, header in
+                   (("eval/domain_ppl", "domain ppl"), ("eval/general_ppl", "general ppl"), ("eval/f1", "F1"),
+                    ("tokens", "tokens")) if header in column]
+        for metric, cell in numbers:
+            if t.get(metric) is not None:
+                assert _shows(cell.split()[0], t[metric]), (metric, cell)
+            if "±" in cell:
+                half = (t[metric + "_ci_high"] - t[metric + "_ci_low"]) / 2
+                assert _shows(cell.split("±")[1], half), cell
+            if "[" in cell:
+                low, high = cell.split("[")[1].rstrip("]").split(", ")
+                assert _shows(low, t[metric + "_ci_low"]) and _shows(high, t[metric + "_ci_high"]), cell
+    for name, values in seen.items():  # distinct values stay distinct
+        assert len(values) == len(set(t[keys[name]] for t in data.trials)), (name, values)
+    if width == 140:  # the width is used: every column, and the long statuses where they fit
+        assert layout.extras and (layout.status == "long" or "intervals" in which)
+        assert "intervals" in which or "stopped by ASHA at step" in text
+    if layout.names == "short" and "drop=" in text:
+        assert "hyperparameters: drop = train.dropout, mix = train.mix_ratio" in text
+    if "intervals" in which:
+        assert "±0.029" in text or "[0.691, 0.750]" in text, "intervals shown"
+    if "tokens" not in headers:
+        assert "tokens and time are left out at this width" in text
+
+
+def test_four_swept_hyperparameters_fit_one_line_per_trial_at_140_and_two_at_80():
+    for width, most in ((140, 1), (100, 2), (80, 2)):
+        text = rendered(render.summary_table(four_hp_summary()), width=width)
+        _, _, rows, widths = render.summary_table(four_hp_summary()).layout(width)
+        lines = text.splitlines()
+        body = lines[next(i for i, line in enumerate(lines) if line.startswith("─")) + 1:]
+        starts = [i for i, line in enumerate(body) if line[:1] in (" ", "★") and line[3:8].strip()]
+        finished = starts[:4]  # base and the finished/stopped trials; the failed one may wrap its reason
+        assert all(b - a <= most for a, b in zip(finished, finished[1:], strict=False)), (width, text)
+    assert "3.081e-4" in text and "3.085e-4" in text and "3.087e-4" in text and "5.25e-5" in text
 
 
 # -- live progress -----------------------------------------------------------------------------------------------

@@ -1,14 +1,48 @@
+"""Selection rule v2 (raycpt.results.select): statistics decide ties and the base model is a candidate."""
+
+import numpy as np
 import pandas as pd
 
 from raycpt.core.config import SelectConfig
-from raycpt.results.summary import select_winner
+from raycpt.results.select import select_winner
 
 BASE = {"base/domain_ppl": 70.0, "base/general_ppl": 30.0}
+CLASSES = ["neg", "pos"]
 
 
 def frame(*rows):
     cols = ["trial_id", "status", "step", "eval/domain_ppl", "eval/general_ppl", "eval/f1", "error"]
     return pd.DataFrame([dict(zip(cols, r, strict=True)) for r in rows])
+
+
+def predictions(labels: list[str], wrong: np.ndarray) -> list[str]:
+    """The labels with the rows in `wrong` flipped."""
+    return [("pos" if y == "neg" else "neg") if w else y for y, w in zip(labels, wrong, strict=True)]
+
+
+def scored(labels, rows, wrong_masks):
+    """rows of (id, domain ppl) with predictions that get `wrong_masks` wrong; F1 computed by sklearn here."""
+    from sklearn.metrics import f1_score
+
+    out = []
+    for (tid, domain), wrong in zip(rows, wrong_masks, strict=True):
+        pred = predictions(labels, wrong)
+        out.append({"trial_id": tid, "status": "finished", "step": 16, "eval/domain_ppl": domain,
+                    "eval/general_ppl": 30.0, "error": "", "eval/predictions": pred,
+                    "eval/f1": f1_score(labels, pred, average="macro", labels=CLASSES)})
+    return pd.DataFrame(out)
+
+
+LABELS = ["neg", "pos"] * 200  # 400 validation texts
+BASE_WRONG = np.random.default_rng(0).random(len(LABELS)) < 0.30
+
+
+def flip(wrong: np.ndarray, fix: int, break_: int) -> np.ndarray:
+    """`wrong` with its first `fix` mistakes fixed and the first `break_` correct rows made wrong."""
+    out = wrong.copy()
+    out[np.flatnonzero(wrong)[:fix]] = False
+    out[np.flatnonzero(~wrong)[:break_]] = True
+    return out
 
 
 def test_lowest_domain_ppl_wins_without_f1_and_bound_excludes_forgetting():
@@ -22,16 +56,38 @@ def test_lowest_domain_ppl_wins_without_f1_and_bound_excludes_forgetting():
     assert sel.order[0] == "a" and set(sel.order) == {"a", "b", "c", "d"}
 
 
-def test_highest_f1_wins_and_ties_go_to_lower_domain_ppl():
-    trials = frame(("a", "finished", 16, 50.0, 30.0, 0.700, ""),
-                   ("b", "finished", 16, 46.0, 30.0, 0.698, ""),   # tie within 0.005, lower domain ppl
-                   ("c", "finished", 16, 40.0, 30.0, 0.650, ""))
-    sel = select_winner(trials, BASE, SelectConfig(f1_tolerance=0.005))
-    assert sel.trial_id == "b"
+def test_statistically_tied_trials_go_to_lower_domain_ppl():
+    # a: 20% wrong; b: a's mistakes plus 1% more (tied: the paired interval of F1(b) - F1(a) holds 0) and lower
+    # domain ppl; c: 35% wrong, clearly worse than a.
+    wrong_a = flip(BASE_WRONG, fix=50, break_=0)  # fixes 50 of the base model's ~120 mistakes
+    wrong_b = flip(wrong_a, fix=0, break_=3)
+    wrong_c = flip(BASE_WRONG, fix=0, break_=20)
+    trials = scored(LABELS, [("a", 50.0), ("b", 46.0), ("c", 40.0)], [wrong_a, wrong_b, wrong_c])
+    assert trials.set_index("trial_id")["eval/f1"]["a"] > trials.set_index("trial_id")["eval/f1"]["b"]
+    base = {**BASE, "base/predictions": predictions(LABELS, BASE_WRONG), "base/f1": 0.70}
+    sel = select_winner(trials, base, SelectConfig(), LABELS, CLASSES)
+    assert sel.trial_id == "b" and sel.order == ["b", "a", "c"]
     assert "tie broken by lower domain ppl" in sel.reasons[0]
-    assert sel.order == ["b", "a", "c"]
-    strict = select_winner(trials, BASE, SelectConfig(f1_tolerance=0.0))
-    assert strict.trial_id == "a"
+    assert sel.beats_base and "beats the base model" in sel.verdict
+
+
+def test_a_trial_significantly_worse_than_base_on_f1_is_excluded():
+    wrong_good = flip(BASE_WRONG, fix=12, break_=0)  # fixes a tenth of the base model's mistakes
+    wrong_bad = flip(BASE_WRONG, fix=0, break_=40)   # adds many mistakes
+    trials = scored(LABELS, [("good", 60.0), ("bad", 40.0)], [wrong_good, wrong_bad])
+    base = {**BASE, "base/predictions": predictions(LABELS, BASE_WRONG), "base/f1": 0.70}
+    sel = select_winner(trials, base, SelectConfig(), LABELS, CLASSES)
+    assert "F1 significantly below the base model's" in sel.excluded["bad"]
+    assert sel.trial_id == "good"
+
+
+def test_when_no_trial_beats_the_base_model_the_verdict_says_so():
+    wrong_same = flip(BASE_WRONG, fix=4, break_=3)  # as good as the base model, within noise
+    trials = scored(LABELS, [("a", 50.0)], [wrong_same])
+    base = {**BASE, "base/predictions": predictions(LABELS, BASE_WRONG), "base/f1": 0.70}
+    sel = select_winner(trials, base, SelectConfig(), LABELS, CLASSES)
+    assert sel.trial_id == "a" and sel.beats_base is False
+    assert "no trial beats the base model on downstream F1" in sel.verdict
 
 
 def test_none_qualifies_falls_back_flagged():

@@ -124,3 +124,29 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(corpora, tiny_gpt2_dir
     assert [m["step"] for m in resumed] == [8]  # model, optimizer, scheduler and data position restored
     torch.testing.assert_close(resumed[-1]["eval/domain_loss"], full[-1][0]["eval/domain_loss"], rtol=1e-4, atol=0)
     assert resumed[-1]["lr"] == pytest.approx(full[-1][0]["lr"])
+
+
+def test_realised_domain_share_is_what_the_loop_drew_within_half_a_block_per_step(corpora, tiny_gpt2_dir,
+                                                                                   tmp_path):
+    """data/domain_fraction counts the blocks the loop actually consumed; the stratified plan keeps it within half
+    a block of mix_ratio after every step, whatever the ratio."""
+    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, steps=6, eval_every=1, batch_size=3, mix_ratio=0.37)
+    reports = []
+    train(cfg, prepare_experiment(cfg), lambda metrics, _: reports.append(metrics),
+          checkpoint_root=tmp_path / "ckpt")
+    assert [r["step"] for r in reports] == list(range(1, 7))
+    for r in reports:
+        blocks = r["step"] * 3
+        assert abs(r["data/domain_fraction"] * blocks - 0.37 * blocks) <= 0.5 + 1e-9, r["step"]
+
+
+def test_base_model_is_measured_in_the_trials_precision(corpora, tiny_gpt2_dir, tmp_path):
+    cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path)
+    manifest = prepare_experiment(cfg)
+    fp32 = measure_base(cfg, manifest, tmp_path)
+    bf16_cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, precision="bf16")
+    bf16 = measure_base(bf16_cfg, manifest, tmp_path)
+    assert fp32["precision"] == "fp32" and bf16["precision"] == "torch.bfloat16"
+    assert bf16["base/domain_ppl"] != fp32["base/domain_ppl"]  # re-measured, not served from the fp32 cache
+    assert bf16["base/domain_ppl"] == pytest.approx(fp32["base/domain_ppl"], rel=0.05)
+    assert fp32["base/domain_ppl_ci_low"] <= fp32["base/domain_ppl"] <= fp32["base/domain_ppl_ci_high"]

@@ -35,18 +35,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    domain: str = ""
-    """Domain corpus: txt/jsonl/parquet/csv file, directory or glob, hub dataset, or `packaged:rotten-tomatoes`."""
-    general: str = ""
+    domain: str | dict[str, str] = ""
+    """Domain corpus: txt/jsonl/parquet/csv file, directory or glob, hub dataset id, `packaged:rotten-tomatoes`, or
+    a hub mapping {path: wikitext, name: wikitext-2-raw-v1, split: train, revision: main} (path required)."""
+    general: str | dict[str, str] = ""
     """General replay corpus (same forms), e.g. `packaged:news`. Empty means no replay (then mix_ratio must be 1)."""
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/csv/hub sources."""
+    txt_unit: str = "file"
+    """What one document of a .txt corpus is: file (the whole file) | paragraph (blank-line separated) | line.
+    Documents are joined with EOS, and held-out perplexity holds out whole documents."""
     block_size: int = 128
     """Tokens per training block; documents are joined with EOS and cut into blocks of this size."""
     heldout_fraction: float = 0.05
     """Fraction of each corpus' documents held out for perplexity, fixed before any trial starts."""
     heldout_blocks: int = 8
-    """Held-out blocks per corpus used for eval/*_ppl (shared by every trial and the base model)."""
+    """Held-out validation blocks per corpus for eval/*_ppl: shared by every trial and the base model, used by
+    ASHA and the selection rule."""
+    test_blocks: int = 0
+    """Held-out test blocks per corpus (0 = as many as heldout_blocks), scored once for the winner and the base
+    model after selection (test/*_ppl); they come from the same held-out documents, after the validation blocks."""
     max_tokens: int = 0
     """Cap on training tokens kept per corpus (0 = all)."""
     seed: int = 0
@@ -117,18 +125,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    task: str = ""
-    """Labelled downstream task source (csv/jsonl/parquet, hub dataset or `packaged:rotten-tomatoes`)."""
-    test_task: str = ""
-    """Explicit labelled test file (same forms as task); empty = a seeded split of `task`."""
+    task: str | dict[str, str] = ""
+    """Labelled downstream task source (csv/jsonl/parquet, hub dataset id or `packaged:rotten-tomatoes`, or a hub
+    mapping {path, name, split, revision}; a hub task reads its `train` split unless the mapping names one)."""
+    test_task: str | dict[str, str] = ""
+    """Explicit labelled test source (same forms as task; a hub one reads its `test` split unless the mapping names
+    one); empty = a seeded split of `task`."""
     text_field: str = "text"
+    """Column holding each labelled text in the task's csv/jsonl/parquet/hub rows (packaged tasks set it)."""
     label_field: str = "label"
+    """Column holding each text's label: strings or integers (a hub ClassLabel column reads as its names)."""
     labels: list[str] = field(default_factory=list)
     """Keep only these labels (empty = all)."""
     train_size: int = 300
-    """Texts in the probe's train split (0 = all that remain)."""
+    """Texts the probe is fitted on (0 = all that remain after validation and test)."""
+    val_size: int = 300
+    """Validation texts: every trial's eval/f1 and the selection rule. They never enter the CPT corpus."""
     test_size: int = 300
-    """Texts in the probe's test split; these never enter the CPT corpus."""
+    """Test texts (ignored with test_task): scored once for the winner and the base model after selection
+    (test/f1). They never enter the CPT corpus, the probe's training or the selection."""
     seed: int = 0
     """Seed of the train/test split (fixed for the whole sweep) and of the probe."""
     seeds: int = 1
@@ -143,7 +158,7 @@ class SearchConfig:
     """Dotted field -> one distribution: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]},
     {grid: [...]}."""
     num_samples: int = 4
-    """Samples drawn from the space (each grid point is sampled this many times)."""
+    """Samples drawn from the space (each grid point is sampled this many times; with optuna, trials proposed)."""
     scheduler: str = "asha"
     """asha | none."""
     metric: str = metrics.DOMAIN_PPL
@@ -156,21 +171,35 @@ class SearchConfig:
     max_concurrent_trials: int = 0
     """0 = as many as the cluster's CPUs (or GPUs) fit."""
     seed: int = 0
-    """Seed of the random search, so a sweep samples the same hyperparameters again."""
+    """Seed of the search (random sampler or optuna's TPE), so a sweep proposes the same hyperparameters again."""
+    algorithm: str = "random"
+    """random | optuna. random: Tune's seeded random sampling (and grid). optuna: model-based search (Optuna's TPE,
+    via Tune's OptunaSearch): later trials are proposed from the metric of earlier ones (ASHA still stops trials
+    early); num_samples is the number of trials; no grid distributions; `--resume` restores its state."""
 
 
 @dataclass
 class SelectConfig:
     max_forgetting: float = 0.10
-    """A winner's general ppl may be at most (1 + max_forgetting) x the base model's."""
-    f1_tolerance: float = 0.005
-    """F1 values closer than this count as a tie, broken by domain ppl."""
+    """A winner's general ppl (point estimate) may be at most (1 + max_forgetting) x the base model's. Ties in F1
+    are decided by paired bootstrap intervals on the validation texts (README: "How the winner is picked")."""
 
 
 @dataclass
 class ResourcesConfig:
     num_workers: int = 1
-    """Ray Train workers per trial (DDP)."""
+    """Ray Train workers per trial (data parallel: see `strategy`)."""
+    strategy: str = "ddp"
+    """How workers share the model: ddp | fsdp. ddp: every worker holds the whole model and optimizer, gradients
+    are all-reduced (DistributedDataParallel); checkpoints are HF save_pretrained dirs. fsdp: FSDP2 shards each
+    decoder layer's params, grads and optimizer state over the workers (bf16 params with fp32 reduction on CUDA),
+    for models whose training state does not fit one accelerator; checkpoints are sharded (torch DCP: each worker
+    writes its shard) and resume on any number of workers; the export gathers them into HF safetensors. Losses
+    match ddp to float rounding. With one worker there is nothing to shard: the model trains unwrapped, its
+    checkpoints still in the sharded format."""
+    fsdp_cpu_offload: bool = False
+    """strategy fsdp: keep the sharded params, grads and optimizer step in CPU memory (slower; for models whose
+    shards still do not fit the accelerators)."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -193,6 +222,20 @@ class ReportConfig:
 
 
 @dataclass
+class ExportConfig:
+    max_shard_size: str = "5GB"
+    """Largest safetensors file of the exported winner (`save_pretrained(max_shard_size=...)`): a bigger model is
+    written as model-0000k-of-0000n.safetensors + model.safetensors.index.json. A size such as 5GB, 500MB, 2GiB."""
+
+
+@dataclass
+class LawConfig:
+    target_tokens: int = 0
+    """Training tokens the fitted mixing law plans for (the best mix at that budget, `raycpt analyze --suggest`);
+    0 = 10 x the largest budget (train.steps x tokens per step) of any trial in the sweep."""
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -202,6 +245,8 @@ class ExperimentConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    law: LawConfig = field(default_factory=LawConfig)
     name: str = "raycpt"
     """Experiment name: results go to <storage_path>/<name>."""
     storage_path: str = "runs"
@@ -211,10 +256,20 @@ class ExperimentConfig:
         return Path(self.storage_path).expanduser().resolve() / self.name
 
 
+REMOVED_FIELDS = {
+    "select.f1_tolerance": "ties in F1 are now decided by paired bootstrap intervals on the validation texts; "
+                           "delete the line",
+}
+"""Fields earlier versions had, with what replaced them (a config naming one gets told, not ignored)."""
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+SEARCH_ALGORITHMS = ("random", "optuna")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOSS_IMPLS = ("auto", "hf", "chunked", "liger")
+STRATEGIES = ("ddp", "fsdp")
+SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
+"""What transformers' save_pretrained accepts as max_shard_size: an integer with KB, MB, GB, KiB, MiB or GiB."""
 DTYPES = ("float32", "bfloat16", "float16")
+TXT_UNITS = ("file", "paragraph", "line")
 LOGGERS = ("tensorboard", "csv", "json", "mlflow", "wandb")
 
 
@@ -279,6 +334,37 @@ def _coerce(value: Any, target: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
+SOURCE_FIELDS = ("data.domain", "data.general", "eval.task", "eval.test_task")
+"""Fields naming a corpus or task: a string, or a hub mapping with HUB_SOURCE_KEYS."""
+HUB_SOURCE_KEYS = ("path", "name", "split", "revision")
+
+
+def _coerce_source(value: Any, where: str, problems: list[str]) -> str | dict[str, str]:
+    """A source field: a string (path, hub id, packaged:...) or {path, name, split, revision} for a hub dataset."""
+    if value is None:
+        return ""
+    if not isinstance(value, dict):
+        if isinstance(value, list):
+            problems.append(f"{where}: expected a path, hub id or mapping {{path: ..., name: ..., split: ...}}, "
+                            f"got {value!r}")
+            return value  # the problem is reported; not also "required"
+        return str(value)
+    unknown = sorted(str(k) for k in value if k not in HUB_SOURCE_KEYS)
+    if unknown:
+        problems.append(f"{where}.{unknown[0]}: unknown key{_closest(unknown[0], list(HUB_SOURCE_KEYS))}; a hub "
+                        f"source takes {', '.join(HUB_SOURCE_KEYS)}")
+        return value
+    if not value.get("path"):
+        problems.append(f"{where}: a hub mapping needs path, e.g. {{path: wikitext, name: wikitext-2-raw-v1, "
+                        "split: train}")
+        return value
+    bad = next((k for k, v in value.items() if isinstance(v, (dict, list, bool))), None)
+    if bad:
+        problems.append(f"{where}.{bad}: expected a string, got {value[bad]!r}")
+        return value
+    return {k: str(value[k]) for k in HUB_SOURCE_KEYS if value.get(k) is not None and value.get(k) != ""}
+
+
 def _build(raw: dict[str, Any], problems: list[str]) -> ExperimentConfig:
     cfg = ExperimentConfig()
     sections = _section_classes()
@@ -292,8 +378,14 @@ def _build(raw: dict[str, Any], problems: list[str]) -> ExperimentConfig:
             section = getattr(cfg, key)
             names = [f.name for f in dataclasses.fields(section)]
             for sub, subvalue in value.items():
+                if f"{key}.{sub}" in REMOVED_FIELDS:
+                    problems.append(f"{key}.{sub}: removed; {REMOVED_FIELDS[f'{key}.{sub}']}")
+                    continue
                 if sub not in names:
                     problems.append(f"{key}.{sub}: unknown field{_closest(sub, names)}")
+                    continue
+                if f"{key}.{sub}" in SOURCE_FIELDS:
+                    setattr(section, sub, _coerce_source(subvalue, f"{key}.{sub}", problems))
                     continue
                 setattr(section, sub, _coerce(subvalue, getattr(section, sub), f"{key}.{sub}", problems))
         elif key in ("name", "storage_path"):
@@ -393,8 +485,13 @@ def _check_range(problems: list[str], where: str, value: float, lo: float | None
 
 
 def _validate_space(space: dict[str, Any], problems: list[str]) -> None:
-    sweepable = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)} | {"data.block_size"}
+    # data.block_size is not sweepable: the data is packed once for the whole sweep (say so, rather than ignore it)
+    sweepable = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
     for key, spec in space.items():
+        if key == "data.block_size":
+            problems.append("search.space.data.block_size: not sweepable (the corpora are packed once per sweep); "
+                            "run one sweep per block size with --set data.block_size=N --set name=<new name>")
+            continue
         if key not in sweepable:
             problems.append(f"search.space.{key}: not a sweepable field{_closest(key, sorted(sweepable))}")
             continue
@@ -428,17 +525,23 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("data.domain: required; give a corpus path, a hub dataset or packaged:rotten-tomatoes")
     if not m.source:
         p.append("model.source: required; a local dir, hub id or packaged:smollm2-135m")
+    if d.txt_unit not in TXT_UNITS:
+        p.append(f"data.txt_unit: '{d.txt_unit}' is not allowed{_closest(d.txt_unit, list(TXT_UNITS))}")
     if m.dtype not in DTYPES:
         p.append(f"model.dtype: '{m.dtype}' is not allowed{_closest(m.dtype, list(DTYPES))}")
     _check_range(p, "data.block_size", d.block_size, 8, 1 << 17)
     _check_range(p, "data.heldout_fraction", d.heldout_fraction, 0, 0.5, lo_open=True)
     _check_range(p, "data.heldout_blocks", d.heldout_blocks, 1)
+    _check_range(p, "data.test_blocks", d.test_blocks, 0)
     _check_range(p, "data.max_tokens", d.max_tokens, 0)
     _check_range(p, "train.lr", t.lr, 0, 1, lo_open=True)
     _check_range(p, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)
     _check_range(p, "train.warmup_steps", t.warmup_steps, 0)
     _check_range(p, "train.peak_tflops", t.peak_tflops, 0)
     _check_range(p, "train.steps", t.steps, 1)
+    if t.warmup_steps > t.steps >= 1:
+        p.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}; the learning rate would "
+                 "never reach its peak, lower train.warmup_steps")
     _check_range(p, "train.batch_size", t.batch_size, 1)
     _check_range(p, "train.grad_accum", t.grad_accum, 1)
     _check_range(p, "train.global_batch_size", t.global_batch_size, 0)
@@ -459,6 +562,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append("train.mix_ratio: below 1 needs general replay data; set data.general or train.mix_ratio=1")
     if e.task:
         _check_range(p, "eval.train_size", e.train_size, 0)
+        _check_range(p, "eval.val_size", e.val_size, 2)
         _check_range(p, "eval.test_size", e.test_size, 2)
         _check_range(p, "eval.seeds", e.seeds, 1, 100)
         _check_range(p, "eval.max_length", e.max_length, 1)
@@ -474,11 +578,26 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "search.reduction_factor", s.reduction_factor, 2)
     _check_range(p, "search.max_concurrent_trials", s.max_concurrent_trials, 0)
     _validate_space(s.space, p)
+    if s.algorithm not in SEARCH_ALGORITHMS:
+        p.append(f"search.algorithm: '{s.algorithm}' is not allowed{_closest(s.algorithm, list(SEARCH_ALGORITHMS))}")
+    elif s.algorithm == "optuna":
+        p += [f"search.space.{key}: grid is not supported by search.algorithm=optuna (it proposes values itself); "
+              "use choice, or search.algorithm=random" for key, spec in s.space.items()
+              if isinstance(spec, dict) and "grid" in spec]
+        if not s.space:
+            p.append("search.algorithm: optuna needs a search.space to search; add one or use "
+                     "search.algorithm=random")
+    _check_range(p, "law.target_tokens", cfg.law.target_tokens, 0)
     _check_range(p, "select.max_forgetting", cfg.select.max_forgetting, 0)
-    _check_range(p, "select.f1_tolerance", cfg.select.f1_tolerance, 0)
     _check_range(p, "resources.num_workers", r.num_workers, 1)
     _check_range(p, "resources.cpus_per_worker", r.cpus_per_worker, 0, lo_open=True)
     _check_range(p, "resources.trial_cpus", r.trial_cpus, 0)
+    if r.strategy not in STRATEGIES:
+        p.append(f"resources.strategy: '{r.strategy}' is not allowed{_closest(r.strategy, list(STRATEGIES))}")
+    elif r.fsdp_cpu_offload and r.strategy != "fsdp":
+        p.append("resources.fsdp_cpu_offload: only applies to resources.strategy=fsdp; set it or drop the offload")
+    if not SHARD_SIZE.fullmatch(cfg.export.max_shard_size):
+        p.append(f"export.max_shard_size: '{cfg.export.max_shard_size}' is not a size; write e.g. 5GB, 500MB or 2GiB")
     unknown_loggers = sorted(set(cfg.report.loggers) - set(LOGGERS))
     if unknown_loggers:
         p.append(f"report.loggers: {unknown_loggers} not allowed (valid: {', '.join(LOGGERS)})")
@@ -490,7 +609,68 @@ def validate(cfg: ExperimentConfig) -> list[str]:
                  "mount the bucket or a shared filesystem and give its path")
     if not cfg.name or "/" in cfg.name or cfg.name.startswith("."):
         p.append(f"name: '{cfg.name}' must be a plain directory name (no '/', not starting with '.')")
+    if s.space and not any(problem.startswith("search.space") for problem in p):
+        _check_space_values(cfg, p)
     return p
+
+
+def _space_problem(key: str, dist: str, value: Any, problem: str, other: str = "") -> str:
+    """'search.space.train.lr: choice value -0.0001 is out of range, must be > 0 and <= 1' from the problem the
+    field's own check found with that value."""
+    where, _, message = problem.partition(": ")
+    try:
+        leads = where == key and float(message.split(" ", 1)[0]) == float(value)
+    except (TypeError, ValueError):
+        leads = False
+    if leads:  # the message starts with the value: say where it came from
+        return f"search.space.{key}: {dist} value {message}{other}"
+    return f"search.space.{key}: {dist} value {value!r}{other}: {problem}"
+
+
+def _check_space_values(cfg: ExperimentConfig, problems: list[str]) -> None:
+    """Every value the search space can produce (both ends of a uniform/loguniform range, every choice and grid
+    value) must pass the checks `validate` applies to the field, alone and with every value of each other swept
+    field (so the worst combination is caught, e.g. the largest warmup with the fewest steps). Adds one problem
+    per field at most."""
+    baseline = set(problems)
+    candidates = {}
+    for key, spec in cfg.search.space.items():
+        (dist, args), = spec.items()
+        candidates[key] = (dist, list(args) if dist in ("choice", "grid") else [args[0], args[-1]])
+
+    def found(values: dict[str, Any]) -> str | None:
+        raw = to_dict(cfg)
+        raw["search"]["space"] = {}
+        raw["search"]["algorithm"] = "random"  # the values alone: optuna would object to the empty space
+        for key, value in values.items():
+            section, name = key.split(".", 1)
+            raw[section][name] = value
+        sub: list[str] = []
+        trial = _build(raw, sub)
+        for problem in sub + validate(trial):
+            if problem not in baseline or any(key in problem for key in values):
+                return problem
+        return None
+
+    bad = set()
+    for key, (dist, values) in candidates.items():
+        for value in values:
+            problem = found({key: value})
+            if problem:
+                problems.append(_space_problem(key, dist, value, problem))
+                bad.add(key)
+                break
+    keys = [key for key in candidates if key not in bad]
+    for i, first in enumerate(keys):
+        for second in keys[i + 1:]:
+            for a, b in [(a, b) for a in candidates[first][1] for b in candidates[second][1]][:1024]:
+                problem = found({first: a, second: b})
+                if problem:
+                    key, value, other, other_value = ((second, b, first, a) if problem.startswith(second + ":")
+                                                      else (first, a, second, b))
+                    problems.append(_space_problem(key, candidates[key][0], value, problem,
+                                                   f" (with search.space.{other} = {other_value!r})"))
+                    return
 
 
 CONFIG_FILE = "raycpt_config.json"
@@ -513,6 +693,10 @@ def load_saved_config(exp_dir: str | os.PathLike, overrides: list[str] | None = 
                           f"checkpoint's {CONFIG_FILE} or re-run the sweep") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections; restore it or re-run the sweep")
+    for dotted in REMOVED_FIELDS:  # an experiment run by an earlier version stays readable
+        section, _, name = dotted.partition(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
     raw = apply_overrides(raw, dict(parse_override(o) for o in overrides or []))
     if relocate:
         raw["storage_path"], raw["name"] = str(exp_dir.resolve().parent), exp_dir.resolve().name

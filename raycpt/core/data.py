@@ -33,6 +33,18 @@ from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, token_stre
 PACKAGED_CORPORA = ("rotten-tomatoes", "news")
 FILE_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
                 ".csv": "csv"}
+TXT_UNITS = {"file": "document", "paragraph": "paragraph", "line": "line"}
+"""data.txt_unit -> the datasets text loader's `sample_by`: what one document of a .txt corpus is."""
+HUB_KEYS = ("path", "name", "split", "revision")
+"""Keys of a hub source written as a mapping, e.g. {path: wikitext, name: wikitext-2-raw-v1, split: train}."""
+
+
+def source_text(source: str | dict) -> str:
+    """A source as messages name it: the string, or 'wikitext (name=wikitext-2-raw-v1, split=train)'."""
+    if isinstance(source, dict):
+        rest = ", ".join(f"{k}={source[k]}" for k in HUB_KEYS[1:] if source.get(k))
+        return f"{source.get('path')}" + (f" ({rest})" if rest else "")
+    return source
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,11 +96,17 @@ def _source_files(source: str, field: str) -> tuple[str, list[str]]:
     return loaders.pop(), files
 
 
-def load_documents(source: str, text_field: str = "text", field: str = "data.domain"):
-    """A `datasets.Dataset` with the source's rows (the text in column `text_field`), file-backed and cached."""
+def load_documents(source: str | dict, text_field: str = "text", field: str = "data.domain", *,
+                   txt_unit: str = "file", split: str = "train"):
+    """A `datasets.Dataset` with the source's rows (the text in column `text_field`), file-backed and cached.
+    A .txt corpus gives one document per file, per blank-line separated paragraph or per line (`txt_unit`); a hub
+    source is a dataset id (its `split`) or a mapping {path, name, split, revision} (HUB_KEYS)."""
     import datasets
 
     datasets.disable_progress_bars()
+    if isinstance(source, dict):
+        given = {k: source[k] for k in HUB_KEYS[1:] if source.get(k)}
+        return _hub_documents(source["path"], {"split": split, **given}, text_field, field)
     if source.startswith("packaged:"):
         name = source.split(":", 1)[1]
         if name not in PACKAGED_CORPORA:
@@ -102,15 +120,10 @@ def load_documents(source: str, text_field: str = "text", field: str = "data.dom
             if os.path.getsize(f) == 0:
                 raise InputError(f"{field} '{f}': the file is empty; give a corpus with text in it")
     else:
-        try:
-            ds = datasets.load_dataset(source, split="train")
-        except Exception as err:  # hub errors come in many types; report the first line
-            raise InputError(f"{field} '{source}': not a local file and cannot load it as a hub dataset "
-                             f"({str(err).splitlines()[0][:200]}); check the path or network") from None
-        return _check_text_field(ds, source, text_field, field)
+        return _hub_documents(source, {"split": split}, text_field, field)
     try:
-        ds = datasets.load_dataset(loader, data_files=files, split="train",
-                                   cache_dir=str(cache_dir("datasets")))
+        ds = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir("datasets")),
+                                   **({"sample_by": TXT_UNITS[txt_unit]} if loader == "text" else {}))
     except Exception as err:
         message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         cause: BaseException | None = err
@@ -121,7 +134,23 @@ def load_documents(source: str, text_field: str = "text", field: str = "data.dom
         raise InputError(f"{field} '{source}': cannot read it as {loader} ({message})") from None
     if loader == "text":
         text_field = "text"
+        if txt_unit == "paragraph":  # the blank lines around a paragraph are not part of it
+            ds = ds.map(lambda b: {"text": [t.strip("\n") for t in b["text"]]}, batched=True)
     return _check_text_field(ds, source, text_field, field)
+
+
+def _hub_documents(path: str, options: dict[str, str], text_field: str, field: str):
+    """A hub dataset's split (`options`: split and, where given, name and revision)."""
+    import datasets
+
+    label = source_text({"path": path, **options})
+    try:
+        ds = datasets.load_dataset(path, **options)
+    except Exception as err:  # hub errors come in many types; report the first line
+        raise InputError(f"{field} '{label}': not a local file and cannot load it as a hub dataset "
+                         f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); check the path, name, "
+                         "split or network") from None
+    return _check_text_field(ds, label, text_field, field)
 
 
 def _check_text_field(ds, source: str, text_field: str, field: str):
@@ -184,24 +213,28 @@ class PreparedCorpus:
     train: str
     """Path of the packed training blocks (.npy, int32 [n, block_size])."""
     heldout: str
-    """Path of the fixed held-out blocks."""
+    """Path of the fixed held-out validation blocks (ASHA, selection, every trial's eval/*_ppl)."""
+    test: str
+    """Path of the fixed held-out test blocks (scored for the winner and the base model only)."""
     documents: int
     removed_for_leakage: int
     train_tokens: int
     heldout_tokens: int
+    test_tokens: int
     tokenized_by: str = "?"
     """The encoder that produced the ids (raycpt.core.tokenize: tiktoken | tokenizers | transformers), all exact."""
 
 
-def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
-                   heldout_blocks: int, max_tokens: int, seed: int, exclude_texts: list[str], field: str
-                   ) -> PreparedCorpus:
+def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
+                   heldout_blocks: int, test_blocks: int, max_tokens: int, seed: int, exclude_texts: list[str],
+                   field: str, txt_unit: str = "file") -> PreparedCorpus:
     """Read, guard, split, tokenise and pack one corpus; returns paths of cached .npy blocks."""
-    ds = load_documents(source, text_field, field)
+    ds = load_documents(source, text_field, field, txt_unit=txt_unit)
+    source = source_text(source)
     ds, removed = remove_texts(ds, exclude_texts)
     if len(ds) < 2:
-        raise InputError(f"{field} '{source}': only {len(ds)} non-empty document(s); need at least 2 to hold one "
-                         "out for perplexity")
+        check_enough_text(ds, tokenizer, block_size, source, field)  # too little text in all says so first
+        check_document_count(ds, source, field)
     split = ds.train_test_split(test_size=heldout_fraction, seed=seed, shuffle=True)
     key = hashlib.sha256("|".join([split["train"]._fingerprint, split["test"]._fingerprint,
                                    tokenizer_fingerprint(tokenizer), str(block_size)]).encode()).hexdigest()[:20]
@@ -230,13 +263,31 @@ def prepare_corpus(source: str, tokenizer, *, text_field: str, block_size: int, 
             np.save(capped.with_suffix(".tmp.npy"), np.asarray(train[: max(1, max_tokens // block_size)]))
             os.replace(capped.with_suffix(".tmp.npy"), capped)
         train_path, train = capped, np.load(capped, mmap_mode="r")
-    heldout = heldout[:heldout_blocks]
-    fixed = out / f"heldout-{len(heldout)}.npy"
-    if not fixed.exists():
-        np.save(fixed.with_suffix(".tmp.npy"), np.asarray(heldout))
-        os.replace(fixed.with_suffix(".tmp.npy"), fixed)
-    return PreparedCorpus(train=str(train_path), heldout=str(fixed), documents=len(ds), removed_for_leakage=removed,
-                          train_tokens=int(train.size), heldout_tokens=int(heldout.size), tokenized_by=tokenized_by)
+    if len(heldout) < 2:
+        raise InputError(f"{field} '{source}': its held-out part packs into {len(heldout)} block(s) of {block_size}"
+                         " tokens; validation and test need one each: raise data.heldout_fraction or add text")
+    # validation first, test after it: each gets its share when the held-out part is short
+    n_val = min(heldout_blocks, max(1, len(heldout) * heldout_blocks // (heldout_blocks + test_blocks)))
+    val, test = heldout[:n_val], heldout[n_val:n_val + test_blocks]
+    paths = []
+    for name, part in (("heldout", val), ("test", test)):
+        fixed = out / f"{name}-{len(val)}-{len(part)}.npy"
+        if not fixed.exists():
+            np.save(fixed.with_suffix(".tmp.npy"), np.asarray(part))
+            os.replace(fixed.with_suffix(".tmp.npy"), fixed)
+        paths.append(str(fixed))
+    return PreparedCorpus(train=str(train_path), heldout=paths[0], test=paths[1], documents=len(ds),
+                          removed_for_leakage=removed, train_tokens=int(train.size), heldout_tokens=int(val.size),
+                          test_tokens=int(test.size), tokenized_by=tokenized_by)
+
+
+def check_document_count(ds, source: str, field: str) -> None:
+    """Perplexity is measured on held-out documents: a corpus needs two at least."""
+    if len(ds) < 2:
+        hint = ("; a .txt file is one document by default: set data.txt_unit=paragraph or line to split it"
+                if str(source).lower().endswith((".txt", ".text")) else "")
+        raise InputError(f"{field} '{source}': only {len(ds)} non-empty document(s); need at least 2 to hold one "
+                         f"out for perplexity{hint}")
 
 
 def check_enough_text(ds, tokenizer, block_size: int, source: str, field: str) -> None:
@@ -310,28 +361,47 @@ def worker_positions(step: int, micro: int, *, rank: int, world_size: int, batch
 
 @dataclass
 class Task:
+    """The labelled task in three fixed, disjoint splits: the probe trains on `train`, trials and the selection
+    rule see `val`, and only the winner and the base model are scored once on `test`."""
+
     train_texts: list[str]
     train_labels: list[str]
+    val_texts: list[str]
+    val_labels: list[str]
     test_texts: list[str]
     test_labels: list[str]
+    duplicates_removed: int = 0
+    """Texts dropped because their normalised form was already in the task (so no text is in two splits)."""
 
     @property
     def classes(self) -> list[str]:
-        return sorted(set(self.train_labels) | set(self.test_labels))
+        return sorted(set(self.train_labels) | set(self.val_labels) | set(self.test_labels))
 
-    def to_dict(self) -> dict[str, list[str]]:
+    def heldout_texts(self) -> list[str]:
+        """Texts that must never reach CPT data: validation and test."""
+        return self.val_texts + self.test_texts
+
+    def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _labelled(source: str, text_field: str, label_field: str, labels: list[str], field: str
-              ) -> tuple[list[str], list[str]]:
-    if source.startswith("packaged:rotten-tomatoes"):
+def _labelled(source: str | dict, text_field: str, label_field: str, labels: list[str], field: str,
+              split: str = "train") -> tuple[list[str], list[str]]:
+    """(texts, labels as strings) of a labelled source; a hub source's `split` unless it names one. Integer class
+    ids of a ClassLabel column come out as their names ('pos', not '1')."""
+    if isinstance(source, str) and source.startswith("packaged:rotten-tomatoes"):
         text_field, label_field = "text", "label"
-    ds = load_documents(source, text_field, field=field)
+    ds = load_documents(source, text_field, field=field, split=split)
+    source = source_text(source)
     if label_field not in ds.column_names:
         raise InputError(f"{field} '{source}': no label field '{label_field}' (columns: "
                          f"{', '.join(c for c in ds.column_names if c != 'text')}); set eval.label_field")
-    texts, raw_labels = ds["text"], [str(x) for x in ds[label_field]]
+    feature = ds.features.get(label_field)
+    if hasattr(feature, "int2str"):  # datasets.ClassLabel
+        raw_labels = [feature.int2str(int(x)) if x is not None and x >= 0 else str(x) for x in ds[label_field]]
+    else:
+        raw_labels = [str(x) for x in ds[label_field]]
+    texts = ds["text"]
     if labels:
         missing = sorted(set(labels) - set(raw_labels))
         if missing:
@@ -345,28 +415,53 @@ def _labelled(source: str, text_field: str, label_field: str, labels: list[str],
     return texts, raw_labels
 
 
+def _dedupe(texts: list[str], labels: list[str], seen: set[str]) -> tuple[list[str], list[str], int]:
+    """Drop texts whose normalised form is in `seen` (updated as it goes): first occurrence wins."""
+    kept_texts, kept_labels = [], []
+    for text, label in zip(texts, labels, strict=True):
+        key = normalize_text(text)
+        if key not in seen:
+            seen.add(key)
+            kept_texts.append(text)
+            kept_labels.append(label)
+    return kept_texts, kept_labels, len(texts) - len(kept_texts)
+
+
 def load_task(source: str, *, text_field: str, label_field: str, labels: list[str], train_size: int,
-              test_size: int, seed: int, test_source: str = "") -> Task:
-    """The labelled task: an explicit test file (`test_source`) or a seeded split, fixed for the whole sweep; its
-    test texts are removed from the CPT corpus."""
-    texts, raw_labels = _labelled(source, text_field, label_field, labels, "eval.task")
-    order = np.random.default_rng(seed).permutation(len(texts))
+              val_size: int, test_size: int, seed: int, test_source: str = "") -> Task:
+    """The labelled task in seeded probe-train / validation / test splits, fixed for the whole sweep (or an
+    explicit test file, `test_source`). Normalised duplicates are removed first (counted), so no text is in two
+    splits; the validation and test texts are removed from the CPT corpus."""
+    seen: set[str] = set()
+    test_texts: list[str] = []
+    test_labels: list[str] = []
+    removed = 0
     if test_source:
-        test_texts, test_labels = _labelled(test_source, text_field, label_field, labels, "eval.test_task")
-        overlap = {normalize_text(t) for t in test_texts} & {normalize_text(t) for t in texts}
-        if overlap:
-            raise InputError(f"eval.test_task '{test_source}': {len(overlap)} test text(s) also appear in the "
-                             f"train split '{source}' (e.g. {sorted(overlap)[0][:60]!r}); remove them from one side")
-        train = order[:train_size] if train_size else order
-        task = Task([texts[i] for i in train], [raw_labels[i] for i in train], test_texts, test_labels)
-    else:
-        if test_size + 2 > len(order):
-            raise InputError(f"eval.test_size={test_size}: only {len(order)} labelled texts; lower eval.test_size")
-        test, rest = order[:test_size], order[test_size:]
-        train = rest[:train_size] if train_size else rest
-        task = Task([texts[i] for i in train], [raw_labels[i] for i in train], [texts[i] for i in test],
-                    [raw_labels[i] for i in test])
-    for name, ys in (("train", task.train_labels), ("test", task.test_labels)):
+        test_texts, test_labels = _labelled(test_source, text_field, label_field, labels, "eval.test_task",
+                                            split="test")
+        test_texts, test_labels, removed = _dedupe(test_texts, test_labels, seen)
+    texts, raw_labels = _labelled(source, text_field, label_field, labels, "eval.task")
+    texts, raw_labels, dropped = _dedupe(texts, raw_labels, seen)
+    removed += dropped
+    order = np.random.default_rng(seed).permutation(len(texts))
+    own_test = 0 if test_source else test_size
+    if own_test + val_size + 2 > len(order):
+        raise InputError(f"eval.task '{source}': {len(order)} distinct labelled texts, too few for "
+                         f"eval.val_size={val_size}" + (f" + eval.test_size={test_size}" if own_test else "")
+                         + " + a probe train split; lower them")
+    test, val, rest = order[:own_test], order[own_test:own_test + val_size], order[own_test + val_size:]
+    if train_size and train_size > len(rest):
+        raise InputError(f"eval.train_size={train_size}: only {len(rest)} labelled texts remain after the "
+                         f"validation and test splits; lower eval.train_size (0 = all that remain)")
+    train = rest[:train_size] if train_size else rest
+
+    def pick(rows) -> tuple[list[str], list[str]]:
+        return [texts[i] for i in rows], [raw_labels[i] for i in rows]
+
+    if not test_source:
+        test_texts, test_labels = pick(test)
+    task = Task(*pick(train), *pick(val), test_texts, test_labels, duplicates_removed=removed)
+    for name, ys in (("train", task.train_labels), ("val", task.val_labels), ("test", task.test_labels)):
         if len(set(ys)) < 2:
             raise InputError(f"eval.task '{source}': its {name} split has fewer than 2 classes; raise "
                              f"eval.{name}_size or change eval.seed")

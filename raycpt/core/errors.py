@@ -7,3 +7,8 @@ class InputError(Exception):
 
 class ConfigError(InputError):
     """The experiment config is invalid; the message lists every problem found, one per line."""
+
+
+class ExportCheckError(Exception):
+    """The exported model does not reproduce its trial's numbers on reload: the CLI says so in one line, exit 1
+    (the export and its card, which records both sets of numbers, stay on disk)."""

@@ -4,6 +4,7 @@ on frozen features. `@torch.no_grad()` functions of (model, data) that restore t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from raycpt.core import metrics
 from raycpt.core.data import Task
 from raycpt.core.models import load_tokenizer
+from raycpt.core.stats import f1_interval, ppl_interval
 
 MAX_LOSS_FOR_PPL = 50.0
 """exp(50) ~ 5e21: a diverged model's perplexity stays a finite number that tables and JSON can hold."""
@@ -22,35 +24,65 @@ PROBE_MAX_ITER = 2000
 """LogisticRegression iterations: standardised features converge well within this."""
 
 
-def block_token_losses(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over a batch of blocks, and the number of predicted tokens."""
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.precision` on this device (None: fp32): bf16, or auto = bf16 on CUDA."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def block_losses(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each block in a batch ([batch], float64)."""
     logits = model(input_ids=input_ids).logits
     shift_logits = logits[:, :-1, :].float()
     targets = input_ids[:, 1:]
-    loss_sum = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1),
-                               reduction="sum")
-    return loss_sum, targets.numel()
+    per_token = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), targets.reshape(-1),
+                                reduction="none").view(targets.shape)
+    return per_token.double().mean(dim=1)
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, blocks: np.ndarray, *, batch_size: int, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> float:
-    """Mean per-token loss over `blocks`, each worker scoring a disjoint shard; all-reduced when distributed."""
+def heldout_block_losses(model: nn.Module, blocks: np.ndarray, *, batch_size: int,
+                         device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                         autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Mean next-token loss of every block ([n_blocks] float64; blocks are equally long, so their mean is the
+    per-token loss), each worker scoring a disjoint shard, then all-reduced. Every worker runs the same number
+    of forward passes (one short of blocks scores a repeat it does not count), so sharded models stay in step.
+    Per-block values are what the bootstrap intervals resample (raycpt.core.stats)."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    losses = torch.zeros(len(blocks), dtype=torch.float64, device=device)
     mine = np.arange(rank, len(blocks), world_size)
-    for start in range(0, len(mine), batch_size):
-        batch = torch.as_tensor(np.asarray(blocks[mine[start:start + batch_size]]), dtype=torch.long, device=device)
+    per_worker = -(-len(blocks) // world_size)
+    for start in range(0, per_worker, batch_size):
+        rows = mine[start:start + batch_size]
+        batch_rows = rows if len(rows) else np.zeros(1, dtype=np.int64)  # a repeat, to stay in step
+        batch = torch.as_tensor(np.asarray(blocks[batch_rows]), dtype=torch.long, device=device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss_sum, count = block_token_losses(model, batch)
-        total[0] += loss_sum.double()
-        total[1] += count
+            scored = block_losses(model, batch)
+        if len(rows):
+            losses[torch.as_tensor(rows, device=device)] = scored
     if world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(total)  # sync point: every rank scores its shard, then sum
+        torch.distributed.all_reduce(losses)  # sync point: every rank filled its own blocks
     model.train(was_training)
-    return float(total[0] / total[1])
+    return losses.cpu().numpy()
+
+
+def heldout_loss(model: nn.Module, blocks: np.ndarray, **kwargs) -> float:
+    """Mean per-token loss over `blocks` (see heldout_block_losses for the arguments)."""
+    return float(heldout_block_losses(model, blocks, **kwargs).mean())
+
+
+def ppl_metrics(block_loss: np.ndarray, block_size: int, name_loss: str, name_ppl: str, *, seed: int = 0
+                ) -> dict[str, float | list[float]]:
+    """Loss, perplexity with its bootstrap interval over blocks, and the per-block losses (for paired intervals
+    in analysis) as flat metrics under the given names."""
+    tokens = np.full(len(block_loss), block_size - 1, dtype=np.float64)
+    # a diverged model's ppl stays finite (see MAX_LOSS_FOR_PPL)
+    interval = ppl_interval(np.minimum(block_loss, MAX_LOSS_FOR_PPL) * tokens, tokens, seed=seed)
+    return {name_loss: float(block_loss.mean()), **interval.to_dict(name_ppl),
+            name_ppl.replace("_ppl", "_block_losses"): [float(v) for v in block_loss]}
 
 
 def perplexity(loss: float) -> float:
@@ -91,55 +123,69 @@ def text_features(model: nn.Module, tokenizer, texts: list[str], *, batch_size: 
 
 
 def probe_scores(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, test_y: list[str], *,
-                 seeds: int = 1, seed: int = 0) -> dict[str, float | dict[str, float]]:
-    """scikit-learn LogisticRegression on frozen features: macro-F1, accuracy and per-class F1 on the test split.
+                 seeds: int = 1, seed: int = 0, classes: list[str] | None = None) -> dict[str, Any]:
+    """scikit-learn LogisticRegression on frozen features, fitted on the train split, scored on `test_x`:
+    macro-F1 with its bootstrap interval over the scored texts, accuracy, per-class F1, and the predictions
+    (for paired intervals against another model on the same texts).
 
-    With `seeds` > 1 the probe is refit on seeded 80% subsamples of the train split (the test split is fixed and
-    never changes, so nothing leaks): F1 is their mean, `f1_sd` their spread."""
+    With `seeds` > 1 the probe is also refit on seeded 80% subsamples of the train split: `f1_sd` is their
+    spread (otherwise None: one fit has no spread to report)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    classes = sorted(set(train_y) | set(test_y))
-    train_y_arr, f1s, accs, per_class = np.asarray(train_y), [], [], []
-    for k in range(seeds):
-        if seeds == 1:
-            rows = np.arange(len(train_y_arr))
-        else:
-            keep = max(2, int(PROBE_SUBSAMPLE * len(train_y)))
-            rows = np.random.default_rng(seed + k).permutation(len(train_y_arr))[:keep]
+    classes = classes or sorted(set(train_y) | set(test_y))
+    train_y_arr = np.asarray(train_y)
+
+    def fit_predict(rows: np.ndarray, random_state: int) -> np.ndarray:
         probe = make_pipeline(StandardScaler(),
-                              LogisticRegression(max_iter=PROBE_MAX_ITER, C=1.0, random_state=seed + k))
+                              LogisticRegression(max_iter=PROBE_MAX_ITER, C=1.0, random_state=random_state))
         probe.fit(train_x[rows], train_y_arr[rows])
-        predicted = probe.predict(test_x)
-        f1s.append(f1_score(test_y, predicted, average="macro", labels=classes, zero_division=0))
-        accs.append(accuracy_score(test_y, predicted))
-        per_class.append(f1_score(test_y, predicted, average=None, labels=classes, zero_division=0))
-    return {"f1": float(np.mean(f1s)), "f1_sd": float(np.std(f1s)), "accuracy": float(np.mean(accs)),
-            "per_class_f1": {c: float(v) for c, v in zip(classes, np.mean(per_class, axis=0), strict=True)}}
+        return probe.predict(test_x)
+
+    predicted = fit_predict(np.arange(len(train_y_arr)), seed)
+    spread = None
+    if seeds > 1:
+        keep = max(2, int(PROBE_SUBSAMPLE * len(train_y)))
+        refits = [f1_score(test_y, fit_predict(np.random.default_rng(seed + k).permutation(len(train_y))[:keep],
+                                               seed + k), average="macro", labels=classes, zero_division=0)
+                  for k in range(seeds)]
+        spread = float(np.std(refits))
+    interval = f1_interval(test_y, predicted, labels=classes, seed=seed)
+    per_class = f1_score(test_y, predicted, average=None, labels=classes, zero_division=0)
+    return {"f1": interval.value, "f1_ci_low": interval.low, "f1_ci_high": interval.high, "f1_sd": spread,
+            "accuracy": float(accuracy_score(test_y, predicted)),
+            "per_class_f1": {c: float(v) for c, v in zip(classes, per_class, strict=True)},
+            "predictions": [str(p) for p in predicted]}
 
 
-def downstream_f1(model: nn.Module, tokenizer, task: Task, *, seeds: int = 1, seed: int = 0, max_length: int = 128,
-                  device: torch.device | str = "cpu") -> dict[str, float | dict[str, float]]:
-    """The linear probe of DESIGN.md on the labelled task (train/test texts and labels), end to end."""
+def downstream_f1(model: nn.Module, tokenizer, task: Task, *, split: str = "val", seeds: int = 1, seed: int = 0,
+                  max_length: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The linear probe of DESIGN.md end to end: fitted on the task's train split, scored on `split` (val for
+    trials and selection, test for the winner and the base model once)."""
+    texts, labels = (task.val_texts, task.val_labels) if split == "val" else (task.test_texts, task.test_labels)
     train_x = text_features(model, tokenizer, task.train_texts, max_length=max_length, device=device)
-    test_x = text_features(model, tokenizer, task.test_texts, max_length=max_length, device=device)
-    return probe_scores(train_x, task.train_labels, test_x, task.test_labels, seeds=seeds, seed=seed)
+    scored_x = text_features(model, tokenizer, texts, max_length=max_length, device=device)
+    return probe_scores(train_x, task.train_labels, scored_x, labels, seeds=seeds, seed=seed, classes=task.classes)
 
 
 def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, seed: int, max_length: int,
-               device: torch.device | str, trust_remote_code: bool = False, prefix: str = metrics.EVAL_PREFIX
-               ) -> dict[str, float]:
-    """The probe's scores as flat metrics: `eval/f1` (macro), `eval/f1_sd`, `eval/accuracy`,
-    `eval/f1_class/<label>` (`base/...` with prefix 'base/')."""
+               device: torch.device | str, trust_remote_code: bool = False, prefix: str = metrics.EVAL_PREFIX,
+               split: str = "val") -> dict[str, Any]:
+    """The probe's scores as flat metrics: `eval/f1` (macro) with `eval/f1_ci_low|high`, `eval/f1_sd` (seeds > 1),
+    `eval/accuracy`, `eval/f1_class/<label>` and `eval/predictions` (`base/...`, `test/...` with another prefix)."""
     tokenizer = load_tokenizer(model_source, trust_remote_code)
-    scores = downstream_f1(model, tokenizer, task, seeds=seeds, seed=seed, max_length=max_length, device=device)
+    scores = downstream_f1(model, tokenizer, task, split=split, seeds=seeds, seed=seed, max_length=max_length,
+                           device=device)
 
     def name(metric: str) -> str:
         return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
 
-    flat = {name(metrics.F1): scores["f1"], name(metrics.F1_SD): scores["f1_sd"],
-            name(metrics.ACCURACY): scores["accuracy"]}
+    flat = {name(metrics.F1): scores["f1"], name(metrics.F1) + "_ci_low": scores["f1_ci_low"],
+            name(metrics.F1) + "_ci_high": scores["f1_ci_high"], name(metrics.ACCURACY): scores["accuracy"],
+            name(metrics.PREDICTIONS): scores["predictions"]}
+    if scores["f1_sd"] is not None:
+        flat[name(metrics.F1_SD)] = scores["f1_sd"]
     flat.update({name(metrics.F1_CLASS_PREFIX) + label: v for label, v in scores["per_class_f1"].items()})
     return flat

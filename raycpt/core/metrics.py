@@ -19,6 +19,13 @@ F1 = "eval/f1"
 F1_SD = "eval/f1_sd"
 ACCURACY = "eval/accuracy"
 F1_CLASS_PREFIX = "eval/f1_class/"
+PREDICTIONS = "eval/predictions"
+"""The probe's predicted label for every validation text, in the task's order (paired intervals need them)."""
+DOMAIN_BLOCK_LOSSES = "eval/domain_block_losses"
+GENERAL_BLOCK_LOSSES = "eval/general_block_losses"
+"""Mean loss of every held-out validation block, in order (bootstrap and paired intervals resample them)."""
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+"""Suffixes of a metric's 95% bootstrap interval: 'eval/f1_ci_low'."""
 DOMAIN_FRACTION = "data/domain_fraction"
 """The share of training blocks the loop actually drew from the domain corpus."""
 TOKENS_PER_S = "perf/tokens_per_s"
@@ -33,18 +40,35 @@ CHECKPOINT_PATH = "checkpoint_path"
 
 EVAL_PREFIX = "eval/"
 BASE_PREFIX = "base/"
+TEST_PREFIX = "test/"
+"""Scored once after selection, for the winner and the base model only: 'test/f1', 'test/domain_ppl'."""
+LIFT_PREFIX = "lift/"
+"""Paired differences against the base model on the same texts/blocks: 'lift/f1' (absolute), 'lift/domain_ppl'
+(relative change), each with its interval."""
 
 SCHEDULABLE = (DOMAIN_PPL, DOMAIN_LOSS, GENERAL_PPL, TRAIN_LOSS)
 """Metrics reported at every eval, so ASHA (`search.metric`) can compare trials on them."""
 
-FINAL = (STEP, TOKENS, TRAIN_LOSS, DOMAIN_LOSS, DOMAIN_PPL, GENERAL_LOSS, GENERAL_PPL, F1, F1_SD, ACCURACY,
-         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH)
+FINAL = (STEP, TOKENS, TRAIN_LOSS, DOMAIN_LOSS, DOMAIN_PPL, DOMAIN_PPL + CI_LOW, DOMAIN_PPL + CI_HIGH, GENERAL_LOSS,
+         GENERAL_PPL, GENERAL_PPL + CI_LOW, GENERAL_PPL + CI_HIGH, F1, F1 + CI_LOW, F1 + CI_HIGH, F1_SD, ACCURACY,
+         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH, PREDICTIONS, DOMAIN_BLOCK_LOSSES,
+         GENERAL_BLOCK_LOSSES)
 """A trial's last values that analysis collects into its row."""
 
 
 def base_name(metric: str) -> str:
     """The base model's name of a trial metric: 'eval/domain_ppl' -> 'base/domain_ppl'."""
     return BASE_PREFIX + metric.removeprefix(EVAL_PREFIX)
+
+
+def test_name(metric: str) -> str:
+    """'eval/f1' -> 'test/f1'."""
+    return TEST_PREFIX + metric.removeprefix(EVAL_PREFIX)
+
+
+def lift_name(metric: str) -> str:
+    """'eval/f1' -> 'lift/f1'."""
+    return LIFT_PREFIX + metric.removeprefix(EVAL_PREFIX)
 
 
 def short_name(metric: str) -> str:

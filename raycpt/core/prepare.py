@@ -23,15 +23,17 @@ from raycpt.core.config import ExperimentConfig
 from raycpt.core.data import (
     PreparedCorpus,
     Task,
+    check_document_count,
     check_enough_text,
     load_blocks,
     load_documents,
     load_task,
     prepare_corpus,
+    source_text,
     tokenizer_fingerprint,
 )
 from raycpt.core.errors import InputError
-from raycpt.core.evaluate import f1_metrics, heldout_loss, perplexity
+from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
 from raycpt.core.resources import trial_concurrency
@@ -80,9 +82,10 @@ class Manifest:
 
 
 def check_storage(cfg: ExperimentConfig) -> Path:
-    """The experiment dir can be created and written; returns it."""
+    """The experiment dir can be created and written; returns it. Leaves the disk as it found it: directories
+    made for the check (the experiment dir and any missing parent, e.g. runs/) are removed again."""
     exp_dir = cfg.experiment_dir()
-    existed = exp_dir.exists()
+    missing = [d for d in (exp_dir, *exp_dir.parents) if not d.exists()]
     try:
         exp_dir.mkdir(parents=True, exist_ok=True)
         probe = exp_dir / f".raycpt-write-test-{os.getpid()}"
@@ -91,8 +94,14 @@ def check_storage(cfg: ExperimentConfig) -> Path:
     except OSError as err:
         raise InputError(f"storage_path '{cfg.storage_path}': cannot write {exp_dir} ({err.strerror or err}); "
                          "set storage_path to a writable directory") from None
-    if not existed:
-        exp_dir.rmdir()
+    finally:
+        for made in missing:  # deepest first; one that something else wrote into meanwhile stays
+            try:
+                made.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
     return exp_dir
 
 
@@ -127,7 +136,8 @@ def load_eval_task(cfg: ExperimentConfig) -> Task | None:
     if not e.task:
         return None
     return load_task(e.task, text_field=e.text_field, label_field=e.label_field, labels=e.labels,
-                     train_size=e.train_size, test_size=e.test_size, seed=e.seed, test_source=e.test_task)
+                     train_size=e.train_size, val_size=e.val_size, test_size=e.test_size, seed=e.seed,
+                     test_source=e.test_task)
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -141,10 +151,11 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     found = {}
     for field, source in (("data.domain", cfg.data.domain), ("data.general", cfg.data.general)):
         if source:
-            docs = load_documents(source, cfg.data.text_field, field)
-            check_enough_text(docs, tokenizer, cfg.data.block_size, source, field)
+            docs = load_documents(source, cfg.data.text_field, field, txt_unit=cfg.data.txt_unit)
+            check_enough_text(docs, tokenizer, cfg.data.block_size, source_text(source), field)
+            check_document_count(docs, source_text(source), field)
             found[field] = len(docs)
-    sizes = {"train": len(task.train_texts), "test": len(task.test_texts)} if task else None
+    sizes = {"train": len(task.train_texts), "val": len(task.val_texts), "test": len(task.test_texts)} if task else None
     return {"documents": found, "task": sizes}
 
 
@@ -158,8 +169,9 @@ def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
     task = load_eval_task(cfg)
     common = dict(text_field=d.text_field, block_size=d.block_size, heldout_fraction=d.heldout_fraction,
-                  heldout_blocks=d.heldout_blocks, max_tokens=d.max_tokens, seed=d.seed,
-                  exclude_texts=task.test_texts if task else [])
+                  heldout_blocks=d.heldout_blocks, test_blocks=d.test_blocks or d.heldout_blocks,
+                  max_tokens=d.max_tokens, seed=d.seed, exclude_texts=task.heldout_texts() if task else [],
+                  txt_unit=d.txt_unit)
     domain = prepare_corpus(d.domain, tokenizer, field="data.domain", **common)
     general = prepare_corpus(d.general, tokenizer, field="data.general", **common) if d.general else None
     manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task)
@@ -167,29 +179,65 @@ def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
     return manifest
 
 
-def measure_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
-    """The base model's held-out metrics (`base/...`) on the exact blocks trials use; cached in the experiment
-    dir."""
-    path = exp_dir / BASE_METRICS_FILE
-    key = hashlib.sha256(json.dumps([manifest.fingerprint, dataclasses.asdict(cfg.eval), cfg.model.source,
-                                     cfg.model.dtype], sort_keys=True).encode()).hexdigest()[:16]
-    if path.exists():
-        cached = read_json(path)
-        if cached.get("key") == key:
-            return cached
-    start = time.perf_counter()
-    model = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
+def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, split: str, prefix: str,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Held-out ppl (with intervals and per-block losses) and probe F1 (with interval and predictions) of a model
+    on the validation (`split="val"`) or test parts, as flat metrics with names under `prefix` ('base/',
+    'test/', 'base/test/'). Runs in the precision trials use on this device."""
+    device = torch.device(device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    model.to(device)
+
+    def name(metric: str) -> str:
+        return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
+
     results: dict[str, Any] = {}
     for corpus, loss_name, ppl_name in ((manifest.domain, metrics.DOMAIN_LOSS, metrics.DOMAIN_PPL),
                                         (manifest.general, metrics.GENERAL_LOSS, metrics.GENERAL_PPL)):
         if corpus is not None:
-            loss = heldout_loss(model, load_blocks(corpus.heldout), batch_size=cfg.train.batch_size)
-            results.update({metrics.base_name(loss_name): loss, metrics.base_name(ppl_name): perplexity(loss)})
+            blocks = load_blocks(corpus.heldout if split == "val" else corpus.test)
+            losses = heldout_block_losses(model, blocks, batch_size=cfg.train.batch_size, device=device,
+                                          autocast_dtype=amp)
+            results.update(ppl_metrics(losses, manifest.block_size, name(loss_name), name(ppl_name),
+                                       seed=cfg.data.seed))
     if manifest.task:
         e = cfg.eval
         results.update(f1_metrics(model, cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
-                                  max_length=e.max_length, device="cpu", trust_remote_code=cfg.model.trust_remote_code,
-                                  prefix=metrics.BASE_PREFIX))
-    results.update({"key": key, "time_s": time.perf_counter() - start, "threads": torch.get_num_threads()})
-    write_json(path, results)
+                                  max_length=e.max_length, device=device, trust_remote_code=cfg.model.trust_remote_code,
+                                  prefix=prefix, split=split))
+    return results
+
+
+def base_cache_key(cfg: ExperimentConfig, manifest: Manifest) -> str:
+    """What the base measurement depends on: the data, the task, the model and how it is run."""
+    return hashlib.sha256(json.dumps([manifest.fingerprint, dataclasses.asdict(cfg.eval), cfg.model.source,
+                                      cfg.model.dtype, cfg.train.precision, cfg.resources.use_gpu],
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any] | None:
+    """The base metrics saved in the experiment dir, if they were measured for this data, task, model and
+    precision."""
+    path = exp_dir / BASE_METRICS_FILE
+    cached = read_json(path) if path.exists() else {}
+    return cached if cached.get("key") == base_cache_key(cfg, manifest) else None
+
+
+def measure_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
+    """The base model's metrics on the exact blocks and texts trials use (`base/...`, validation) and on the test
+    parts (`base/test/...`, shown only beside the winner's test numbers), on the device and in the precision
+    trials use (a GPU when resources.use_gpu); cached in the experiment dir."""
+    cached = cached_base(cfg, manifest, exp_dir)
+    if cached is not None:
+        return cached
+    start = time.perf_counter()
+    device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
+    model = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
+    results = score_model(model, cfg, manifest, split="val", prefix=metrics.BASE_PREFIX, device=device)
+    results.update(score_model(model, cfg, manifest, split="test",
+                               prefix=metrics.base_name(metrics.TEST_PREFIX), device=device))
+    results.update({"key": base_cache_key(cfg, manifest), "time_s": time.perf_counter() - start,
+                    "threads": torch.get_num_threads(), "device": str(device),
+                    "precision": str(autocast_dtype(cfg.train.precision, device) or "fp32")})
+    write_json(exp_dir / BASE_METRICS_FILE, results)
     return results

@@ -2,7 +2,8 @@
 
 `train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
 and cosine re-decay over a deterministic domain/general mixture. Every `eval_every` steps (and at the last step) it
-scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`) and calls
+scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under
+`resources.strategy: fsdp`, see `save_checkpoint`) and calls
 `report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
 `python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray.
 """
@@ -29,10 +30,18 @@ from raycpt.core import metrics as m
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, load_config, to_dict
 from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
 from raycpt.core.errors import InputError
-from raycpt.core.evaluate import f1_metrics, heldout_loss, perplexity
+from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.files import write_json
 from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
 from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.parallel import (
+    fsdp_root,
+    is_sharded_checkpoint,
+    load_sharded,
+    no_gradient_sync,
+    root_unsharded,
+    save_sharded,
+)
 from raycpt.core.prepare import Manifest, prepare_experiment
 
 Report = Callable[[dict[str, Any], "str | None"], None]
@@ -58,12 +67,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: 
 
     return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
                                                        num_training_steps=steps, min_lr_rate=min_lr_ratio)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
@@ -94,7 +97,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / torch.compile wrappers."""
+    """The HF model inside DDP / torch.compile wrappers (FSDP2 shards the HF model in place: no wrapper)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     return model
@@ -134,22 +137,66 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: torch.optim.Optimizer, scheduler,
-                    cfg: ExperimentConfig, metrics: dict[str, Any]) -> None:
-    """One unit: weights (safetensors), the train state with optimizer and scheduler, the config, the metrics."""
+                    cfg: ExperimentConfig, metrics: dict[str, Any], *, rank: int = 0) -> None:
+    """One unit: weights, the train state with optimizer and scheduler, the config, the metrics.
+
+    strategy ddp (rank 0 alone calls it): HF `save_pretrained` safetensors, and `trainer_state.pt` with the
+    optimizer. strategy fsdp (every rank calls it, into its own local dir; Ray merges them into one): each rank
+    writes its shard of the weights and optimizer (torch DCP, `sharded/`), rank 0 the HF config.json and
+    `trainer_state.pt` without the optimizer. `results.export` gathers the shards into HF safetensors."""
     path.mkdir(parents=True, exist_ok=True)
-    unwrap(model).save_pretrained(path, safe_serialization=True)
+    hf = unwrap(model)
+    sharded = cfg.resources.strategy == "fsdp"
+    if sharded:
+        save_sharded(path, hf, optimizer)  # a collective: every rank
+    if rank != 0:
+        return
+    if sharded:
+        hf.config.save_pretrained(path)
+        if getattr(hf, "generation_config", None) is not None:
+            hf.generation_config.save_pretrained(path)
+    else:
+        hf.save_pretrained(path, safe_serialization=True)
     state.capture_rng()
-    torch.save({"state": dataclasses.asdict(state), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, path / STATE_FILE)
+    saved = {"state": dataclasses.asdict(state), "scheduler": scheduler.state_dict()}
+    if not sharded:
+        saved["optimizer"] = optimizer.state_dict()
+    torch.save(saved, path / STATE_FILE)
     write_json(path / CONFIG_FILE, to_dict(cfg))
     write_json(path / "metrics.json", metrics)
 
 
-def load_train_state(path: Path, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+    """Optimizer, scheduler and TrainState from a checkpoint; a sharded one also loads the weights into `model`
+    (resharded onto this run's workers: a collective under FSDP). The RNG state is rank 0's, on every rank."""
     saved = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if is_sharded_checkpoint(path):
+        load_sharded(path, unwrap(model), optimizer)
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return TrainState(**saved["state"])
+
+
+def load_checkpoint_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False
+                          ) -> nn.Module:
+    """The HF model of a checkpoint of either format, whole, on CPU (no process group needed): a sharded one is
+    built from its config.json and filled from the DCP shards."""
+    if not is_sharded_checkpoint(path):
+        return load_model(str(path), dtype, trust_remote_code)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    load_sharded(path, model)
+    return model.train()
+
+
+def has_weights(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint with weights: HF safetensors (one file or an index of shards), or DCP."""
+    path = Path(path)
+    return ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+            or is_sharded_checkpoint(path))
 
 
 def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
@@ -164,7 +211,14 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     random.seed(t.seed + rank)
 
     # --- model: released weights (init) or a checkpoint (resume) -------------------------------------------------
-    model = load_model(resume_dir or cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
+    # A sharded (fsdp) checkpoint is loaded after wrapping, with the optimizer (load_train_state): start from the
+    # released weights' architecture. HF weights + a whole optimizer cannot be spread over FSDP shards.
+    resume_sharded = bool(resume_dir) and is_sharded_checkpoint(resume_dir)
+    if resume_dir and not resume_sharded and cfg.resources.strategy == "fsdp" and world_size > 1:
+        raise InputError(f"resources.strategy=fsdp: checkpoint {resume_dir} was saved under ddp; resume it with "
+                         "--set resources.strategy=ddp, or start a new run with --set name=<new name>")
+    weights = cfg.model.source if resume_sharded or not resume_dir else resume_dir
+    model = load_model(weights, cfg.model.dtype, cfg.model.trust_remote_code)
     apply_dropout(model, t.dropout)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -172,7 +226,8 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     model_flops_per_token = flops_per_token(model, d.block_size)
     peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
     model.to(device)
-    model = wrap_model(model)
+    model = wrap_model(model)  # DDP, FSDP2 (raycpt.core.parallel.apply_fsdp) or nothing
+    sharded = fsdp_root(model) is not None  # every rank runs every forward: the layers all-gather their params
     if t.compile:
         model = torch.compile(model)
     loss_impl, loss_note = resolve_loss_impl(t.loss_impl, device, unwrap(model))
@@ -194,17 +249,23 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
     state = TrainState()
     if resume_dir:
-        state = load_train_state(Path(resume_dir), optimizer, scheduler)
+        state = load_train_state(Path(resume_dir), model, optimizer, scheduler)
         state.restore_rng()
         state.restarts += 1
     resumed_from_step = state.step
 
-    def evaluate() -> tuple[float, float | None]:
+    def evaluate() -> dict[str, Any]:
+        """Loss, ppl with its bootstrap interval, and per-block losses on the validation blocks of each corpus."""
         kwargs = dict(batch_size=micro_batch, device=device, rank=rank, world_size=world_size,
                       autocast_dtype=amp_dtype)
-        domain = heldout_loss(model, domain_heldout, **kwargs)
-        general_loss = heldout_loss(model, general_heldout, **kwargs) if general else None
-        return domain, general_loss
+        scores = ppl_metrics(heldout_block_losses(model, domain_heldout, **kwargs), d.block_size, m.DOMAIN_LOSS,
+                             m.DOMAIN_PPL, seed=d.seed)
+        if general:
+            scores.update(ppl_metrics(heldout_block_losses(model, general_heldout, **kwargs), d.block_size,
+                                      m.GENERAL_LOSS, m.GENERAL_PPL, seed=d.seed))
+        else:
+            scores.update({m.GENERAL_LOSS: None, m.GENERAL_PPL: None})
+        return scores
 
     # --- loop ----------------------------------------------------------------------------------------------------
     model.train()
@@ -223,9 +284,9 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
                 batch = batch.pin_memory()
             input_ids = batch.to(device, dtype=torch.long, non_blocking=True)
             last_micro = micro == grad_accum - 1
-            # DDP: all-reduce gradients only on the last micro-batch of a step
-            skip_sync = world_size > 1 and not last_micro and hasattr(model, "no_sync")
-            with model.no_sync() if skip_sync else contextlib.nullcontext():
+            # DDP / FSDP: all-reduce (reduce-scatter) gradients only on the last micro-batch of a step
+            skip_sync = world_size > 1 and not last_micro
+            with no_gradient_sync(model) if skip_sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
                 loss.backward()
@@ -252,13 +313,11 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             torch.distributed.all_reduce(train_loss)  # sync point: mean train loss across workers
             train_loss /= world_size
             torch.distributed.all_reduce(drawn)  # sync point: blocks drawn by every worker
-        domain_loss, general_loss = evaluate()
+        heldout = evaluate()
         tokens = done * blocks_per_step * d.block_size
         tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
         metrics = {
-            m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss),
-            m.DOMAIN_LOSS: domain_loss, m.DOMAIN_PPL: perplexity(domain_loss),
-            m.GENERAL_LOSS: general_loss, m.GENERAL_PPL: perplexity(general_loss) if general else None,
+            m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss), **heldout,
             # what the loop consumed since this run (re)started, not the plan: a resumed run counts its own draws
             m.DOMAIN_FRACTION: float(drawn[0] / drawn[1]),
             m.TOKENS_PER_S: tokens_per_s,
@@ -272,18 +331,21 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             state.evals_since_best += 1
         state.step = done
         stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
-        if (done == t.steps or stop_early) and manifest.task and rank == 0:
+        if (done == t.steps or stop_early) and manifest.task and (rank == 0 or sharded):
             # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
-            # trials Tune stops, and this keeps the probe on the trial's own resources).
+            # trials Tune stops, and this keeps the probe on the trial's own resources). Under FSDP every rank
+            # runs it on the same texts (each forward all-gathers; no rank ever holds the whole model idle) and
+            # gets the same scores; root_unsharded: the probe calls the decoder without the root's hooks.
             e = cfg.eval
-            metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
-                                      max_length=e.max_length, device=device,
-                                      trust_remote_code=cfg.model.trust_remote_code))
+            with root_unsharded(model):
+                metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds,
+                                          seed=e.seed, max_length=e.max_length, device=device,
+                                          trust_remote_code=cfg.model.trust_remote_code))
         metrics[m.FINISHED] = done == t.steps or stop_early
         checkpoint_dir = None
-        if rank == 0:
+        if rank == 0 or cfg.resources.strategy == "fsdp":  # fsdp: every rank writes its shard
             checkpoint_dir = Path(checkpoint_root) / f"checkpoint_step{done:06d}"
-            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics)
+            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank)
         report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
         loss_acc.zero_()
         steps_in_window, window_start = 0, time.perf_counter()

@@ -13,11 +13,11 @@ from typing import Any
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from raycpt.core import metrics
-from raycpt.core.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict, with_overrides
+from raycpt.core.config import ExperimentConfig, SearchConfig, TrainConfig, config_from_dict, to_dict, with_overrides
 from raycpt.core.prepare import Manifest
 from raycpt.core.resources import trial_resources
 from raycpt.edge.policy import MAX_FAILURES, checkpoint_config, failure_config
@@ -47,6 +47,29 @@ def search_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
         else:
             result[key] = tune.grid_search(args)
     return result
+
+
+def optuna_startup_trials(num_samples: int) -> int:
+    """Trials TPE samples at random before it models the metric: Optuna's default 10 would leave a typical sweep of
+    4-16 trials all random, so a quarter of the trials, at least 3 and at most 10."""
+    return min(10, max(3, num_samples // 4))
+
+
+def search_algorithm(s: SearchConfig, concurrency: int) -> BasicVariantGenerator | Searcher:
+    """Who proposes the trials' hyperparameters (`search.algorithm`), at most `concurrency` running at once.
+    random: Tune's seeded BasicVariantGenerator (grid points x num_samples random draws). optuna: Tune's
+    OptunaSearch with a seeded TPE sampler, behind a ConcurrencyLimiter; Tune passes it the metric, the mode and
+    the param space (nested under train_loop_config: OptunaSearch flattens and unflattens it) and saves its state
+    in the experiment dir, so `Tuner.restore` (restore_tuner) continues the same study."""
+    if s.algorithm == "optuna":
+        import optuna  # only optuna sweeps need it (and its import costs a second)
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-trial lines would break the live view
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=optuna_startup_trials(s.num_samples))
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrency)
+    # an explicit generator ignores TuneConfig's limit: give it its own
+    return BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)
 
 
 def _extreme(cfg: ExperimentConfig, key: str, default: int, pick=max) -> int:
@@ -152,8 +175,7 @@ def build_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path, concurrenc
         build_trainable(cfg, data, exp_dir),
         param_space={"train_loop_config": search_space(s.space)},
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, scheduler=scheduler, num_samples=s.num_samples,
-                                    # an explicit generator ignores TuneConfig's limit: give it its own
-                                    search_alg=BasicVariantGenerator(random_state=s.seed, max_concurrent=concurrency)),
+                                    search_alg=search_algorithm(s, concurrency)),
         # verbose=2: Tune's per-result lines and tables, which ray_progress_reporters routes to the log file.
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(exp_dir), verbose=2,
                                   callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter,
@@ -167,6 +189,8 @@ def build_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path, concurrenc
 
 def restore_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path) -> tune.Tuner:
     """The interrupted sweep's Tuner: finished trials kept, unfinished and errored ones resumed from their latest
-    checkpoint. Tune restores its own callbacks (the live view, loggers) from the run's tuner.pkl."""
+    checkpoint. Tune restores its own callbacks (the live view, loggers) and the search algorithm from the run's
+    tuner.pkl, then the searcher's state (optuna's study: every trial proposed and scored so far) from its
+    searcher-state file, so the search goes on where it stopped instead of starting over."""
     return tune.Tuner.restore(str(exp_dir / TUNE_DIR), trainable=build_trainable(cfg, data, exp_dir),
                               resume_unfinished=True, resume_errored=True)

@@ -1,7 +1,8 @@
 """Where the loop runs on Ray: one CPT trial on 1..N workers. A thin wrapper: the loop is `raycpt.core.train.train`.
 
 The Ray lines are few: [1] rebuild the config, [2] get a checkpoint to resume from, [3] prepare the model (DDP,
-device), [4] report metrics + checkpoint from every rank (rank 0 alone writes the checkpoint), [5] launch.
+device; or FSDP2 shards), [4] report metrics + checkpoint from every rank (ddp: rank 0 alone writes the checkpoint;
+fsdp: every rank writes its shard), [5] launch.
 [6] A sweep trial with one worker skips the TorchTrainer: the loop runs in the Tune trial itself, with Tune's
 checkpoint manager and FailureConfig in Ray Train's place (no controller or worker actor to start: ~16 s and
 ~1 GiB less per trial, benchmarks/RESULTS.md).
@@ -29,8 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from raycpt.core import metrics as m
 from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
 from raycpt.core.errors import InputError
+from raycpt.core.evaluate import autocast_dtype
 from raycpt.core.files import write_json
-from raycpt.core.prepare import Manifest
+from raycpt.core.parallel import apply_fsdp
+from raycpt.core.prepare import Manifest, cached_base, measure_base
+from raycpt.core.resources import trial_resources
 from raycpt.core.train import train
 from raycpt.edge.policy import checkpoint_config, failure_config
 
@@ -76,9 +80,15 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
     world_size, rank = context.get_world_size(), context.get_world_rank()
 
     def wrap_model(model):
-        # [3] DDP wrapper and device placement from Ray Train (one worker needs no wrapper)
+        # [3] DDP wrapper and device placement from Ray Train (one worker needs no wrapper). FSDP2: Ray Train
+        # gives the process group and the device (the loop already moved the model there); shard it in place.
         if world_size == 1:
             return model
+        if cfg.resources.strategy == "fsdp":
+            device = ray.train.torch.get_device()
+            return apply_fsdp(model, cpu_offload=cfg.resources.fsdp_cpu_offload,
+                              mixed_precision=device.type == "cuda"
+                              and autocast_dtype(cfg.train.precision, device) == torch.bfloat16)
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs())
 
     # [2] A checkpoint exists when Ray Train restarts workers after a failure: resume from it.
@@ -109,17 +119,39 @@ def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, 
                  "node_ip": node_ip}
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:  # rank 0 only
+        # ddp: rank 0 alone has a checkpoint dir. fsdp: every rank has one with its own shard files (sharded/
+        # __<rank>_0.distcp; rank 0 also the rest); Ray Train persists each rank's dir into the same storage dir,
+        # so together they are one checkpoint ("distributed checkpointing" in Ray Train's checkpoint guide).
+        if checkpoint_dir and rank == 0:
             write_json(Path(checkpoint_dir) / PLACEMENT_FILE, placement)
         report_fn(metrics, checkpoint=checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None)
         if checkpoint_dir:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
-            _pause_if_asked(metrics[m.STEP])
+            if rank == 0:
+                _pause_if_asked(metrics[m.STEP])
 
     with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         return train(cfg, data, report, checkpoint_root=root, resume_dir=resume_dir, rank=rank,
                      world_size=world_size, device=device, wrap_model=wrap_model)
+
+
+def measure_base_on_trial_resources(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
+    """raycpt.core.prepare.measure_base as a Ray task holding one trial worker's resources (its GPU), so the base
+    model is scored on the device and in the precision trials use. Cached results return without a task."""
+    cached = cached_base(cfg, manifest, exp_dir)
+    if cached is not None:
+        return cached
+    worker = dict(trial_resources(cfg.resources).workers[0] if cfg.resources.num_workers > 1
+                  else trial_resources(cfg.resources).driver)
+    task = ray.remote(_measure_base_task).options(num_cpus=worker.pop("CPU", 1.0), num_gpus=worker.pop("GPU", 0.0),
+                                                  resources=worker or None)
+    return ray.get(task.remote(cfg, manifest, str(exp_dir)))
+
+
+def _measure_base_task(cfg: ExperimentConfig, manifest: Manifest, exp_dir: str) -> dict[str, Any]:
+    torch.set_num_threads(max(1, round(cfg.resources.cpus_per_worker)))
+    return measure_base(cfg, manifest, Path(exp_dir))
 
 
 def _pause_if_asked(step: int) -> None:

@@ -3,6 +3,7 @@ last metrics, checkpoint, error line. Works on finished, interrupted and running
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,54 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
         row.update({k: v for k, v in flatten_result(last).items() if k.startswith(metrics.F1_CLASS_PREFIX)})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def trial_dir(exp_dir: Path, trial: dict[str, Any]) -> Path | None:
+    """A trial's Tune directory (holding result.json / progress.csv); the recorded path may come from another
+    machine or a moved experiment dir."""
+    exp_dir = Path(exp_dir)
+    recorded = Path(str(trial.get("path") or ""))
+    for candidate in (exp_dir / TUNE_DIR / recorded.name, recorded):
+        if recorded.name and any((candidate / name).exists() for name in ("result.json", "progress.csv")):
+            return candidate
+    for name in ("result.json", "progress.csv"):
+        matches = sorted((exp_dir / TUNE_DIR).glob(f"*_{trial['trial_id']}_*/{name}"))
+        if matches:
+            return matches[0].parent
+    return None
+
+
+def load_history(trial_dir: Path) -> pd.DataFrame:
+    """One row per report of a trial, from its result.json (JSON lines; a half-written last line is skipped), else
+    its progress.csv; by step, the last report of a step kept."""
+    trial_dir = Path(trial_dir)
+    rows = []
+    if (trial_dir / "result.json").exists():
+        for line in (trial_dir / "result.json").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        frame = pd.DataFrame(rows)
+    elif (trial_dir / "progress.csv").exists():
+        try:
+            frame = pd.read_csv(trial_dir / "progress.csv")
+        except (pd.errors.EmptyDataError, pd.errors.ParserError):
+            frame = pd.DataFrame()
+    else:
+        frame = pd.DataFrame()
+    # by step: a trial resumed after a driver crash restarts Tune's iteration counter, not its step
+    order = "step" if "step" in frame else "training_iteration"
+    return frame.sort_values(order).drop_duplicates(subset=[order], keep="last") if order in frame else frame
+
+
+def load_histories(exp_dir: Path, trials: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """trial id -> its history (load_history), for the trials that reported tokens."""
+    histories = {}
+    for trial in trials:
+        found = trial_dir(exp_dir, trial)
+        if found is not None:
+            history = load_history(found)
+            if not history.empty and metrics.TOKENS in history:
+                histories[trial["trial_id"]] = history
+    return histories

@@ -6,28 +6,38 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import platform
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from raycpt.core import metrics
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, config_from_dict, to_dict
-from raycpt.core.data import load_blocks
-from raycpt.core.errors import InputError
-from raycpt.core.evaluate import heldout_loss, perplexity
+from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer
-from raycpt.core.prepare import Manifest
+from raycpt.core.prepare import Manifest, score_model
+from raycpt.core.train import has_weights, load_checkpoint_model
 from raycpt.results.collect import HP_PREFIX
-from raycpt.results.format import fixed, num, relative_change
+from raycpt.results.compare import paired_lifts
+from raycpt.results.format import fixed, num
 from raycpt.results.select import Selection
 
 EXPORT_DIR = "export"
 CARD_FILE = "raycpt_card.json"
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors")
+
+
+def write_weights(checkpoint: Path, export: Path, cfg: ExperimentConfig) -> None:
+    """The checkpoint's model as HF safetensors in `export`, in files of at most `export.max_shard_size`
+    (model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json), with config.json and
+    generation_config.json. Either checkpoint format: a ddp save_pretrained dir, or an fsdp checkpoint's DCP
+    shards gathered here on CPU (no process group; needs the whole model's memory)."""
+    model = load_checkpoint_model(checkpoint, cfg.model.dtype, cfg.model.trust_remote_code)
+    model.save_pretrained(export, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
 
 
 def _versions() -> dict[str, str]:
@@ -37,11 +47,13 @@ def _versions() -> dict[str, str]:
 
 
 def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], base: dict[str, Any],
-                  selection: Selection, *, force: bool = False) -> dict[str, Any]:
+                  selection: Selection, *, force: bool = False, compute: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """Copy the winner's checkpoint into <exp>/export (safetensors + tokenizer + card), then reload it and check
-    that it scores the reported held-out ppl."""
+    that it scores the reported held-out ppl. `compute`: the sweep's compute accounting, recorded in the card
+    with the winner's own `compute/...` numbers."""
     checkpoint = Path(str(row.get(metrics.CHECKPOINT_PATH) or ""))
-    if not (checkpoint / "model.safetensors").exists():
+    if not has_weights(checkpoint):
         raise InputError(f"trial {row['trial_id']}: its checkpoint {checkpoint} is missing; cannot export it")
     export = exp_dir / EXPORT_DIR
     if export.exists() and any(export.iterdir()):
@@ -49,60 +61,137 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
             raise InputError(f"{export} already holds an export; pass --force to overwrite it")
         shutil.rmtree(export)
     export.mkdir(parents=True)
-    for name in EXPORT_FILES:
-        if (checkpoint / name).exists():
-            shutil.copy2(checkpoint / name, export / name)
+    write_weights(checkpoint, export, cfg)
     load_tokenizer(cfg.model.source, cfg.model.trust_remote_code).save_pretrained(export)
 
     trial_cfg = config_from_dict(read_json(checkpoint / CONFIG_FILE))
     manifest = Manifest.load(exp_dir)
+    device = "cuda" if trial_cfg.resources.use_gpu and torch.cuda.is_available() else "cpu"
     model = load_model(str(export), trust_remote_code=False)
-    reloaded = perplexity(heldout_loss(model, load_blocks(manifest.domain.heldout),
-                                       batch_size=trial_cfg.train.batch_size))
-    reported = num(row.get(metrics.DOMAIN_PPL))
+    # the exported model, on the trials' device and precision: validation again (must match what the trial
+    # reported) and, once, the test parts
+    rescored = score_model(model, trial_cfg, manifest, split="val", prefix=metrics.EVAL_PREFIX, device=device)
+    test = score_model(model, trial_cfg, manifest, split="test", prefix=metrics.TEST_PREFIX, device=device)
+    task = manifest.task
+    test.update(paired_lifts(test, base, row_prefix=metrics.TEST_PREFIX,
+                             reference_prefix=metrics.base_name(metrics.TEST_PREFIX),
+                             out_prefix=metrics.TEST_PREFIX + metrics.LIFT_PREFIX,
+                             labels=task.test_labels if task else None, classes=task.classes if task else None,
+                             block_size=manifest.block_size))
+    verification = verify_reload(row, rescored)
     final = {k: row.get(k) for k in (metrics.STEP, metrics.TOKENS, metrics.DOMAIN_PPL, metrics.GENERAL_PPL,
                                      metrics.F1, metrics.F1_SD, metrics.ACCURACY, metrics.DOMAIN_FRACTION,
                                      metrics.TRAIN_LOSS)}
+    for name in (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1):
+        final.update({name + suffix: row.get(name + suffix) for suffix in (metrics.CI_LOW, metrics.CI_HIGH)})
     final["eval/f1_per_class"] = {k.rsplit("/", 1)[1]: v for k, v in row.items()
                                   if k.startswith(metrics.F1_CLASS_PREFIX) and v is not None and not pd.isna(v)}
     card = {
         "model": "continued pre-training of " + cfg.model.source,
         "trial_id": row["trial_id"],
-        "selection": {"rule": to_dict(cfg)["select"], "reasons": selection.reasons, "flagged": selection.flagged},
+        "selection": {"rule": to_dict(cfg)["select"], "reasons": selection.reasons, "flagged": selection.flagged,
+                      "beats_base": selection.beats_base, "verdict": selection.verdict},
         "hyperparameters": {k.removeprefix(HP_PREFIX): v for k, v in row.items() if k.startswith(HP_PREFIX)},
         "metrics": final,
-        "base": {k: v for k, v in base.items() if k.startswith(metrics.BASE_PREFIX)},
-        "lift": {metrics.short_name(name): relative_change(row.get(name), base.get(metrics.base_name(name)))
-                 for name in (metrics.DOMAIN_PPL, metrics.F1, metrics.GENERAL_PPL)},
+        "test": _scalars(test),
+        "base": _scalars({k: v for k, v in base.items() if k.startswith(metrics.BASE_PREFIX)}),
+        "lift": {k: v for k, v in row.items() if k.startswith(metrics.LIFT_PREFIX)},
+        "test_verdict": verdict_on_test(test),
         "data_mix": {"mix_ratio": trial_cfg.train.mix_ratio, "realised_domain_fraction":
                      row.get(metrics.DOMAIN_FRACTION), "domain": cfg.data.domain, "general": cfg.data.general,
                      "domain_stats": manifest.to_dict()["domain"], "general_stats": manifest.to_dict()["general"],
-                     "block_size": trial_cfg.data.block_size},
-        "verification": {"reloaded_domain_ppl": reloaded, "reported_domain_ppl": reported,
-                         "relative_difference": abs(reloaded - reported) / reported if reported else None},
+                     "block_size": trial_cfg.data.block_size,
+                     "task_duplicates_removed": task.duplicates_removed if task else None},
+        "verification": verification,
         "config": to_dict(trial_cfg),
         "seed": {"data": trial_cfg.data.seed, "train": trial_cfg.train.seed},
         "versions": _versions(),
         "lineage": {"base_model": cfg.model.source, "base_model_dir": manifest.model_source,
                     "checkpoint": str(checkpoint), "experiment_dir": str(exp_dir)},
+        "compute": {"sweep": compute or {}, "winner": {k: v for k, v in row.items() if k.startswith("compute/")}},
     }
     write_json(export / CARD_FILE, card)
     (export / "README.md").write_text(_card_markdown(card))
+    if not verification["ok"]:
+        raise ExportCheckError(f"the exported model in {export} does not reproduce its trial's numbers "
+                               f"({verification['problem']}); the card records both (verification)")
     return card
 
 
+RESCORE_RTOL = 1e-3
+"""The reloaded export's validation ppl must match what its trial reported to this relative tolerance."""
+
+
+def verify_reload(reported: dict[str, Any], rescored: dict[str, Any]) -> dict[str, Any]:
+    """Reported vs re-scored validation numbers of the exported model: domain and general ppl within RESCORE_RTOL
+    relative, probe F1 within RESCORE_RTOL absolute (the probe is deterministic given the features)."""
+    checks, problems = {}, []
+    for name in (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1):
+        want, got = num(reported.get(name)), num(rescored.get(name))
+        if math.isnan(want) and math.isnan(got):
+            continue
+        diff = abs(got - want) / (abs(want) if name != metrics.F1 and want else 1.0)
+        checks[metrics.short_name(name)] = {"reported": want, "reloaded": got, "difference": diff}
+        if not diff <= RESCORE_RTOL:  # NaN fails too
+            problems.append(f"{metrics.short_name(name)} {got:.4f} vs reported {want:.4f}")
+    legacy = checks.get("domain_ppl", {})
+    return {"ok": not problems, "problem": "; ".join(problems), "checks": checks,
+            "reloaded_domain_ppl": legacy.get("reloaded"), "reported_domain_ppl": legacy.get("reported"),
+            "relative_difference": legacy.get("difference")}
+
+
+def verdict_on_test(test: dict[str, Any]) -> str:
+    """The winner against the base model on the test split, in plain words."""
+    lift = metrics.TEST_PREFIX + metrics.LIFT_PREFIX + "f1"
+    value, low, high = (num(test.get(lift + suffix)) for suffix in ("", metrics.CI_LOW, metrics.CI_HIGH))
+    if math.isnan(value):
+        return ""
+    interval = f"{value:+.3f} F1, 95% CI [{low:+.3f}, {high:+.3f}] on {_n_test(test)} test texts"
+    if low > 0:
+        return f"significant lift over the base model on test: {interval}"
+    if high < 0:
+        return f"negative: worse than the base model on test: {interval}"
+    return f"not significant: the test F1 lift over the base model is within noise ({interval})"
+
+
+def _n_test(test: dict[str, Any]) -> int:
+    return len(test.get(metrics.test_name(metrics.PREDICTIONS)) or [])
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without their long per-text / per-block lists (kept in the trial's results, not the card)."""
+    return {k: v for k, v in values.items() if not isinstance(v, (list, tuple))}
+
+
+def _with_ci(values: dict[str, Any], name: str, digits: int) -> str:
+    value = values.get(name)
+    if value is None:
+        return "-"
+    low, high = values.get(name + metrics.CI_LOW), values.get(name + metrics.CI_HIGH)
+    return fixed(value, digits) + (f" [{fixed(low, digits)}, {fixed(high, digits)}]" if low is not None else "")
+
+
 def _card_markdown(card: dict[str, Any]) -> str:
-    m, b = card["metrics"], card["base"]
+    t, b = card["test"], card["base"]
+    rows = "\n".join(
+        f"| {label} | {_with_ci(b, metrics.base_name(metrics.test_name(name)), digits)} | "
+        f"{_with_ci(t, metrics.test_name(name), digits)} | "
+        f"{_with_ci(t, metrics.TEST_PREFIX + metrics.lift_name(name), 3)} |"
+        for label, name, digits in (("domain held-out ppl", metrics.DOMAIN_PPL, 2),
+                                    ("general held-out ppl", metrics.GENERAL_PPL, 2),
+                                    ("downstream macro-F1", metrics.F1, 4)))
     hp = "\n".join(f"| {k} | {v} |" for k, v in card["hyperparameters"].items())
     return f"""# {card['model']}
 
 Exported by raycpt from trial `{card['trial_id']}`. {' '.join(card['selection']['reasons'])}
 
-| metric | base | this model |
-|---|---|---|
-| domain held-out ppl | {fixed(b.get('base/domain_ppl'))} | {fixed(m.get('eval/domain_ppl'))} |
-| general held-out ppl | {fixed(b.get('base/general_ppl'))} | {fixed(m.get('eval/general_ppl'))} |
-| downstream macro-F1 | {fixed(b.get('base/f1'), 4)} | {fixed(m.get('eval/f1'), 4)} |
+On the test split (texts and blocks no trial, probe fit or selection saw), with 95% bootstrap intervals:
+
+| metric | base | this model | paired difference |
+|---|---|---|---|
+{rows}
+
+{card['test_verdict'] or ''} {card['selection'].get('verdict') or ''}
 
 | hyperparameter | value |
 |---|---|

@@ -82,6 +82,45 @@ def short_value(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def sig_text(value: Any, digits: int = 3, scientific: bool | None = None) -> str:
+    """`value` rounded to `digits` significant digits, in the shorter of fixed and scientific notation (or the one
+    `scientific` asks for), trailing zeros dropped: 3.0812e-4 -> '3.08e-4', 0.82 -> '0.82', 12.0 -> '12'. Never
+    cut: the text always reads back as the value rounded to the digits it shows."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    value = float(value)
+    if value.is_integer() and abs(value) < 1e6:  # steps, sizes, seeds: whole, even from pandas' floats
+        return str(int(value))
+    if math.isinf(value):
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    exponent_value = int(exponent)
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    scientific_text = f"{mantissa}e{exponent_value}"
+    fixed_text = f"{float(f'{value:.{digits - 1}e}'):.{max(0, digits - 1 - exponent_value)}f}"
+    if "." in fixed_text:
+        fixed_text = fixed_text.rstrip("0").rstrip(".")
+    if scientific is None:
+        scientific = len(fixed_text) > len(scientific_text)
+    return scientific_text if scientific else fixed_text
+
+
+def distinct_texts(values: list[Any], digits: int = 2) -> list[str]:
+    """`sig_text` of every value with the fewest significant digits (at least `digits`) that keep distinct values
+    distinct: swept learning rates 3.081e-4 and 3.084e-4 read '3.081e-4' and '3.084e-4', not both '3.08e-4'."""
+    numbers = {float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and not math.isnan(v)}
+    for precision in range(digits, 18):
+        if len({sig_text(v, precision) for v in numbers}) == len(numbers):
+            break
+    # one notation per column: learning rates 3.1e-4 and 1.2e-3, not 3.1e-4 and 0.0012
+    scientific = any("e" in sig_text(v, precision) for v in numbers) or None
+    return [sig_text(v, precision, scientific if isinstance(v, float) and abs(v) < 1 else None) for v in values]
+
+
 
 def short_ids(trial_ids: list[str]) -> dict[str, str]:
     """'46b34_00002' -> '00002' when every id shares the '46b34_' prefix (Tune's experiment id): the suffix still
@@ -97,6 +136,30 @@ def hp_labels(keys: list[str]) -> dict[str, str]:
     names = [key[3:] for key in keys]
     last = [name.rsplit(".", 1)[-1] for name in names]
     return {key: (tail if last.count(tail) == 1 else name) for key, name, tail in zip(keys, names, last, strict=True)}
+
+
+HP_SHORT_NAMES = {
+    "train.lr": "lr", "train.steps": "steps", "train.warmup_steps": "warmup", "train.min_lr_ratio": "min_lr",
+    "train.dropout": "drop", "train.mix_ratio": "mix", "train.weight_decay": "wd", "train.batch_size": "batch",
+    "train.grad_accum": "accum", "train.global_batch_size": "gbatch", "train.grad_clip": "clip",
+    "train.early_stopping_patience": "patience", "train.eval_every": "eval_every", "data.block_size": "block",
+}
+"""Short names of the usual swept fields, in the order tables list them (others follow, alphabetically)."""
+
+
+def hp_order(keys: list[str]) -> list[str]:
+    """'hp/...' keys in reading order: learning rate, steps, dropout, mix first (HP_SHORT_NAMES), then the rest."""
+    known = list(HP_SHORT_NAMES)
+    return sorted(keys, key=lambda k: (known.index(k[3:]) if k[3:] in known else len(known), k))
+
+
+def hp_short_labels(keys: list[str]) -> dict[str, str]:
+    """'hp/train.mix_ratio' -> 'mix' (HP_SHORT_NAMES), other fields as `hp_labels` names them; a short name two
+    keys would share falls back to the `hp_labels` name."""
+    long = hp_labels(keys)
+    short = {key: HP_SHORT_NAMES.get(key[3:], long[key]) for key in keys}
+    taken = list(short.values())
+    return {key: name if taken.count(name) == 1 else long[key] for key, name in short.items()}
 
 
 def hp_keys(trials: list[dict[str, Any]]) -> list[str]:

@@ -2,13 +2,13 @@
 training tokens, ASHA stops marked), held-out ppl vs downstream F1 with the Pareto front, and each swept
 hyperparameter against the final metrics.
 
-Per-trial histories come from the result.json (one JSON object per report) Tune writes in each trial's directory.
+Per-trial histories come from the result.json (one JSON object per report) Tune writes in each trial's directory
+(raycpt.results.collect.load_history, shared with the mixing law's fit).
 Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot state, no display needed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,48 +16,21 @@ from typing import Any
 import pandas as pd
 
 from raycpt.core.files import read_json
-from raycpt.results.format import hp_labels, ppl_text, short_ids
+from raycpt.results import collect
+from raycpt.results.format import hp_labels, ppl_text, short_ids, tokens_text
 from raycpt.results.summary import Summary
+from raycpt.results.sweep_law import law_fits
 
 DPI = 120
-PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png")
+PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png",
+              "law.png")
 STATUS_MARKERS = {"finished": ("o", None), "stopped": ("X", "stopped by ASHA"), "failed": ("x", "failed"),
                   "running": (">", "still running")}
 
 
-def _trial_dir(exp_dir: Path, trial: dict[str, Any]) -> Path | None:
-    """The trial's Tune directory; the recorded path may come from another machine or a moved experiment dir."""
-    recorded = Path(str(trial.get("path") or ""))
-    for candidate in (exp_dir / "tune" / recorded.name, recorded):
-        if recorded.name and (candidate / "result.json").exists():
-            return candidate
-    matches = sorted((exp_dir / "tune").glob(f"*_{trial['trial_id']}_*/result.json"))
-    return matches[0].parent if matches else None
-
-
-def load_history(trial_dir: Path) -> pd.DataFrame:
-    """One row per report of a trial, from its result.json (JSON lines; a half-written last line is skipped)."""
-    rows = []
-    for line in (trial_dir / "result.json").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    frame = pd.DataFrame(rows)
-    # by step: a trial resumed after a driver crash restarts Tune's iteration counter, not its step
-    order = "step" if "step" in frame else "training_iteration"
-    return frame.sort_values(order).drop_duplicates(subset=[order], keep="last") if order in frame else frame
-
-
 def load_histories(exp_dir: Path, summary: Summary) -> dict[str, pd.DataFrame]:
-    histories = {}
-    for trial in summary.trials:
-        trial_dir = _trial_dir(exp_dir, trial)
-        if trial_dir is not None:
-            history = load_history(trial_dir)
-            if not history.empty and "tokens" in history:
-                histories[trial["trial_id"]] = history
-    return histories
+    """trial id -> its reports (raycpt.results.collect.load_histories)."""
+    return collect.load_histories(exp_dir, summary.trials)
 
 
 def _figure(width: float = 9.5, height: float = 5.5, **subplots):
@@ -179,7 +152,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 def plot_ppl_vs_f1(path: Path, summary: Summary) -> Path | None:
     """Final domain ppl (x, lower is better) against downstream macro-F1 (y, higher is better): trials that
-    measured F1, the base model, the Pareto front, the winner starred."""
+    measured F1, the base model, the Pareto front, the winner starred; 95% bootstrap intervals as error bars, so a
+    spread that lies within the probe's noise looks like it."""
     from matplotlib.lines import Line2D
 
     trials = [t for t in summary.trials if t.get("eval/f1") is not None and t.get("eval/domain_ppl") is not None]
@@ -197,6 +171,9 @@ def plot_ppl_vs_f1(path: Path, summary: Summary) -> Path | None:
     ax.plot([p[0] for p in front], [p[1] for p in front], color="gray", linestyle="--", linewidth=1.2,
             marker="o", markersize=22, markerfacecolor="none", markeredgecolor="gray", zorder=1)
     excluded = summary.excluded or {}
+    for point in [*trials, *([{"trial_id": None, **{k.replace("base/", "eval/"): v for k, v in base.items()}}]
+                             if has_base else [])]:
+        _error_bars(ax, point, color=styles[point["trial_id"]]["color"] if point["trial_id"] else "gray")
     for t in trials:
         s = styles[t["trial_id"]]
         is_winner = t["trial_id"] == summary.winner
@@ -227,6 +204,20 @@ def plot_ppl_vs_f1(path: Path, summary: Summary) -> Path | None:
     _status_legend(ax, set(), extra)
     fig.savefig(path)
     return path
+
+
+def _error_bars(ax, point: dict[str, Any], color: str) -> None:
+    """The point's 95% intervals on domain ppl (x) and F1 (y), where it has them."""
+    x, y = point["eval/domain_ppl"], point["eval/f1"]
+
+    def span(name: str, value: float) -> list[list[float]] | None:
+        low, high = point.get(name + "_ci_low"), point.get(name + "_ci_high")
+        return None if low is None or high is None else [[max(0.0, value - low)], [max(0.0, high - value)]]
+
+    xerr, yerr = span("eval/domain_ppl", x), span("eval/f1", y)
+    if xerr or yerr:
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="none", ecolor=color, elinewidth=1.0, capsize=3, alpha=0.7,
+                    zorder=2)
 
 
 def _key(statuses: list[str], winner: bool) -> tuple[list, list[str]]:
@@ -304,15 +295,92 @@ def plot_hyperparameters(path: Path, summary: Summary, metric: str) -> Path | No
     return path
 
 
-def write_plots(exp_dir: Path, summary: Summary) -> list[Path]:
-    """Write every plot the sweep has data for into <exp_dir>/plots/; returns the files written."""
+def plot_law(path: Path, summary: Summary, histories: dict[str, pd.DataFrame], default_mix: float) -> Path | None:
+    """The sweep's mixing law (Summary.law): predicted domain and general loss against the domain share r at the
+    target budget (solid) and at the sweep's largest trial budget (dashed), the reports it was fitted on (each
+    trial's last one large), the general-loss bound, and the best r with its bootstrap interval."""
+    from matplotlib.lines import Line2D
+
+    law = summary.law or {}
+    if "law.best_mix_ratio" not in law:
+        return None
+    fits = [fit for fit in law_fits(law) if fit is not None]
+    names = {"domain": "eval/domain_loss", "general": "eval/general_loss"}
+    styles = _style(summary.trials, summary.winner)
+    trials = {t["trial_id"]: t for t in summary.trials}
+    target, sweep_tokens = law["law.target_tokens"], law["law.sweep_tokens"]
+    best, ci = law["law.best_mix_ratio"], law.get("law.best_mix_ratio_ci")
+    rs = [i / 200 for i in range(201)]
+    fig, axes = _figure(width=6.0 * len(fits) + 2.5, height=5.5, ncols=len(fits), squeeze=False)
+    for ax, fit in zip(axes[0], fits, strict=True):
+        metric = names[fit.target]
+        at_target, at_sweep = list(fit.predict(target, rs)), list(fit.predict(sweep_tokens, rs))
+        ax.plot(rs, at_target, color="black", linewidth=2.2)
+        ax.plot(rs, at_sweep, color="gray", linewidth=1.4, linestyle="--")
+        seen: list[float] = []
+        for tid in law.get("law.trials") or []:
+            h = histories.get(tid)
+            if h is None or metric not in h:
+                continue
+            h = h.dropna(subset=[metric])
+            raw_mix = trials.get(tid, {}).get("hp/train.mix_ratio")
+            mix = float(raw_mix) if raw_mix is not None else default_mix
+            color = styles[tid]["color"] if tid in styles else "tab:blue"
+            ax.scatter([mix] * len(h), h[metric], color=color, s=14, alpha=0.45, zorder=3)
+            if len(h):
+                ax.scatter([mix], h[metric].iloc[-1:], color=color, s=70, edgecolors="black", linewidths=0.8,
+                           zorder=4)
+                ax.annotate(f"{styles[tid]['short'] if tid in styles else tid} @{tokens_text(h['tokens'].iloc[-1])}",
+                            (mix, h[metric].iloc[-1]), textcoords="offset points", xytext=(6, 3), fontsize=7)
+            seen += [float(v) for v in h[metric]]
+        bound = law.get("law.general_loss_bound") if fit.target == "general" else None
+        if bound is not None:
+            ax.axhline(bound, color="firebrick", linestyle=":", linewidth=1.2)
+        if ci:
+            ax.axvspan(ci[0], ci[1], color="tab:green", alpha=0.15)
+        ax.axvline(best, color="tab:green", linewidth=1.5)
+        # y range: the reports, the bound and the target curve where r is not tiny (towards r = 0 the domain
+        # curve runs off to the base model's loss and would flatten everything else)
+        anchors = [*seen, *([bound] if bound is not None else [])]
+        curve = [y for r, y in zip(rs, at_target, strict=True) if r >= 0.1 and math.isfinite(y)]
+        if anchors or curve:
+            low = min(anchors + curve)
+            high = max(anchors or curve)
+            pad = 0.1 * (high - low or abs(high) or 1.0)
+            ax.set_ylim(low - pad, high + pad)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("domain share of training data r (train.mix_ratio)")
+        ax.set_ylabel(f"{fit.target} held-out loss (nats; ppl = exp)")
+        ax.set_title(f"{fit.target} loss ({fit.form} law)")
+        ax.grid(True, alpha=0.3)
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    handles = [Line2D([], [], color="black", linewidth=2.2), Line2D([], [], color="gray", linestyle="--"),
+               Line2D([], [], color="gray", marker="o", linestyle="", markersize=8, markeredgecolor="black"),
+               Line2D([], [], color="tab:green", linewidth=1.5)]
+    labels = [f"fitted law at the target budget, {tokens_text(target)} tokens",
+              f"fitted law at the sweep's largest trial budget, {tokens_text(sweep_tokens)} tokens",
+              "reports fitted on (large: a trial's last, labelled with its tokens)",
+              f"best r = {best:.2f}{interval} (band: 95% bootstrap interval)"]
+    if law.get("law.general_loss_bound") is not None and len(fits) > 1:
+        handles.append(Line2D([], [], color="firebrick", linestyle=":"))
+        labels.append(f"general-loss bound (base general ppl +{100 * law['law.max_forgetting']:.0f}%)")
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    feasible = "" if law.get("law.feasible", True) else " (no r meets the bound: the r that forgets least)"
+    fig.suptitle(f"Mixing law: held-out loss vs domain share at {tokens_text(target)} tokens{feasible}")
+    fig.savefig(path)
+    return path
+
+
+def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None = None) -> list[Path]:
+    """Write every plot the sweep has data for into <exp_dir>/plots/; returns the files written. `select`: the
+    selection rule the summary was made under (default: the experiment's saved config's)."""
     exp_dir = Path(exp_dir)
     out = exp_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     config_file = exp_dir / "raycpt_config.json"
     cfg = read_json(config_file) if config_file.exists() else {}
     metric = cfg.get("search", {}).get("metric", "eval/domain_ppl")
-    max_forgetting = cfg.get("select", {}).get("max_forgetting")
+    max_forgetting = (select or cfg.get("select", {})).get("max_forgetting")
     base_general = (summary.base or {}).get("base/general_ppl")
     bound = (1 + max_forgetting) * base_general if max_forgetting is not None and base_general else None
     histories = load_histories(exp_dir, summary)
@@ -326,6 +394,7 @@ def write_plots(exp_dir: Path, summary: Summary) -> list[Path]:
                     bound=bound),
         plot_ppl_vs_f1(out / "ppl_vs_f1.png", summary),
         plot_hyperparameters(out / "hyperparameters.png", summary, metric),
+        plot_law(out / "law.png", summary, histories, float(cfg.get("train", {}).get("mix_ratio", 1.0))),
     ]
     return [p for p in written if p is not None]
 

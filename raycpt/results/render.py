@@ -16,45 +16,78 @@ from pathlib import Path
 from typing import Any
 
 from rich import box
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from raycpt.core import metrics
 from raycpt.core.config import load_saved_config, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.prepare import Manifest
+from raycpt.results.accounting import KEY as COMPUTE_KEY
+from raycpt.results.accounting import PREFIX as COMPUTE_PREFIX
+from raycpt.results.accounting import describe_compute
 from raycpt.results.collect import HP_PREFIX
+from raycpt.results.compare import VS_BEST_PREFIX
 from raycpt.results.format import (
     as_int,
+    distinct_texts,
     duration,
     fixed,
     hp_keys,
     hp_labels,
+    hp_order,
+    hp_short_labels,
+    num,
     ppl_text,
     relative_change,
     short_ids,
-    short_value,
     tokens_text,
 )
 from raycpt.results.summary import Summary, analyze
+from raycpt.results.sweep_law import describe_law
 
 REPORT_SCHEMA_VERSION = 1
+INTERVAL_METRICS = (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1)
+"""Metrics reported with a 95% bootstrap interval."""
 REPORT_SCHEMA = {
     "schema_version": "int: bumped only when a key changes meaning or disappears",
     "experiment_dir": "str",
     "complete": "bool: every trial the sweep will run has ended (none running or pending)",
     "counts": "{status: int} over finished | stopped | failed | running | pending | ...; pending includes trials "
               "Tune has not created yet",
-    "base": "{domain_ppl, general_ppl, f1}: the base model, measured once per sweep (null when not measured)",
-    "selection": "{winner: trial id | null, flagged: bool, reasons: [str], rule: {max_forgetting, f1_tolerance} "
-                 "| null}",
+    "base": "{domain_ppl, general_ppl, f1, each with _ci_low/_ci_high}: the base model on the validation split, "
+            "measured once per sweep (null when not measured)",
+    "base_test": "the same for the base model on the test split",
+    "selection": "{winner: trial id | null, flagged: bool, reasons: [str], rule: {max_forgetting} | null, "
+                 "beats_base: bool | null, verdict: str | null}",
+    "test": "the winner on the test split once exported: {test/domain_ppl, test/general_ppl, test/f1, each with "
+            "_ci_low/_ci_high, test/lift/<metric> (paired vs the base model) with its interval, ...} | null",
+    "test_verdict": "str | null: whether the winner's test F1 lift over the base model is significant, not "
+                    "significant, or negative",
     "export": "{path, trial_id} of the exported winner | null",
+    "law": "the mixing law fitted on the sweep's reports (raycpt.results.sweep_law): {form, loo_error, "
+           "best_mix_ratio, best_mix_ratio_ci: [low, high] | null, target_tokens, predicted_domain_ppl, "
+           "predicted_general_ppl, predicted_general_change, feasible, scope, trials, lr_reference, lr_region, "
+           "describe, ... (raycpt.core.law.LawSummary.to_dict without 'law.')} | {error: str} | null",
+    "compute": "sweep totals (raycpt.results.accounting): {trials, complete, tokens_trained, tokens_full_budget, "
+               "tokens_saved_by_scheduler, tokens_not_run, saved_by_scheduler_fraction, largest_trial_budget, "
+               "trial_seconds, resources_per_trial, resource_seconds, resource_seconds_full_budget, "
+               "resource_seconds_saved_by_scheduler (estimated): {CPU, GPU}, resource_saved_by_scheduler_fraction, "
+               "scheduler} | null; tokens_trained + tokens_saved_by_scheduler + tokens_not_run == tokens_full_budget",
+    "trial.compute": "in each trial: {tokens, tokens_full_budget, tokens_saved_by_scheduler, wall_s, cpu_s, "
+                     "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}",
     "trials": "[trial], best first under the selection rule",
     "trial": "{rank, trial_id, winner: bool, status, excluded: str | null, error: str | null, hyperparameters: "
              "{dotted field: value}, step, tokens, time_s, domain_ppl, general_ppl, forgetting (relative change of "
-             "general ppl vs base), domain_ppl_change (relative change vs base), f1, f1_sd, accuracy}",
+             "general ppl vs base), domain_ppl_change (relative change vs base), f1, f1_sd (only with eval.seeds > 1), "
+             "accuracy, domain_ppl_ci_low, domain_ppl_ci_high, general_ppl_ci_low, general_ppl_ci_high, f1_ci_low, "
+             "f1_ci_high (95% bootstrap on the validation split), lift: {f1 (absolute), domain_ppl, general_ppl "
+             "(relative), each with _ci_low/_ci_high: paired vs the base model}, vs_best: {the same, paired vs the "
+             "winner}}",
 }
 """The keys of `raycpt report --format json`, documented for people who script against it."""
 
@@ -88,39 +121,87 @@ class DisplayRow:
     """base | winner | trial | excluded (by the rule) | failed"""
 
 
-def _status_text(trial: dict[str, Any], excluded: str | None, width: int = 60) -> str:
+@dataclass(frozen=True)
+class Layout:
+    """How much the trials table spells out. The terminal uses the fullest layout that fits its width (LAYOUTS);
+    markdown always uses the first."""
+
+    names: str = "field"
+    """Hyperparameter names: field (lr=3.1e-4 mix_ratio=0.82) | short (lr=3.1e-4 mix=0.82, a legend below)."""
+    status: str = "long"
+    """long (stopped by ASHA at step 4) | short (stopped@4 (ASHA))."""
+    ci: str = "interval"
+    """Confidence intervals, where trials report them: interval (0.7210 [0.690, 0.750]) | half (0.7210 ±0.030) |
+    stacked (the ±0.030 on the cell's second line)."""
+    extras: bool = True
+    """The tokens and time columns."""
+
+
+LAYOUTS = (Layout(), Layout("short", "short", "half"), Layout("short", "short", "stacked"),
+           Layout("short", "short", "stacked", extras=False))
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+"""Suffixes of a metric's confidence interval in a trial row (eval/f1_ci_low) or the base metrics (base/f1_ci_low)."""
+HP_HEADERS = {"field": "hyperparameters", "short": "hparams"}
+
+
+def _status_text(trial: dict[str, Any], excluded: str | None, layout: Layout = LAYOUTS[0]) -> str:
     status = trial.get("status") or "?"
+    short = layout.status == "short"
+    step = as_int(trial.get(metrics.STEP))
     if status == "stopped":
-        return f"stopped by ASHA at step {as_int(trial.get(metrics.STEP)) or '?'}"
+        return f"stopped@{step or '?'} (ASHA)" if short else f"stopped by ASHA at step {step or '?'}"
     if status == "failed":
+        width = 30 if short else 60
         reason = " ".join(str(trial.get("error") or "see its error.txt").split())
         return "failed: " + (reason if len(reason) <= width else reason[: width - 1] + "…")
-    if status == "running" and as_int(trial.get(metrics.STEP)):
-        return f"running (step {as_int(trial['step'])})"
+    if status == "running" and step:
+        return f"running@{step}" if short else f"running (step {step})"
     if status == "finished" and excluded:
         return f"finished; {excluded.split(':', 1)[0]}"
     return status
 
 
-def trial_rows(summary: Summary) -> tuple[list[str], list[DisplayRow]]:
+def _with_ci(text: str, row: dict[str, Any], name: str, fmt: Any, layout: Layout) -> str:
+    """`text` and, when `row` has one, the confidence interval of metric `name`: ' [low, high]' or ' ±half-width'."""
+    low, high = num(row.get(name + CI_LOW)), num(row.get(name + CI_HIGH))
+    if math.isnan(low) or math.isnan(high) or text == "-":
+        return text
+    if layout.ci == "interval":
+        return f"{text} [{fmt(low)}, {fmt(high)}]"
+    return f"{text}{' ' if layout.ci == 'half' else chr(10)}±{fmt((high - low) / 2)}"
+
+
+def _ppl_ci(value: float) -> str:
+    return ppl_text(value).replace(",", "")  # no thousands comma inside '[low, high]'
+
+
+def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str], list[DisplayRow]]:
     """Headers and rows of the trials table: the base model first, then every trial best first under the rule.
-    The F1 column is left out when neither the base model nor any trial measured F1."""
+    Swept hyperparameters share one column (`lr=3.08e-4 steps=12`), each value with enough significant digits to
+    tell the trials apart. The F1 column is left out when neither the base model nor any trial measured F1."""
     base = summary.base or {}
     trials = {t["trial_id"]: t for t in summary.trials}
     order = _ordered_ids(summary)
     ids = short_ids(order)
-    hp_cols = hp_keys(summary.trials)
-    labels = hp_labels(hp_cols)
+    hp_cols = hp_order(hp_keys(summary.trials))
+    names = (hp_short_labels if layout.names == "short" else hp_labels)(hp_cols)
+    values = {k: dict(zip(order, distinct_texts([trials[tid].get(k) for tid in order]), strict=True))
+              for k in hp_cols}
     has_f1 = (base.get(metrics.base_name(metrics.F1)) is not None
               or any(t.get(metrics.F1) is not None for t in trials.values()))
     f1 = ["F1"] if has_f1 else []
-    headers = ["", "trial", *(labels[k] for k in hp_cols), "status", "domain ppl", "general ppl", *f1,
-               "tokens", "time"]
+    hp_header = [HP_HEADERS[layout.names]] if hp_cols else []
+    extras = ["tokens", "time"] if layout.extras else []
+    headers = ["", "trial", *hp_header, "status", "domain ppl", "general ppl", *f1, *extras]
     base_general = base.get(metrics.base_name(metrics.GENERAL_PPL))
-    base_f1 = [fixed(base.get(metrics.base_name(metrics.F1)), 4)] if has_f1 else []
-    rows = [DisplayRow(["", "base", *("-" for _ in hp_cols), "base model",
-                        ppl_text(base.get(metrics.base_name(metrics.DOMAIN_PPL))), ppl_text(base_general), *base_f1,
-                        "0", "-"], "base")]
+
+    def f1_text(row: dict[str, Any], name: str) -> list[str]:
+        return [_with_ci(fixed(row.get(name), 4), row, name, lambda v: fixed(v, 3), layout)] if has_f1 else []
+
+    domain = metrics.base_name(metrics.DOMAIN_PPL)
+    rows = [DisplayRow(["", "base", *("-" for _ in hp_header), "base model",
+                        _with_ci(ppl_text(base.get(domain)), base, domain, _ppl_ci, layout), ppl_text(base_general),
+                        *f1_text(base, metrics.base_name(metrics.F1)), *(["0", "-"] if extras else [])], "base")]
     excluded = summary.excluded or {}
     for tid in order:
         t = trials[tid]
@@ -128,10 +209,13 @@ def trial_rows(summary: Summary) -> tuple[list[str], list[DisplayRow]]:
         general = ppl_text(t.get(metrics.GENERAL_PPL)) + (f" ({change:+.1%})" if change is not None else "")
         kind = ("winner" if tid == summary.winner else "failed" if t.get("status") == "failed"
                 else "excluded" if tid in excluded else "trial")
-        rows.append(DisplayRow(["★" if kind == "winner" else "", ids[tid], *(short_value(t.get(k)) for k in hp_cols),
-                                _status_text(t, excluded.get(tid)), ppl_text(t.get(metrics.DOMAIN_PPL)), general,
-                                *([fixed(t.get(metrics.F1), 4)] if has_f1 else []), tokens_text(t.get(metrics.TOKENS)),
-                                duration(t.get("time_total_s"))], kind))
+        hps = " ".join(f"{names[k]}={values[k][tid]}" for k in hp_cols if values[k][tid] != "-") or "-"
+        rows.append(DisplayRow(["★" if kind == "winner" else "", ids[tid], *([hps] if hp_header else []),
+                                _status_text(t, excluded.get(tid), layout),
+                                _with_ci(ppl_text(t.get(metrics.DOMAIN_PPL)), t, metrics.DOMAIN_PPL, _ppl_ci, layout),
+                                general, *f1_text(t, metrics.F1),
+                                *([tokens_text(t.get(metrics.TOKENS)), duration(t.get("time_total_s"))]
+                                  if extras else [])], kind))
     return headers, rows
 
 
@@ -142,27 +226,133 @@ def _ordered_ids(summary: Summary) -> list[str]:
     return order + sorted(set(ids) - set(order))
 
 
-def _table_note(summary: Summary) -> str:
+def _table_notes(summary: Summary, layout: Layout = LAYOUTS[0]) -> list[str]:
+    """The lines under the table: what the ids and (±%) mean, the intervals, the short names, what was left out."""
     ids = [t["trial_id"] for t in summary.trials]
     note = "(±%): general ppl vs the base model; a rise is forgetting"
     if ids and short_ids(ids)[ids[0]] != ids[0]:
         note = f"trial ids are {ids[0].rsplit('_', 1)[0]}_<trial>; " + note
-    return note
+    notes = [note]
+    rows = [summary.base or {}, *summary.trials]
+    if any(name.endswith(CI_LOW) and row.get(name) is not None for row in rows for name in row):
+        notes.append("[low, high]: confidence interval" if layout.ci == "interval"
+                     else "±: half the width of the confidence interval")
+    if layout.names == "short":
+        keys = hp_order(hp_keys(summary.trials))
+        short, long = hp_short_labels(keys), hp_labels(keys)
+        legend = [f"{short[k]} = {k[3:]}" for k in keys if short[k] != long[k]]
+        if legend:
+            notes.append("hyperparameters: " + ", ".join(legend))
+    if not layout.extras:
+        notes.append("tokens and time are left out at this width: widen the terminal or use `raycpt report "
+                     "--format json`")
+    return notes
 
 
-def summary_table(summary: Summary) -> Table:
-    headers, rows = trial_rows(summary)
-    note = _table_note(summary)
-    table = Table(title="Trials, best first under the selection rule", caption=note, header_style="bold",
-                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+def _wrapped_lines(text: str, width: int) -> int:
+    """Lines `text` takes in a column `width` wide, wrapped at spaces (a longer word is folded)."""
+    if "\n" in text:
+        return sum(_wrapped_lines(part, width) for part in text.split("\n"))
+    lines, used = 1, -1
+    for word in text.split(" "):
+        size = cell_len(word)
+        if used >= 0 and used + 1 + size <= width:
+            used += 1 + size
+            continue
+        if used >= 0:
+            lines += 1
+        lines += max(0, -(-size // width) - 1)
+        used = size - (-(-size // width) - 1) * width
+    return lines
+
+
+def _fit(headers: list[str], rows: list[DisplayRow], width: int, *, full_headers: bool, wrap: bool,
+         max_lines: int | None) -> list[int] | None:
+    """Column widths that fit `width` columns with no cell cut, or None. Every number and id keeps its full width;
+    only the hyperparameters and status columns wrap, at spaces, and only when `wrap` (status also wraps a failure
+    reason longer than the column). Headers wrap at spaces unless `full_headers`."""
+    flexible = {*HP_HEADERS.values(), "status"}
+    need, least = [], []
     for i, header in enumerate(headers):
-        is_status = header == "status"
-        table.add_column(header, justify="left" if i < 2 or is_status else "right",
-                         overflow="fold", max_width=34 if is_status else None, no_wrap=not is_status)
+        cells = [row.cells[i] for row in rows]
+        if header == "status":  # a failure reason wraps inside the column rather than widening it
+            cells = [c if row.kind != "failed" else c[:24] for c, row in zip(cells, rows, strict=True)]
+        head = cell_len(header) if full_headers else max(cell_len(w) for w in header.split(" "))
+        need.append(max([head, 1, *(cell_len(line) for c in cells for line in c.split("\n"))]))
+        words = [cell_len(w) for c in cells for w in c.split()]
+        least.append(max([head, 1, *words]) if header in flexible and wrap else need[-1])
+    room = width - (2 * len(headers) - 1)  # one column of padding and one of divider per column
+    if sum(least) > room:
+        return None
+    if sum(need) <= room:
+        return need
+    if not wrap:
+        return None
+    flex = [i for i, h in enumerate(headers) if h in flexible]
+    spare = room - sum(need[i] for i in range(len(headers)) if i not in flex)
+    best: tuple[int, list[int]] | None = None
+    for status_width in range(need[flex[-1]], least[flex[-1]] - 1, -1):
+        widths = list(need)
+        widths[flex[-1]] = status_width
+        if len(flex) == 2:
+            widths[flex[0]] = min(need[flex[0]], spare - status_width)
+            if widths[flex[0]] < least[flex[0]]:
+                continue
+        elif status_width > spare:
+            continue
+        lines = max(_wrapped_lines(row.cells[i], widths[i]) for row in rows for i in range(len(headers))
+                    if row.kind != "failed" or headers[i] != "status")
+        if best is None or lines < best[0]:
+            best = (lines, widths)
+    if best is None or (max_lines is not None and best[0] > max_lines):
+        return None
+    return best[1]
+
+
+def _rich_table(headers: list[str], rows: list[DisplayRow], widths: list[int] | None) -> Table:
+    table = Table(title="Trials, best first under the selection rule", header_style="bold", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=(0, 1, 0, 0))
+    for i, header in enumerate(headers):
+        left = i < 2 or header in (*HP_HEADERS.values(), "status")
+        table.add_column(header, justify="left" if left else "right", overflow="fold",
+                         width=widths[i] if widths else None)
     styles = {"base": "dim", "winner": "bold green", "excluded": "dim", "failed": "red", "trial": None}
     for row in rows:
         table.add_row(*(escape(c) for c in row.cells), style=styles[row.kind])
     return table
+
+
+class TrialsTable:
+    """The trials table as a rich renderable that lays itself out for the width it is printed at: the fullest
+    layout that fits (LAYOUTS), hyperparameters and status wrapped at spaces only when needed; no number, id or
+    status word is ever cut. The notes (ids, intervals, short names) follow on lines of their own."""
+
+    def __init__(self, summary: Summary) -> None:
+        self.summary = summary
+
+    def layout(self, width: int) -> tuple[Layout, list[str], list[DisplayRow], list[int] | None]:
+        """(layout, headers, rows, column widths) at `width` columns; widths None: nothing fits, rich decides."""
+        full, short, stacked, narrow = LAYOUTS
+        attempts = [(full, True, False, 0), (full, False, False, 0), (short, True, False, 0),
+                    (short, False, False, 0), (short, False, True, 2), (stacked, False, True, 2),
+                    (narrow, False, False, 0), (narrow, False, True, 2), (narrow, False, True, None)]
+        for layout, full_headers, wrap, max_lines in attempts:
+            headers, rows = trial_rows(self.summary, layout)
+            widths = _fit(headers, rows, width, full_headers=full_headers, wrap=wrap, max_lines=max_lines)
+            if widths is not None:
+                return layout, headers, rows, widths
+        headers, rows = trial_rows(self.summary, narrow)
+        return narrow, headers, rows, None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        layout, headers, rows, widths = self.layout(options.max_width)
+        yield _rich_table(headers, rows, widths)
+        for note in _table_notes(self.summary, layout):
+            yield Text(note, style="dim")
+
+
+def summary_table(summary: Summary) -> TrialsTable:
+    return TrialsTable(summary)
 
 
 def _load_lines(path: str) -> list[str]:
@@ -171,22 +361,59 @@ def _load_lines(path: str) -> list[str]:
             "model = AutoModelForCausalLM.from_pretrained(path)", "tokenizer = AutoTokenizer.from_pretrained(path)"]
 
 
+def _interval(values: dict[str, Any], name: str, fmt) -> str:
+    """'0.721 [0.690, 0.752]' from a metric and its `_ci_low`/`_ci_high`, each formatted by `fmt` (just the value
+    when it has no interval)."""
+    value = values.get(name)
+    if value is None:
+        return "-"
+    low, high = values.get(name + metrics.CI_LOW), values.get(name + metrics.CI_HIGH)
+    return fmt(value) + (f" [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else "")
+
+
+def _signed(digits: int):
+    return lambda v: f"{v:+.{digits}f}"
+
+
+def _percent(v: float) -> str:
+    return f"{v:+.1%}"
+
+
 def _winner_lines(summary: Summary) -> list[str]:
-    """Plain-text lines about the winner (no markup): why it won, how it moved against the base model."""
+    """Plain-text lines about the winner (no markup): why it won, how it compares with the base model on the
+    validation split (paired 95% intervals), on the test split once exported, and the verdict in plain words."""
     base = summary.base or {}
-    trials = {t["trial_id"]: t for t in summary.trials}
-    w = trials[summary.winner]
-    hps = ", ".join(f"{label}={short_value(w.get(key))}" for key, label in hp_labels(hp_keys([w])).items())
+    w = summary.trial(summary.winner)
+    keys = hp_order(hp_keys([w]))  # the values as the table shows them: digits enough to tell trials apart
+    shown = {k: distinct_texts([w.get(k), *(t.get(k) for t in summary.trials)])[0] for k in keys}
+    hps = ", ".join(f"{label}={shown[key]}" for key, label in hp_labels(keys).items())
     lines = [f"trial {summary.winner}" + (f" ({hps})" if hps else ""), "; ".join(summary.reasons)]
     moves = []
-    for key, label, fmt in (("domain_ppl", "domain ppl", ppl_text), ("general_ppl", "general ppl", ppl_text),
-                            ("f1", "F1", lambda v: fixed(v, 4))):
-        b, v = base.get(f"base/{key}"), w.get(f"eval/{key}")
-        change = relative_change(v, b)
-        if change is not None:
-            moves.append(f"{label} {fmt(b)} → {fmt(v)} ({change:+.1%})")
+    for name, label, fmt, lift_fmt in ((metrics.DOMAIN_PPL, "domain ppl", ppl_text, _percent),
+                                       (metrics.GENERAL_PPL, "general ppl", ppl_text, _percent),
+                                       (metrics.F1, "F1", lambda v: fixed(v, 4), _signed(3))):
+        b, v = base.get(metrics.base_name(name)), w.get(name)
+        if b is None or v is None:
+            continue
+        lift = metrics.lift_name(name)
+        paired = (f" ({_interval(w, lift, lift_fmt)})" if w.get(lift) is not None
+                  else f" ({relative_change(v, b):+.1%})")
+        moves.append(f"{label} {fmt(b)} → {fmt(v)}{paired}")
     if moves:
-        lines.append("vs base: " + ", ".join(moves))
+        lines.append("validation vs base: " + ", ".join(moves))
+    if summary.verdict:
+        lines.append("verdict: " + summary.verdict)
+    test = summary.test or {}
+    if test:
+        parts = [f"{label} {_interval(base, metrics.base_name(metrics.test_name(name)), fmt)} → "
+                 f"{_interval(test, metrics.test_name(name), fmt)}"
+                 for name, label, fmt in ((metrics.DOMAIN_PPL, "domain ppl", ppl_text),
+                                          (metrics.GENERAL_PPL, "general ppl", ppl_text),
+                                          (metrics.F1, "F1", lambda v: fixed(v, 3)))
+                 if test.get(metrics.test_name(name)) is not None]
+        lines.append("test (base → winner): " + ", ".join(parts))
+    if summary.test_verdict:
+        lines.append("on test: " + summary.test_verdict)
     return lines
 
 
@@ -211,9 +438,21 @@ def winner_panel(summary: Summary) -> Panel:
 
 def print_summary(console: Console, summary: Summary) -> None:
     """The final table (base model first, winner starred) and a panel with the winner, its export and how to load
-    it. Fits 100 columns: ids are shortened and long failure reasons wrap inside the status column."""
+    it. Reads at 80 columns and uses more where it has them (TrialsTable)."""
     console.print(summary_table(summary))
     console.print(winner_panel(summary))
+    for line in sweep_lines(summary):
+        console.print(escape(line))
+
+
+def sweep_lines(summary: Summary) -> list[str]:
+    """The lines under the winner panel: the mixing law and the compute accounting (when the summary has them)."""
+    lines = []
+    if summary.law:
+        lines.append(f"Mixing law: {describe_law(summary.law)}")
+    if summary.compute:
+        lines.append(f"Compute: {describe_compute(summary.compute)}")
+    return lines
 
 
 def summary_markdown(summary: Summary) -> str:
@@ -227,7 +466,7 @@ def summary_markdown(summary: Summary) -> str:
         return "| " + " | ".join(cells) + " |"
 
     out = [f"### raycpt sweep `{Path(summary.experiment_dir).name}`", "", line(headers),
-           line(["---" if i < 2 or h == "status" else "---:" for i, h in enumerate(headers)])]
+           line(["---" if i < 2 or h in (*HP_HEADERS.values(), "status") else "---:" for i, h in enumerate(headers)])]
     for row in rows:
         cells = [cell(c) for c in row.cells]
         if row.kind == "winner":
@@ -235,7 +474,7 @@ def summary_markdown(summary: Summary) -> str:
         elif row.kind == "base":
             cells = [f"_{c}_" if c and c != "-" else c for c in cells]
         out.append(line(cells))
-    out += ["", _table_note(summary), ""]
+    out += ["", "; ".join(_table_notes(summary)), ""]
     if summary.winner is None:
         out.append("**No winner:** " + "; ".join(summary.reasons or ["no trial reported yet"]))
         return "\n".join(out) + "\n"
@@ -286,7 +525,16 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
                                                  base.get(metrics.base_name(metrics.DOMAIN_PPL))),
             "f1": clean(t.get(metrics.F1)), "f1_sd": clean(t.get(metrics.F1_SD)),
             "accuracy": clean(t.get(metrics.ACCURACY)),
+            **{metrics.short_name(name) + suffix: clean(t.get(name + suffix)) for name in INTERVAL_METRICS
+               for suffix in (metrics.CI_LOW, metrics.CI_HIGH)},
+            "lift": {k.removeprefix(metrics.LIFT_PREFIX): clean(v) for k, v in t.items()
+                     if k.startswith(metrics.LIFT_PREFIX)},
+            "vs_best": {k.removeprefix(VS_BEST_PREFIX): clean(v) for k, v in t.items()
+                        if k.startswith(VS_BEST_PREFIX)},
         })
+    for row in rows:  # the trial's compute accounting (raycpt.results.accounting)
+        row["compute"] = {k.removeprefix(COMPUTE_PREFIX): clean(v) for k, v in trials[row["trial_id"]].items()
+                          if k.startswith(COMPUTE_PREFIX)}
     counts: dict[str, int] = {}
     for t in trials.values():
         counts[t.get("status") or "unknown"] = counts.get(t.get("status") or "unknown", 0) + 1
@@ -298,11 +546,20 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
         "experiment_dir": summary.experiment_dir,
         "complete": bool(trials) and not any(s in counts for s in ("running", "pending", "paused")),
         "counts": counts,
-        "base": {k: clean(base.get(f"base/{k}")) for k in ("domain_ppl", "general_ppl", "f1")},
+        "base": {metrics.short_name(name) + suffix: clean(base.get(metrics.base_name(name) + suffix))
+                 for name in INTERVAL_METRICS for suffix in ("", metrics.CI_LOW, metrics.CI_HIGH)},
+        "base_test": {metrics.short_name(name) + suffix: clean(base.get(metrics.base_name(metrics.test_name(name))
+                                                                          + suffix))
+                      for name in INTERVAL_METRICS for suffix in ("", metrics.CI_LOW, metrics.CI_HIGH)},
         "selection": {"winner": summary.winner, "flagged": bool(summary.flagged),
-                      "reasons": list(summary.reasons or []), "rule": rule},
+                      "reasons": list(summary.reasons or []), "rule": rule, "beats_base": summary.beats_base,
+                      "verdict": summary.verdict or None},
+        "test": {k: clean(v) for k, v in (summary.test or {}).items() if not isinstance(v, (list, dict))} or None,
+        "test_verdict": summary.test_verdict or None,
         "export": {"path": export, "trial_id": summary.winner} if export else None,
         "trials": rows,
+        "law": {k.removeprefix("law."): v for k, v in summary.law.items()} or None,
+        "compute": {k.removeprefix(COMPUTE_KEY): v for k, v in summary.compute.items()} or None,
     }
 
 
@@ -333,6 +590,7 @@ def report_command(exp_dir: Path, fmt: str, console: Console, overrides: list[st
         print(json.dumps(data, indent=2))
     elif fmt == "markdown":
         print((f"_{progress}_\n\n" if progress else "") + summary_markdown(summary), end="")
+        print("".join(f"\n{line}\n" for line in sweep_lines(summary)), end="")
     else:
         if progress:
             console.print(f"[yellow]{escape(progress)}[/]")

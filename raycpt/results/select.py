@@ -1,5 +1,20 @@
-"""The selection rule: a pure function of the trials table (one row per trial) and the base metrics, testable
-without Ray."""
+"""The selection rule (v2): a pure function of the trials table (one row per trial, with each finished trial's
+validation predictions and per-block losses) and the base model's metrics, testable without Ray.
+
+1. Eligible: finished; general ppl (point estimate) within (1 + select.max_forgetting) x the base model's (a
+   trial without a general ppl is not eligible when the base has one); validation F1 not significantly below the
+   base model's (the paired 95% interval of F1(trial) - F1(base) lies wholly below 0).
+2. Among eligible trials, the one with the highest validation F1 leads; every eligible trial whose paired F1
+   difference to the leader has an interval that includes 0 is tied with it, and ties go to the lower domain ppl.
+   The rest are ranked the same way, group by group. Without a labelled task: lowest domain ppl.
+3. None eligible: the lowest domain ppl overall wins, flagged.
+4. The base model is a candidate: unless the winner beats it on validation F1 significantly (the paired interval
+   lies wholly above 0) and lowers domain ppl within the forgetting bound, the verdict says that no trial beats
+   the base model (the winner is still exported: the user asked for an adapted model).
+
+The bound uses the point estimate of general ppl: the interval of a trial's forgetting is reported beside it, but
+a bound on an interval would let noisier held-out sets admit more forgetting.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +26,7 @@ import pandas as pd
 
 from raycpt.core import metrics
 from raycpt.core.config import SelectConfig
+from raycpt.core.stats import Interval, paired_f1_difference
 from raycpt.results.format import num
 
 
@@ -24,19 +40,40 @@ class Selection:
     """trial id -> why the rule excluded it."""
     order: list[str] = field(default_factory=list)
     """All trial ids, best first under the rule."""
+    beats_base: bool | None = None
+    """The winner beats the base model (rule 4); None without a labelled task."""
+    verdict: str = ""
+    """Rule 4 in plain words."""
 
 
-def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig) -> Selection:
-    """Among finished trials whose general ppl <= (1 + max_forgetting) x base, the highest F1 (ties within
-    f1_tolerance broken by lower domain ppl); without F1, the lowest domain ppl. If none qualifies, the lowest
-    domain ppl overall, flagged."""
+def _predictions(row: dict[str, Any]) -> list[str] | None:
+    value = row.get(metrics.PREDICTIONS)
+    return list(value) if isinstance(value, (list, tuple)) and value else None
+
+
+def f1_gap(a: dict[str, Any], b: dict[str, Any], labels: list[str] | None, classes: list[str] | None
+           ) -> Interval | None:
+    """Paired interval of F1(a) - F1(b) on the validation texts; None when either lacks predictions."""
+    pred_a, pred_b = _predictions(a), _predictions(b)
+    if labels is None or pred_a is None or pred_b is None or len(pred_a) != len(labels) != len(pred_b):
+        return None
+    return paired_f1_difference(labels, pred_a, pred_b, labels=classes)
+
+
+def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig,
+                  labels: list[str] | None = None, classes: list[str] | None = None) -> Selection:
+    """The rule above. `labels`/`classes`: the task's validation labels and classes, which the predictions in
+    `trials` and `base` (under `eval/predictions` and `base/predictions`) are scored against."""
     if trials.empty:
         return Selection(None, ["no trials ran"], flagged=True)
     base_general = num(base.get(metrics.base_name(metrics.GENERAL_PPL)))
     bound = (1 + rule.max_forgetting) * base_general if not math.isnan(base_general) else math.inf
+    base_row = {metrics.PREDICTIONS: base.get(metrics.base_name(metrics.PREDICTIONS))}
+    rows = {row["trial_id"]: row for row in trials.to_dict("records")}
     excluded: dict[str, str] = {}
-    for row in trials.to_dict("records"):
-        general, domain, tid = num(row.get(metrics.GENERAL_PPL)), num(row.get(metrics.DOMAIN_PPL)), row["trial_id"]
+    for tid, row in rows.items():
+        general, domain = num(row.get(metrics.GENERAL_PPL)), num(row.get(metrics.DOMAIN_PPL))
+        below_base = f1_gap(row, base_row, labels, classes)
         if row["status"] == "stopped":
             excluded[tid] = f"stopped by the scheduler at step {int(num(row.get(metrics.STEP)))}"
         elif row["status"] == "failed":
@@ -45,47 +82,88 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
             excluded[tid] = f"status {row['status']}"
         elif math.isnan(domain):
             excluded[tid] = "no held-out metrics"
+        elif math.isnan(general) and bound != math.inf:
+            excluded[tid] = "no general ppl to check forgetting against"
         elif general > bound:
             excluded[tid] = (f"forgetting: general ppl {general:.2f} > bound {bound:.2f} "
                              f"({1 + rule.max_forgetting:.2f} x base {base_general:.2f})")
-    frame = trials.assign(_domain=trials[metrics.DOMAIN_PPL].map(num),
-                          _f1=trials.get(metrics.F1, pd.Series([None] * len(trials))).map(num))
-    use_f1 = bool(frame["_f1"].notna().any())
+        elif below_base is not None and below_base.high < 0:
+            excluded[tid] = (f"F1 significantly below the base model's (paired difference {below_base.value:+.3f}, "
+                             f"95% CI [{below_base.low:+.3f}, {below_base.high:+.3f}])")
+    eligible = [tid for tid in rows if tid not in excluded]
+    use_f1 = any(not math.isnan(num(rows[t].get(metrics.F1))) for t in eligible)
 
-    def ranked(candidates: pd.DataFrame) -> list[str]:
+    def domain(tid: str) -> float:
+        value = num(rows[tid].get(metrics.DOMAIN_PPL))
+        return math.inf if math.isnan(value) else value
+
+    def f1(tid: str) -> float:
+        value = num(rows[tid].get(metrics.F1))
+        return -math.inf if math.isnan(value) else value
+
+    def tied_with(leader: str, candidates: list[str]) -> list[str]:
+        tied = []
+        for tid in candidates:
+            gap = f1_gap(rows[tid], rows[leader], labels, classes)
+            # without predictions (results of an older raycpt), only equal F1 ties
+            if tid == leader or (gap.contains(0.0) if gap is not None else f1(tid) == f1(leader)):
+                tied.append(tid)
+        return sorted(tied, key=domain)
+
+    order: list[str] = []
+    rest = list(eligible)
+    while rest:
         if not use_f1:
-            return list(candidates.sort_values("_domain", na_position="last")["trial_id"])
-        # Group F1 values that are within tolerance of the best of the remaining, then order by domain ppl.
-        order: list[str] = []
-        rest = candidates.sort_values(["_f1", "_domain"], ascending=[False, True], na_position="last")
-        while not rest.empty:
-            top = rest["_f1"].iloc[0]
-            tied = rest[(rest["_f1"] >= top - rule.f1_tolerance) | (rest["_f1"].isna() & math.isnan(top))]
-            order += list(tied.sort_values("_domain")["trial_id"])
-            rest = rest.drop(tied.index)
-        return order
+            order += sorted(rest, key=domain)
+            break
+        leader = max(rest, key=lambda t: (f1(t), -domain(t)))
+        group = tied_with(leader, rest)
+        order += group
+        rest = [t for t in rest if t not in group]
+    others = sorted(excluded, key=domain)
+    if not eligible:
+        fallback = [t for t in sorted(rows, key=domain) if not math.isnan(num(rows[t].get(metrics.DOMAIN_PPL)))]
+        if not fallback:
+            return Selection(None, ["no trial reported held-out metrics"], True, excluded, others)
+        winner = fallback[0]
+        beats, verdict = _versus_base(rows[winner], base, base_row, labels, classes)
+        return Selection(winner, [f"no trial met the rule (finished, general ppl <= {bound:.2f}, F1 not below the "
+                                  f"base model's); fell back to the lowest domain ppl ({domain(winner):.2f})"],
+                         True, excluded, [winner] + [t for t in others if t != winner],
+                         None if beats is None else False, verdict)
+    winner = order[0]
+    if use_f1:
+        leader = max(eligible, key=lambda t: (f1(t), -domain(t)))
+        tied = tied_with(leader, eligible)
+        reason = (f"highest validation F1 ({f1(leader):.4f}) among {len(eligible)} eligible trial(s)"
+                  if winner == leader else
+                  f"tied with the highest validation F1 ({f1(leader):.4f}, trial {leader})")
+        if len(tied) > 1:
+            reason += (f"; {len(tied) - 1} other(s) within the paired 95% interval of the best, tie broken by lower "
+                       f"domain ppl ({domain(winner):.2f})")
+    else:
+        reason = (f"lowest domain ppl ({domain(winner):.2f}) among {len(eligible)} eligible trial(s) (no F1 "
+                  "measured)")
+    beats, verdict = _versus_base(rows[winner], base, base_row, labels, classes)
+    return Selection(winner, [reason], False, excluded, order + others, beats, verdict)
 
-    qualified = frame[~frame["trial_id"].isin(excluded)]
-    others = frame[frame["trial_id"].isin(excluded)].sort_values("_domain", na_position="last")
-    order = ranked(qualified) + list(others["trial_id"])
-    if not qualified.empty:
-        winner = order[0]
-        row = frame.set_index("trial_id").loc[winner]
-        if use_f1:
-            tied = qualified[qualified["_f1"] >= row["_f1"] - rule.f1_tolerance]
-            reason = (f"highest downstream F1 ({row['_f1']:.4f}) among {len(qualified)} finished trial(s) within "
-                      f"the forgetting bound")
-            if len(tied) > 1:
-                reason += (f"; {len(tied) - 1} other(s) within f1_tolerance {rule.f1_tolerance}, tie broken by "
-                           f"lower domain ppl ({row['_domain']:.2f})")
-        else:
-            reason = (f"lowest domain ppl ({row['_domain']:.2f}) among {len(qualified)} finished trial(s) within "
-                      f"the forgetting bound (no F1 measured)")
-        return Selection(winner, [reason], False, excluded, order)
-    fallback = frame.dropna(subset=["_domain"]).sort_values("_domain")
-    if fallback.empty:
-        return Selection(None, ["no trial reported held-out metrics"], True, excluded, order)
-    winner = fallback["trial_id"].iloc[0]
-    return Selection(winner, [f"no trial met the rule (finished and general ppl <= {bound:.2f}); fell back to the "
-                              f"lowest domain ppl ({fallback['_domain'].iloc[0]:.2f})"], True, excluded,
-                     [winner] + [t for t in order if t != winner])
+
+def _versus_base(row: dict[str, Any], base: dict[str, Any], base_row: dict[str, Any], labels: list[str] | None,
+                 classes: list[str] | None) -> tuple[bool | None, str]:
+    """Rule 4: does the winner beat the base model (significantly higher validation F1 and lower domain ppl)?"""
+    base_domain = num(base.get(metrics.base_name(metrics.DOMAIN_PPL)))
+    lower_domain = not math.isnan(base_domain) and num(row.get(metrics.DOMAIN_PPL)) < base_domain
+    if math.isnan(num(row.get(metrics.F1))) or math.isnan(num(base.get(metrics.base_name(metrics.F1)))):
+        if math.isnan(base_domain):
+            return None, ""
+        return None, ("it lowers domain ppl below the base model's" if lower_domain
+                      else "no trial lowers domain ppl below the base model's")
+    gap = f1_gap(row, base_row, labels, classes)
+    if gap is None:
+        return None, "F1 against the base model has no interval (no validation predictions recorded)"
+    if gap.low > 0 and lower_domain:
+        return True, (f"it beats the base model on validation F1 ({gap.value:+.3f}, 95% CI [{gap.low:+.3f}, "
+                      f"{gap.high:+.3f}]) and lowers domain ppl")
+    return False, (f"no trial beats the base model on downstream F1 (best: {gap.value:+.3f}, 95% CI "
+                   f"[{gap.low:+.3f}, {gap.high:+.3f}] on validation)" if gap.low <= 0 else
+                   "no trial beats the base model: the best F1 comes without lower domain ppl")

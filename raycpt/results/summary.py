@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, load_saved_config
 from raycpt.core.files import read_json, write_json
-from raycpt.core.prepare import BASE_METRICS_FILE
-from raycpt.results.collect import collect_trials
+from raycpt.core.prepare import BASE_METRICS_FILE, MANIFEST_FILE, Manifest
+from raycpt.results.accounting import sweep_compute
+from raycpt.results.collect import collect_trials, load_histories
+from raycpt.results.compare import VS_BEST_PREFIX, paired_lifts
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, export_winner
 from raycpt.results.select import select_winner
+from raycpt.results.sweep_law import ERROR as LAW_ERROR
+from raycpt.results.sweep_law import sweep_law
 
 SUMMARY_FILE = "summary.json"
 
@@ -32,12 +38,26 @@ class Summary:
     excluded: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     """Trial ids, best first under the rule."""
+    beats_base: bool | None = None
+    """The winner beats the base model on validation F1 significantly and lowers domain ppl (selection rule 4)."""
+    verdict: str = ""
+    """Rule 4 in plain words, e.g. "no trial beats the base model on downstream F1 (...)"."""
     export: str | None = None
     """The exported winner's dir, when the export there is this winner's."""
+    test: dict[str, Any] = field(default_factory=dict)
+    """The winner's test-split metrics (`test/...`, `test/lift/...` vs the base model), once exported."""
+    test_verdict: str = ""
+    """Whether the winner's test F1 lift over the base model is significant, not significant, or negative."""
     verification: dict[str, Any] | None = None
     experiment_dir_bytes: int = 0
     plots: list[str] = field(default_factory=list)
     wall_time_s: float | None = None
+    law: dict[str, Any] = field(default_factory=dict)
+    """The mixing law fitted on the sweep's reports (raycpt.results.sweep_law): `law.*` keys, or {"law.error": why}."""
+    compute: dict[str, Any] = field(default_factory=dict)
+    """Tokens, trial time, resource-seconds and what the scheduler saved (raycpt.results.accounting): `compute.*`."""
+    rule: dict[str, Any] = field(default_factory=dict)
+    """The selection rule (the `select` section) this summary was made under."""
 
     def trial(self, trial_id: str) -> dict[str, Any]:
         return next(t for t in self.trials if t["trial_id"] == trial_id)
@@ -60,25 +80,64 @@ def dir_bytes(path: Path) -> int:
 
 def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, export: bool = True,
             force: bool = False) -> Summary:
-    """Collect trials, apply the rule, export the winner when `export` (else report an earlier export of the same
-    winner). Prints nothing: the caller renders the Summary."""
+    """Collect trials, add their paired lifts (vs the base model and vs the winner), apply the rule, export the
+    winner when `export` (else report an earlier export of the same winner). Prints nothing: the caller renders
+    the Summary."""
     exp_dir = Path(exp_dir)
     cfg = cfg or load_saved_config(exp_dir)
     base = read_json(exp_dir / BASE_METRICS_FILE) if (exp_dir / BASE_METRICS_FILE).exists() else {}
+    manifest = Manifest.load(exp_dir) if (exp_dir / MANIFEST_FILE).exists() else None
+    task = manifest.task if manifest else None
+    labels, classes = (task.val_labels, task.classes) if task else (None, None)
+    block_size = manifest.block_size if manifest else cfg.data.block_size
     trials = collect_trials(exp_dir)
-    selection = select_winner(trials, base, cfg.select)
-    summary = Summary(str(exp_dir), base, json.loads(trials.to_json(orient="records")), selection.trial_id,
-                      selection.reasons, selection.flagged, selection.excluded, selection.order)
-    if selection.trial_id is not None:
-        if export:
-            row = trials.set_index("trial_id").loc[selection.trial_id].to_dict()
-            row["trial_id"] = selection.trial_id
-            card = export_winner(exp_dir, cfg, row, base, selection, force=force)
-            summary.export, summary.verification = str(exp_dir / EXPORT_DIR), card["verification"]
-        else:
-            card_path = exp_dir / EXPORT_DIR / CARD_FILE
-            card = read_json(card_path) if card_path.exists() else {}
-            if card.get("trial_id") == selection.trial_id:
-                summary.export, summary.verification = str(exp_dir / EXPORT_DIR), card.get("verification")
+    selection = select_winner(trials, base, cfg.select, labels, classes)
+    rows = json.loads(trials.to_json(orient="records"))
+    winner_row = next((r for r in rows if r["trial_id"] == selection.trial_id), None)
+    for row in rows:
+        row.update(paired_lifts(row, base, row_prefix=metrics.EVAL_PREFIX, reference_prefix=metrics.BASE_PREFIX,
+                                out_prefix=metrics.LIFT_PREFIX, labels=labels, classes=classes,
+                                block_size=block_size))
+        if winner_row is not None and row is not winner_row:
+            row.update(paired_lifts(row, winner_row, row_prefix=metrics.EVAL_PREFIX,
+                                    reference_prefix=metrics.EVAL_PREFIX, out_prefix=VS_BEST_PREFIX, labels=labels,
+                                    classes=classes, block_size=block_size))
+    summary = Summary(str(exp_dir), base, rows, selection.trial_id, selection.reasons, selection.flagged,
+                      selection.excluded, selection.order, selection.beats_base, selection.verdict)
+    histories = load_histories(exp_dir, rows)
+    summary.compute = sweep_compute(rows, cfg, histories)
+    try:
+        summary.law = sweep_law(rows, histories, cfg, base, selection.trial_id, selection.order)
+    except Exception as err:  # a law that cannot be fitted is not worth losing the summary and export over
+        summary.law = {LAW_ERROR: f"the fit failed ({type(err).__name__}: {err})"}
+    if winner_row is not None:
+        card_path = exp_dir / EXPORT_DIR / CARD_FILE
+        card = export_winner(exp_dir, cfg, winner_row, base, selection, force=force,
+                             compute=summary.compute) if export else (
+            read_json(card_path) if card_path.exists() else {})
+        if card.get("trial_id") == selection.trial_id:
+            summary.export, summary.verification = str(exp_dir / EXPORT_DIR), card.get("verification")
+            summary.test, summary.test_verdict = card.get("test") or {}, card.get("test_verdict") or ""
     summary.experiment_dir_bytes = dir_bytes(exp_dir)
+    summary.rule = dataclasses.asdict(cfg.select)
     return summary
+
+
+def keep_earlier(exp_dir: Path) -> list[Path]:
+    """Rename an earlier summary.json and plots/ to summary-<time>.json and plots-<time>/ (the time they were
+    written), so a re-analysis under another rule adds its results next to them instead of over them. Returns the
+    new names."""
+    exp_dir = Path(exp_dir)
+    kept = []
+    for name in (SUMMARY_FILE, "plots"):
+        old = exp_dir / name
+        if not old.exists():
+            continue
+        stem, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if "." in name else (name, "")
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+        target, n = exp_dir / f"{stem}-{stamp}{suffix}", 1
+        while target.exists():
+            target, n = exp_dir / f"{stem}-{stamp}-{n}{suffix}", n + 1
+        old.rename(target)
+        kept.append(target)
+    return kept

@@ -1,0 +1,46 @@
+"""Paired comparisons of two models on the same held-out texts and blocks: the differences the selection and
+the card report with 95% bootstrap intervals (`lift/...` against the base model, `vs_best/...` against the
+winner). Inputs are the flat metric rows trials and the base model report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raycpt.core import metrics
+from raycpt.core.stats import Interval, paired_f1_difference, paired_ppl_change
+
+VS_BEST_PREFIX = "vs_best/"
+"""Paired difference of a trial against the winner: 'vs_best/f1'."""
+
+
+def _losses(row: dict[str, Any], name: str) -> np.ndarray | None:
+    value = row.get(name)
+    return np.asarray(value, dtype=np.float64) if isinstance(value, (list, tuple)) and value else None
+
+
+def paired_lifts(row: dict[str, Any], reference: dict[str, Any], *, row_prefix: str, reference_prefix: str,
+                 out_prefix: str, labels: list[str] | None, classes: list[str] | None, block_size: int
+                 ) -> dict[str, float]:
+    """F1(row) - F1(reference) on the same texts (absolute) and ppl(row) / ppl(reference) - 1 on the same blocks
+    (relative), each with its interval, under `out_prefix` ('lift/f1', 'lift/f1_ci_low', ...). Metrics are read
+    from each row under its prefix ('eval/', 'base/', 'test/', 'base/test/'); missing inputs give no entry."""
+    def name(prefix: str, metric: str) -> str:
+        return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
+
+    out: dict[str, float] = {}
+    preds, ref_preds = row.get(name(row_prefix, metrics.PREDICTIONS)), reference.get(
+        name(reference_prefix, metrics.PREDICTIONS))
+    if labels and preds and ref_preds and len(preds) == len(labels) == len(ref_preds):
+        out.update(paired_f1_difference(labels, list(preds), list(ref_preds), labels=classes).to_dict(
+            name(out_prefix, metrics.F1)))
+    for losses_name, ppl_name in ((metrics.DOMAIN_BLOCK_LOSSES, metrics.DOMAIN_PPL),
+                                  (metrics.GENERAL_BLOCK_LOSSES, metrics.GENERAL_PPL)):
+        mine, theirs = _losses(row, name(row_prefix, losses_name)), _losses(reference, name(reference_prefix,
+                                                                                              losses_name))
+        if mine is not None and theirs is not None and len(mine) == len(theirs):
+            tokens = np.full(len(mine), block_size - 1, dtype=np.float64)
+            change: Interval = paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens)
+            out.update(change.to_dict(name(out_prefix, ppl_name)))
+    return out

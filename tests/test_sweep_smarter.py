@@ -1,0 +1,272 @@
+"""Issue #14, "Sweep smarter": optuna search (seeded, resumable), the mixing law fitted per sweep, compute
+accounting, and `raycpt analyze --suggest`. Fast: no Ray trials; the recorded smoke sweep (tests/fixtures/smoke_sweep,
+see tests/test_report.py) and synthetic reports from a known law."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from raycpt import cli
+from raycpt.core import law
+from raycpt.core.config import ExperimentConfig, SearchConfig, config_from_dict, load_config, load_saved_config
+from raycpt.core.errors import ConfigError
+from raycpt.results import render, suggest, sweep_law
+from raycpt.results.accounting import describe_compute
+
+FIXTURE = Path(__file__).parent / "fixtures" / "smoke_sweep"
+SPACE = {"train.lr": {"loguniform": [1e-5, 1e-2]}, "train.mix_ratio": {"uniform": [0.3, 1.0]},
+         "train.steps": {"choice": [12, 24]}}
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("moved") / "smoke"
+    shutil.copytree(FIXTURE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def summary(sweep_dir):
+    from raycpt.results.summary import analyze
+
+    return analyze(sweep_dir, export=False)
+
+
+def _raw(**search) -> dict:
+    return {"data": {"domain": "packaged:rotten-tomatoes", "general": "packaged:news"},
+            "search": {"space": SPACE, **search}}
+
+
+# -- search.algorithm ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("search, expected", [
+    ({"algorithm": "tpe"}, "search.algorithm: 'tpe' is not allowed"),
+    ({"algorithm": "optuna", "space": {"train.lr": {"grid": [1e-4, 3e-4]}}},
+     "search.space.train.lr: grid is not supported by search.algorithm=optuna"),
+    ({"algorithm": "optuna", "space": {}}, "search.algorithm: optuna needs a search.space"),
+])
+def test_bad_search_algorithm_is_one_line_naming_the_field(search, expected, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=expected):
+        config_from_dict(_raw(**search))
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(_raw(**search)))
+    assert cli.main(["validate", str(path), "--config-only"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1
+
+
+def test_optuna_with_ranges_and_choices_validates_and_grid_stays_with_random():
+    assert config_from_dict(_raw(algorithm="optuna")).search.algorithm == "optuna"
+    grid = config_from_dict(_raw(space={"train.lr": {"grid": [1e-4, 3e-4]}}))
+    assert grid.search.algorithm == "random"
+    with pytest.raises(ConfigError, match="law.target_tokens: -1 is out of range"):
+        config_from_dict({**_raw(), "law": {"target_tokens": -1}})
+
+
+def _proposals(seed: int, n: int = 12) -> list[dict]:
+    """n proposals of a fresh optuna searcher, each 'trial' completed with a made-up metric before the next."""
+    from raycpt.edge.tune import search_algorithm, search_space
+
+    searcher = search_algorithm(SearchConfig(space=SPACE, algorithm="optuna", seed=seed, num_samples=n), 2)
+    assert searcher.set_search_properties("eval/domain_ppl", "min", {"train_loop_config": search_space(SPACE)})
+    out = []
+    for i in range(n):
+        config = searcher.suggest(f"t{i}")
+        out.append(config)
+        hp = config["train_loop_config"]
+        searcher.on_trial_complete(f"t{i}", {"eval/domain_ppl": 10 + abs(math.log10(hp["train.lr"]) + 3)
+                                             + abs(hp["train.mix_ratio"] - 0.7), "training_iteration": 1})
+    return out
+
+
+def test_optuna_with_the_same_seed_proposes_the_same_configurations():
+    first, again, other = _proposals(3), _proposals(3), _proposals(4)
+    assert first == again
+    assert first != other
+    hp = first[-1]["train_loop_config"]  # nested back under train_loop_config, with the space's types
+    assert set(hp) == set(SPACE) and hp["train.steps"] in (12, 24) and 1e-5 <= hp["train.lr"] <= 1e-2
+
+
+def test_optuna_searcher_state_survives_a_save_and_restore(tmp_path):
+    """What `Tuner.restore` does with our searcher: Tune saves it (SearchGenerator.save_to_dir) during the sweep;
+    on --resume it builds it from tuner.pkl, sets the search properties and restores the saved state."""
+    from ray.tune.search import SearchGenerator
+
+    from raycpt.edge.tune import search_algorithm, search_space
+
+    cfg = SearchConfig(space=SPACE, algorithm="optuna", seed=0, num_samples=8)
+    param_space = {"train_loop_config": search_space(SPACE)}
+
+    def fresh() -> SearchGenerator:
+        searcher = search_algorithm(cfg, 2)
+        searcher.set_search_properties("eval/domain_ppl", "min", param_space)
+        return SearchGenerator(searcher)
+
+    running = fresh()
+    for i in range(5):
+        config = running.searcher.suggest(f"t{i}")
+        running.searcher.on_trial_complete(f"t{i}", {"eval/domain_ppl": config["train_loop_config"]["train.lr"] * 1e3,
+                                                     "training_iteration": 1})
+    running.save_to_dir(str(tmp_path), session_str="s")
+    restored = fresh()
+    restored.restore_from_dir(str(tmp_path))
+    assert restored.searcher.suggest("t5") == running.searcher.suggest("t5")
+    assert len(restored.searcher.searcher._ot_study.trials) == 6  # the 5 scored trials came back
+
+
+# -- compute accounting ----------------------------------------------------------------------------------------------
+
+
+def test_trained_plus_saved_is_the_full_budget_exactly(summary):
+    c = summary.compute
+    assert c["compute.tokens_trained"] + c["compute.tokens_saved_by_scheduler"] == c["compute.tokens_full_budget"]
+    assert c["compute.tokens_not_run"] == 0 and c["compute.complete"]
+    # the fixture: 3 trials of 24 steps x 8 blocks x 64 tokens; one finished, two stopped by ASHA at steps 6, 12
+    assert c["compute.tokens_full_budget"] == 3 * 24 * 8 * 64
+    assert c["compute.tokens_trained"] == (24 + 6 + 12) * 8 * 64
+    assert c["compute.saved_by_scheduler_fraction"] == pytest.approx((18 + 12) / 72)
+    assert set(c["compute.resource_seconds"]) == {"CPU"}
+    for t in summary.trials:
+        assert t["compute/tokens"] == t["tokens"] == t["step"] * 8 * 64
+        assert t["compute/tokens"] + t["compute/tokens_saved_by_scheduler"] == t["compute/tokens_full_budget"]
+        assert t["compute/cpu_s"] == pytest.approx(2.0 * t["time_total_s"])  # cpus_per_worker 2 x wall time
+        assert (t["compute/cpu_s_saved_by_scheduler"] > 0) == (t["status"] == "stopped")
+    assert c["compute.resource_seconds"]["CPU"] == pytest.approx(sum(t["compute/cpu_s"] for t in summary.trials))
+    assert 0 < c["compute.resource_saved_by_scheduler_fraction"] < 1
+
+
+def test_compute_and_law_are_in_every_report_format(summary, sweep_dir, capsys):
+    data = render.report_json(summary)
+    assert data["compute"]["tokens_trained"] == summary.compute["compute.tokens_trained"]
+    assert data["law"] == {"error": summary.law["law.error"]}
+    assert all(row["compute"]["tokens_full_budget"] == 12288 for row in data["trials"])
+    assert {"law", "compute", "trial.compute"} <= set(render.REPORT_SCHEMA)
+    console = Console(width=120, record=True, file=io.StringIO())
+    render.print_summary(console, summary)
+    text = console.export_text()
+    assert f"Compute: {describe_compute(summary.compute)}"[:60] in text.replace("\n", " ")
+    assert "ASHA saved 15.4k tokens (42%)" in describe_compute(summary.compute)
+    assert "Mixing law: not fitted:" in text
+    assert render.report_command(sweep_dir, "markdown", console) == 0
+    assert "\nCompute: " in capsys.readouterr().out
+
+
+# -- the law per sweep -----------------------------------------------------------------------------------------------
+
+
+def test_fixture_law_is_a_plain_error(summary):
+    assert set(summary.law) == {"law.error"}
+    assert "reports" in summary.law["law.error"] and "all 3 trials" in summary.law["law.error"]
+
+
+DOMAIN = law.LawFit("power", {"E": 2.0, "A": 3.0, "alpha": 0.3, "d0": 1000.0}, 0.0, "domain")
+GENERAL = law.LawFit("dcpt", {"E": 2.5, "A": 3.0, "alpha": 0.3, "d0": 1000.0, "C": 0.05, "gamma": 1.0}, 0.0,
+                     "general")
+
+
+def synthetic_sweep() -> tuple[list[dict], dict[str, pd.DataFrame]]:
+    """Six trials at lr 1e-3/2e-3 over three mixes following DOMAIN/GENERAL (0.1% noise), and two at lr 1e-5 that
+    barely moved: those must stay out of the fit (outside the best lr region)."""
+    rng = np.random.default_rng(0)
+    trials, histories = [], {}
+    setups = [(m, lr) for lr in (2e-3, 1e-3) for m in (0.3, 0.6, 0.9)] + [(0.3, 1e-5), (0.9, 1e-5)]
+    for i, (mix, lr) in enumerate(setups):
+        tid = f"t{i}"
+        rows = []
+        for step in (6, 12, 18, 24):
+            tokens = 512 * step
+            dom, gen = (float(f.predict(tokens if lr > 1e-4 else 1, mix)) * (1 + 1e-3 * rng.standard_normal())
+                        for f in (DOMAIN, GENERAL))
+            rows.append({"step": step, "tokens": tokens, "eval/domain_loss": dom, "eval/general_loss": gen,
+                         "time_total_s": 10.0 + step})
+        histories[tid] = pd.DataFrame(rows)
+        trials.append({"trial_id": tid, "status": "finished", "hp/train.lr": lr, "hp/train.mix_ratio": mix,
+                       "step": 24, "tokens": 12288, "eval/domain_ppl": math.exp(rows[-1]["eval/domain_loss"])})
+    return trials, histories
+
+
+def _smoke_cfg() -> ExperimentConfig:
+    return load_saved_config(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def synthetic_law() -> dict:
+    trials, histories = synthetic_sweep()
+    base = {"base/general_loss": float(GENERAL.predict(0.0, 0.0))}
+    sweep_law.BOOTSTRAP, saved = 30, sweep_law.BOOTSTRAP  # the interval needs >= 10 resamples; 30 keeps it fast
+    try:
+        return sweep_law.sweep_law(trials, histories, _smoke_cfg(), base, winner="t1", order=["t1"])
+    finally:
+        sweep_law.BOOTSTRAP = saved
+
+
+def test_law_is_fitted_on_every_report_of_the_best_lr_region(synthetic_law):
+    fitted = synthetic_law
+    assert fitted["law.trials"] == [f"t{i}" for i in range(6)], "the lr=1e-5 trials are outside the region"
+    assert fitted["law.lr_region"] == pytest.approx([2e-3 / 3, 2e-3 * 3])
+    assert fitted["law.n_reports"] == 24  # every report, not only the last
+    assert fitted["law.target_tokens"] == 10 * 24 * 8 * 64  # law.target_tokens 0: 10 x the largest trial budget
+    truth = law.best_mix_ratio(DOMAIN, GENERAL, fitted["law.target_tokens"], fitted["law.general_loss_bound"])
+    assert fitted["law.best_mix_ratio"] == pytest.approx(truth.mix_ratio, abs=0.03)
+    low, high = fitted["law.best_mix_ratio_ci"]
+    assert low <= fitted["law.best_mix_ratio"] <= high
+    assert "best mix is" in sweep_law.describe_law(fitted) and "lr region" in sweep_law.describe_law(fitted)
+
+
+def test_law_plot_is_drawn(synthetic_law, tmp_path):
+    from raycpt.results.plots import plot_law
+    from raycpt.results.summary import Summary
+
+    trials, histories = synthetic_sweep()
+    summary = Summary(str(tmp_path), {}, trials, winner="t1", law=synthetic_law)
+    path = plot_law(tmp_path / "law.png", summary, histories, default_mix=0.7)
+    assert path is not None and path.stat().st_size > 10_000
+    assert plot_law(tmp_path / "none.png", Summary(str(tmp_path), {}, trials, law={"law.error": "x"}), histories,
+                    0.7) is None
+
+
+# -- analyze --suggest -----------------------------------------------------------------------------------------------
+
+
+def test_suggest_writes_a_final_run_and_a_narrowed_sweep_that_validate(summary, sweep_dir, synthetic_law, capsys):
+    winner = summary.trial(summary.winner)
+    law_dict = {**synthetic_law, "law.lr_reference_trial": summary.winner}
+    with_law = dataclasses.replace(summary, law=law_dict)
+    final_path, next_path = suggest.write_suggestions(sweep_dir, _smoke_cfg(), with_law)
+    final, nxt = load_config(final_path), load_config(next_path)
+
+    target = law_dict["law.target_tokens"]
+    assert final.search.space == {} and final.name == "smoke-final" and final.storage_path == str(sweep_dir.parent)
+    assert final.train.steps == math.ceil(target / (8 * 64)) == 240
+    assert final.train.warmup_steps == 2 * 10 and final.train.eval_every == 6 * 10  # scaled by 240 / 24
+    assert final.train.lr == winner["hp/train.lr"]
+    assert final.train.mix_ratio == pytest.approx(law_dict["law.best_mix_ratio"], abs=1e-3)
+    assert final.law.target_tokens == target
+
+    assert nxt.name == "smoke-next" and nxt.search.num_samples == _smoke_cfg().search.num_samples
+    lo, hi = nxt.search.space["train.lr"]["loguniform"]
+    assert law_dict["law.lr_region"][0] == pytest.approx(lo, rel=1e-2)
+    assert law_dict["law.lr_region"][1] == pytest.approx(hi, rel=1e-2)
+    low, high = nxt.search.space["train.mix_ratio"]["uniform"]
+    ci = law_dict["law.best_mix_ratio_ci"]
+    assert low == pytest.approx(ci[0], abs=1e-3) and high == pytest.approx(ci[1], abs=1e-3)
+    for path in (final_path, next_path):
+        assert cli.main(["validate", str(path), "--config-only"]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_suggest_without_a_law_is_one_line_exit_2(sweep_dir, capsys):
+    assert cli.main(["analyze", str(sweep_dir), "--suggest", "--set", "report.plots=false"]) == 2
+    err = capsys.readouterr().err
+    assert "--suggest" in err and "no mixing law" in err and err.count("\n") == 1
