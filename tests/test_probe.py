@@ -40,10 +40,12 @@ def test_probe_on_the_model_is_deterministic_and_learns_a_separable_text_task(ti
     train_texts, train_labels = texts(60)
     test_texts, test_labels = texts(40)
     task = Task(train_texts, train_labels, test_texts, test_labels, test_texts, test_labels)
-    first = downstream_f1(model, tokenizer, task)
-    second = downstream_f1(model, tokenizer, task)
-    assert first["f1"] == pytest.approx(second["f1"], abs=1e-6)
-    assert first["f1"] > 0.95
+    first = downstream_f1(model, tokenizer, task, splits=("val", "test"))
+    second = downstream_f1(model, tokenizer, task, splits=("val",))
+    assert first["val"]["f1"] == pytest.approx(second["val"]["f1"], abs=1e-6)
+    assert first["val"]["f1"] > 0.95 and first["val"]["predictions"] == first["test"]["predictions"]
+    assert first["val"]["f1_ci_low"] <= first["val"]["f1"] <= first["val"]["f1_ci_high"]
+    assert first["val"]["f1_sd"] is None  # one fit: no spread is reported as if measured
     assert model.training  # train mode restored
 
 

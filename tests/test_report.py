@@ -137,10 +137,12 @@ def test_report_json_follows_the_documented_schema(sweep_dir, summary, capsys):
     assert set(data) == set(render.REPORT_SCHEMA) - {"trial"}
     assert data["schema_version"] == render.REPORT_SCHEMA_VERSION
     trial_keys = {"rank", "trial_id", "winner", "status", "excluded", "error", "hyperparameters", "step", "tokens",
-                  "time_s", "domain_ppl", "general_ppl", "forgetting", "domain_ppl_change", "f1", "f1_sd", "accuracy"}
-    for key in trial_keys:
-        assert key in render.REPORT_SCHEMA["trial"], f"{key} is undocumented"
-    assert all(set(t) == trial_keys for t in data["trials"])
+                  "time_s", "domain_ppl", "general_ppl", "forgetting", "domain_ppl_change", "f1", "f1_sd", "accuracy",
+                  "f1_ci_low", "f1_ci_high", "domain_ppl_ci_low", "domain_ppl_ci_high", "lift", "vs_best"}
+    for t in data["trials"]:
+        assert trial_keys <= set(t)
+        for key in t:
+            assert key in render.REPORT_SCHEMA["trial"], f"{key} is undocumented"
     assert [t["trial_id"] for t in data["trials"]] == summary.order
     assert [t["rank"] for t in data["trials"]] == list(range(1, len(summary.order) + 1))
     assert [t["trial_id"] for t in data["trials"] if t["winner"]] == [data["selection"]["winner"]]

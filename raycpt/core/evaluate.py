@@ -160,32 +160,40 @@ def probe_scores(train_x: np.ndarray, train_y: list[str], test_x: np.ndarray, te
             "predictions": [str(p) for p in predicted]}
 
 
-def downstream_f1(model: nn.Module, tokenizer, task: Task, *, split: str = "val", seeds: int = 1, seed: int = 0,
-                  max_length: int = 128, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The linear probe of DESIGN.md end to end: fitted on the task's train split, scored on `split` (val for
-    trials and selection, test for the winner and the base model once)."""
-    texts, labels = (task.val_texts, task.val_labels) if split == "val" else (task.test_texts, task.test_labels)
+def downstream_f1(model: nn.Module, tokenizer, task: Task, *, splits: tuple[str, ...] = ("val",), seeds: int = 1,
+                  seed: int = 0, max_length: int = 128, device: torch.device | str = "cpu") -> dict[str, dict]:
+    """The linear probe of DESIGN.md end to end: fitted once on the task's train split, scored on each of `splits`
+    (val for trials and selection, test for the winner and the base model once): {split: scores}."""
+    parts = {"val": (task.val_texts, task.val_labels), "test": (task.test_texts, task.test_labels)}
     train_x = text_features(model, tokenizer, task.train_texts, max_length=max_length, device=device)
-    scored_x = text_features(model, tokenizer, texts, max_length=max_length, device=device)
-    return probe_scores(train_x, task.train_labels, scored_x, labels, seeds=seeds, seed=seed, classes=task.classes)
+    scores = {}
+    for split in splits:
+        texts, labels = parts[split]
+        scored_x = text_features(model, tokenizer, texts, max_length=max_length, device=device)
+        scores[split] = probe_scores(train_x, task.train_labels, scored_x, labels, seeds=seeds, seed=seed,
+                                     classes=task.classes)
+    return scores
 
 
 def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, seed: int, max_length: int,
-               device: torch.device | str, trust_remote_code: bool = False, prefix: str = metrics.EVAL_PREFIX,
-               split: str = "val") -> dict[str, Any]:
-    """The probe's scores as flat metrics: `eval/f1` (macro) with `eval/f1_ci_low|high`, `eval/f1_sd` (seeds > 1),
-    `eval/accuracy`, `eval/f1_class/<label>` and `eval/predictions` (`base/...`, `test/...` with another prefix)."""
+               device: torch.device | str, trust_remote_code: bool = False,
+               prefixes: dict[str, str] | None = None) -> dict[str, Any]:
+    """The probe's scores as flat metrics, for each split in `prefixes` ({split: metric prefix}, default
+    {"val": "eval/"}): `eval/f1` (macro) with `eval/f1_ci_low|high`, `eval/f1_sd` (seeds > 1), `eval/accuracy`,
+    `eval/f1_class/<label>` and `eval/predictions` (`base/...`, `test/...` under other prefixes)."""
+    prefixes = prefixes or {"val": metrics.EVAL_PREFIX}
     tokenizer = load_tokenizer(model_source, trust_remote_code)
-    scores = downstream_f1(model, tokenizer, task, split=split, seeds=seeds, seed=seed, max_length=max_length,
-                           device=device)
+    by_split = downstream_f1(model, tokenizer, task, splits=tuple(prefixes), seeds=seeds, seed=seed,
+                             max_length=max_length, device=device)
+    flat: dict[str, Any] = {}
+    for split, scores in by_split.items():
+        def name(metric: str, prefix: str = prefixes[split]) -> str:
+            return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
 
-    def name(metric: str) -> str:
-        return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
-
-    flat = {name(metrics.F1): scores["f1"], name(metrics.F1) + "_ci_low": scores["f1_ci_low"],
-            name(metrics.F1) + "_ci_high": scores["f1_ci_high"], name(metrics.ACCURACY): scores["accuracy"],
-            name(metrics.PREDICTIONS): scores["predictions"]}
-    if scores["f1_sd"] is not None:
-        flat[name(metrics.F1_SD)] = scores["f1_sd"]
-    flat.update({name(metrics.F1_CLASS_PREFIX) + label: v for label, v in scores["per_class_f1"].items()})
+        flat.update({name(metrics.F1): scores["f1"], name(metrics.F1) + metrics.CI_LOW: scores["f1_ci_low"],
+                     name(metrics.F1) + metrics.CI_HIGH: scores["f1_ci_high"],
+                     name(metrics.ACCURACY): scores["accuracy"], name(metrics.PREDICTIONS): scores["predictions"]})
+        if scores["f1_sd"] is not None:
+            flat[name(metrics.F1_SD)] = scores["f1_sd"]
+        flat.update({name(metrics.F1_CLASS_PREFIX) + label: v for label, v in scores["per_class_f1"].items()})
     return flat

@@ -179,32 +179,32 @@ def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
     return manifest
 
 
-def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, split: str, prefix: str,
-                device: torch.device | str = "cpu") -> dict[str, Any]:
+def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, prefixes: dict[str, str],
+                probe_splits: tuple[str, ...] | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Held-out ppl (with intervals and per-block losses) and probe F1 (with interval and predictions) of a model
-    on the validation (`split="val"`) or test parts, as flat metrics with names under `prefix` ('base/',
-    'test/', 'base/test/'). Runs in the precision trials use on this device."""
+    on the validation and/or test parts, as flat metrics: `prefixes` maps each split ("val", "test") to the prefix
+    of its names ('base/', 'test/', 'base/test/'). The probe is fitted once and scored on `probe_splits` (default:
+    every split in `prefixes`). Runs in the precision trials use on this device."""
     device = torch.device(device)
     amp = autocast_dtype(cfg.train.precision, device)
     model.to(device)
-
-    def name(metric: str) -> str:
-        return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
-
     results: dict[str, Any] = {}
-    for corpus, loss_name, ppl_name in ((manifest.domain, metrics.DOMAIN_LOSS, metrics.DOMAIN_PPL),
-                                        (manifest.general, metrics.GENERAL_LOSS, metrics.GENERAL_PPL)):
-        if corpus is not None:
-            blocks = load_blocks(corpus.heldout if split == "val" else corpus.test)
-            losses = heldout_block_losses(model, blocks, batch_size=cfg.train.batch_size, device=device,
-                                          autocast_dtype=amp)
-            results.update(ppl_metrics(losses, manifest.block_size, name(loss_name), name(ppl_name),
-                                       seed=cfg.data.seed))
-    if manifest.task:
+    for split, prefix in prefixes.items():
+        for corpus, loss_name, ppl_name in ((manifest.domain, metrics.DOMAIN_LOSS, metrics.DOMAIN_PPL),
+                                            (manifest.general, metrics.GENERAL_LOSS, metrics.GENERAL_PPL)):
+            if corpus is not None:
+                blocks = load_blocks(corpus.heldout if split == "val" else corpus.test)
+                losses = heldout_block_losses(model, blocks, batch_size=cfg.train.batch_size, device=device,
+                                              autocast_dtype=amp)
+                results.update(ppl_metrics(losses, manifest.block_size,
+                                           prefix + loss_name.removeprefix(metrics.EVAL_PREFIX),
+                                           prefix + ppl_name.removeprefix(metrics.EVAL_PREFIX), seed=cfg.data.seed))
+    probe = {split: prefixes[split] for split in (prefixes if probe_splits is None else probe_splits)}
+    if manifest.task and probe:
         e = cfg.eval
         results.update(f1_metrics(model, cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
                                   max_length=e.max_length, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                                  prefix=prefix, split=split))
+                                  prefixes=probe))
     return results
 
 
@@ -233,9 +233,8 @@ def measure_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> di
     start = time.perf_counter()
     device = torch.device("cuda" if cfg.resources.use_gpu and torch.cuda.is_available() else "cpu")
     model = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
-    results = score_model(model, cfg, manifest, split="val", prefix=metrics.BASE_PREFIX, device=device)
-    results.update(score_model(model, cfg, manifest, split="test",
-                               prefix=metrics.base_name(metrics.TEST_PREFIX), device=device))
+    results = score_model(model, cfg, manifest, device=device, prefixes={
+        "val": metrics.BASE_PREFIX, "test": metrics.base_name(metrics.TEST_PREFIX)})
     results.update({"key": base_cache_key(cfg, manifest), "time_s": time.perf_counter() - start,
                     "threads": torch.get_num_threads(), "device": str(device),
                     "precision": str(autocast_dtype(cfg.train.precision, device) or "fp32")})

@@ -22,8 +22,9 @@ from raycpt.results.summary import Summary
 from raycpt.results.sweep_law import law_fits
 
 DPI = 120
-PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png",
-              "law.png")
+PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png")
+LAW_PLOT = "law.png"
+"""Drawn only when the sweep's mixing law could be fitted (Summary.law)."""
 STATUS_MARKERS = {"finished": ("o", None), "stopped": ("X", "stopped by ASHA"), "failed": ("x", "failed"),
                   "running": (">", "still running")}
 
@@ -384,7 +385,7 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
     base_general = (summary.base or {}).get("base/general_ppl")
     bound = (1 + max_forgetting) * base_general if max_forgetting is not None and base_general else None
     histories = load_histories(exp_dir, summary)
-    for name in PLOT_FILES:  # a plot this sweep has no data for must not survive from an earlier one
+    for name in (*PLOT_FILES, LAW_PLOT):  # a plot this sweep has no data for must not survive from an earlier one
         (out / name).unlink(missing_ok=True)
     written = [
         plot_curves(out / "domain_ppl_vs_tokens.png", summary, histories, "eval/domain_ppl",
@@ -394,7 +395,7 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
                     bound=bound),
         plot_ppl_vs_f1(out / "ppl_vs_f1.png", summary),
         plot_hyperparameters(out / "hyperparameters.png", summary, metric),
-        plot_law(out / "law.png", summary, histories, float(cfg.get("train", {}).get("mix_ratio", 1.0))),
+        plot_law(out / LAW_PLOT, summary, histories, float(cfg.get("train", {}).get("mix_ratio", 1.0))),
     ]
     return [p for p in written if p is not None]
 

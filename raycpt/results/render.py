@@ -78,8 +78,6 @@ REPORT_SCHEMA = {
                "trial_seconds, resources_per_trial, resource_seconds, resource_seconds_full_budget, "
                "resource_seconds_saved_by_scheduler (estimated): {CPU, GPU}, resource_saved_by_scheduler_fraction, "
                "scheduler} | null; tokens_trained + tokens_saved_by_scheduler + tokens_not_run == tokens_full_budget",
-    "trial.compute": "in each trial: {tokens, tokens_full_budget, tokens_saved_by_scheduler, wall_s, cpu_s, "
-                     "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}",
     "trials": "[trial], best first under the selection rule",
     "trial": "{rank, trial_id, winner: bool, status, excluded: str | null, error: str | null, hyperparameters: "
              "{dotted field: value}, step, tokens, time_s, domain_ppl, general_ppl, forgetting (relative change of "
@@ -87,7 +85,8 @@ REPORT_SCHEMA = {
              "accuracy, domain_ppl_ci_low, domain_ppl_ci_high, general_ppl_ci_low, general_ppl_ci_high, f1_ci_low, "
              "f1_ci_high (95% bootstrap on the validation split), lift: {f1 (absolute), domain_ppl, general_ppl "
              "(relative), each with _ci_low/_ci_high: paired vs the base model}, vs_best: {the same, paired vs the "
-             "winner}}",
+             "winner}, compute: {tokens, tokens_full_budget, tokens_saved_by_scheduler, wall_s, cpu_s, "
+             "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}}",
 }
 """The keys of `raycpt report --format json`, documented for people who script against it."""
 
@@ -139,8 +138,11 @@ class Layout:
 
 LAYOUTS = (Layout(), Layout("short", "short", "half"), Layout("short", "short", "stacked"),
            Layout("short", "short", "stacked", extras=False))
-CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+CI_LOW, CI_HIGH = metrics.CI_LOW, metrics.CI_HIGH
 """Suffixes of a metric's confidence interval in a trial row (eval/f1_ci_low) or the base metrics (base/f1_ci_low)."""
+TABLE_INTERVALS = tuple(name + CI_LOW for metric in (metrics.DOMAIN_PPL, metrics.F1)
+                        for name in (metric, metrics.base_name(metric)))
+"""The intervals the trials table shows (domain ppl and F1, of trials and the base model)."""
 HP_HEADERS = {"field": "hyperparameters", "short": "hparams"}
 
 
@@ -234,7 +236,7 @@ def _table_notes(summary: Summary, layout: Layout = LAYOUTS[0]) -> list[str]:
         note = f"trial ids are {ids[0].rsplit('_', 1)[0]}_<trial>; " + note
     notes = [note]
     rows = [summary.base or {}, *summary.trials]
-    if any(name.endswith(CI_LOW) and row.get(name) is not None for row in rows for name in row):
+    if any(not math.isnan(num(row.get(name))) for row in rows for name in TABLE_INTERVALS):
         notes.append("[low, high]: confidence interval" if layout.ci == "interval"
                      else "±: half the width of the confidence interval")
     if layout.names == "short":

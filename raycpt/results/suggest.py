@@ -6,7 +6,8 @@
   for `raycpt train` (its name is the sweep's + "-final", so it never writes into the sweep's dir).
 * `DIR/next.yaml`: the same sweep with its search space narrowed around the optimum: train.lr log-uniform over the
   best lr region, train.mix_ratio uniform over the law's interval for the best mix (MIX_HALF_WIDTH either side when
-  the law has no interval); other swept fields as they were. Ready for `raycpt sweep` (name + "-next").
+  the law has no interval); other swept fields as they were, and as many trials as the sweep made. Ready for
+  `raycpt sweep` (name + "-next").
 """
 
 from __future__ import annotations
@@ -94,9 +95,16 @@ def next_config(cfg: ExperimentConfig, summary: Summary, exp_dir: Path) -> dict[
     low, high = round(max(0.0, low), MIX_DIGITS), round(min(1.0, high), MIX_DIGITS)
     space["train.mix_ratio"] = {"uniform": [low, high]} if high > low else {"choice": [round(best, MIX_DIGITS)]}
     raw["search"]["space"] = space
+    # as many trials as the sweep ran, though grids over lr or mix_ratio became ranges
+    raw["search"]["num_samples"] = math.ceil(_trials(cfg.search.space, cfg.search.num_samples) / _trials(space, 1))
     raw["law"]["target_tokens"] = int(law["law.target_tokens"])
     raw["name"], raw["storage_path"] = f"{Path(exp_dir).resolve().name}-next", str(Path(exp_dir).resolve().parent)
     return _checked(raw, NEXT_FILE)
+
+
+def _trials(space: dict[str, Any], num_samples: int) -> int:
+    """Trials a space makes: num_samples x the size of every grid."""
+    return num_samples * math.prod(len(spec["grid"]) for spec in space.values() if "grid" in spec)
 
 
 def _write(path: Path, raw: dict[str, Any], header: str) -> Path:
