@@ -1,4 +1,4 @@
-"""`raycpt sweep | train | analyze | report | validate | prepare`: a subcommand -> function table, docstrings as
+"""`raycpt sweep | train | analyze | report | validate | prepare | plan`: a subcommand -> function table, docstrings as
 help. Bad input of any kind ends as one line on stderr and exit code 2; nothing already written is removed.
 
 Ray is imported only by the commands that run on it (`sweep`, `train`): `validate`, `prepare`, `report`,
@@ -17,6 +17,8 @@ from raycpt import __version__
 from raycpt.core import metrics
 from raycpt.core.config import load_config, load_saved_config, to_dict
 from raycpt.core.errors import ExportCheckError, InputError
+from raycpt.core.plan import plan as memory_plan
+from raycpt.core.plan import render as render_plan
 from raycpt.core.prepare import preflight, prepare_experiment
 from raycpt.core.train import run_local
 from raycpt.results.format import fixed, make_console
@@ -113,13 +115,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory per worker before anything runs (weights, gradients, AdamW, activations, logits, checkpoint size) for
+    resources.strategy and num_workers, from the model's config alone; whether it fits resources.accelerator_type
+    (or this host's RAM on CPU) and, if not, what to change. Exit 1 when it does not fit."""
+    cfg = load_config(args.config, args.set)
+    result = memory_plan(cfg)
+    render_plan(make_console(), result)
+    return 1 if result.fits is False else 0
+
+
 def _echo(console, args: argparse.Namespace, cfg) -> None:
     overrides = f" with {' '.join('--set ' + s for s in args.set)}" if args.set else ""
     console.print(f"[bold]raycpt[/] {args.command} {args.config}{overrides} -> {cfg.experiment_dir()}")
 
 
 COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "analyze": cmd_analyze, "report": cmd_report,
-            "validate": cmd_validate, "prepare": cmd_prepare}
+            "validate": cmd_validate, "prepare": cmd_prepare, "plan": cmd_plan}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from rich.console import Console
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.files import write_json
+from raycpt.core.plan import check_fits
 from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
 from raycpt.core.resources import trial_concurrency
 from raycpt.edge.callbacks import SweepProgress
@@ -34,6 +35,7 @@ def open_experiment(cfg: ExperimentConfig, *, force: bool = False, resume: bool 
     """The experiment dir, checked writable, with the resolved config saved in it. An earlier sweep there is
     replaced only with `force` (its `replaces` subdirs are removed) and continued only with `resume`."""
     exp_dir = check_storage(cfg)  # a bad storage_path fails here, before anything is computed
+    check_fits(cfg)  # the memory plan against resources.accelerator_type, when one is named
     if resume and not (exp_dir / TUNE_DIR).exists():
         raise InputError(f"{exp_dir}: no sweep to resume (no {TUNE_DIR}/ dir); start one with `raycpt sweep CONFIG`")
     if (exp_dir / TUNE_DIR).exists() and not resume and TUNE_DIR in replaces:

@@ -38,6 +38,12 @@ def fsdp_experiment(corpora: dict[str, str], storage: Path, num_workers: int, na
     raw["name"] = name
     raw["resources"]["strategy"] = "fsdp"
     raw["train"]["grad_clip"] = 0.5  # clipped at most steps: the global norm over DTensor grads is checked too
+    # micro-batches of one block: 2 workers accumulate 2 (no gradient sync on the first), one worker 4; 5 held-out
+    # blocks make rank 1 run a forward it does not count (every FSDP forward is a collective)
+    raw["train"].update(batch_size=1, global_batch_size=4)
+    # the fused loss reads the head's weight outside the model's forward (auto picks it on GPU): under FSDP that
+    # weight must still be gathered; held-out eval goes through the plain forward
+    raw["train"]["loss_impl"] = "chunked"
     return raw
 
 
@@ -200,3 +206,29 @@ def test_killed_fsdp_worker_resumes_from_sharded_checkpoint(runs):
     assert [r[0][m.RESTARTS] for r in runs["multi"]] == [0] + [1] * (len(runs["multi"]) - 1)
     for key in LOSSES:
         torch.testing.assert_close(last[key], runs["single"][-1][key], rtol=RTOL, atol=0.0, msg=key)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"resources.strategy": "zero3"}, "resources.strategy: 'zero3' is not allowed"),
+    ({"resources.fsdp_cpu_offload": True}, "resources.fsdp_cpu_offload: only applies to resources.strategy=fsdp"),
+    ({"export.max_shard_size": "5 gigabytes"}, "export.max_shard_size: '5 gigabytes' is not a size"),
+])
+def test_bad_strategy_settings_name_the_field(overrides, message):
+    from raycpt.core.config import load_config
+    from raycpt.core.errors import ConfigError
+
+    base = {"data.domain": "packaged:rotten-tomatoes", "train.mix_ratio": 1}
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {**base, **overrides})
+    cfg = load_config(None, {**base, "resources.strategy": "fsdp", "resources.fsdp_cpu_offload": True,
+                             "export.max_shard_size": "500MB"})
+    assert cfg.resources.strategy == "fsdp"
+
+
+def test_decoder_layers_are_found_for_gpt2_and_llama(tiny_gpt2_dir, tiny_llama_dir):
+    from raycpt.core.models import load_model
+    from raycpt.core.parallel import decoder_layers
+
+    gpt2, llama = load_model(tiny_gpt2_dir), load_model(tiny_llama_dir)
+    assert decoder_layers(gpt2) == list(gpt2.transformer.h)
+    assert decoder_layers(llama) == list(llama.model.layers)

@@ -201,6 +201,9 @@ class ResourcesConfig:
     """strategy fsdp: keep the sharded params, grads and optimizer step in CPU memory (slower; for models whose
     shards still do not fit the accelerators)."""
     use_gpu: bool = False
+    accelerator_type: str = ""
+    """The GPU each worker gets, for the memory plan (`raycpt plan`): H100 | H200 | A100-80G | A100-40G | L40S | L4 |
+    A10G. Set, `raycpt sweep` and `train` refuse a config whose plan does not fit it; empty = not checked."""
     cpus_per_worker: float = 1.0
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra (custom) Ray resources each worker needs, e.g. {accelerator_type:H100: 0.01} or a node label."""
@@ -236,6 +239,17 @@ class LawConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep_optimizer: str = "latest"
+    """latest: a running trial keeps optimizer state only in its newest checkpoint (the one a restart resumes
+    from), and a trial that ended keeps none (a failed one keeps its newest whole, so `sweep --resume` can retry
+    it) | all: every kept checkpoint keeps it (3x the weights for AdamW in the weights' dtype)."""
+    keep_weights: str = "finished"
+    """Which ended trials keep their checkpoints' weights: finished (ASHA-stopped trials keep none; only finished
+    trials can win) | all."""
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,6 +261,7 @@ class ExperimentConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     law: LawConfig = field(default_factory=LawConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = "raycpt"
     """Experiment name: results go to <storage_path>/<name>."""
     storage_path: str = "runs"
@@ -266,6 +281,10 @@ SEARCH_ALGORITHMS = ("random", "optuna")
 PRECISIONS = ("auto", "fp32", "bf16")
 LOSS_IMPLS = ("auto", "hf", "chunked", "liger")
 STRATEGIES = ("ddp", "fsdp")
+ACCELERATOR_TYPES = ("H100", "H200", "A100-80G", "A100-40G", "L40S", "L4", "A10G")
+"""GPUs the memory plan knows (their memory: raycpt.core.plan.ACCELERATOR_MEMORY_MIB)."""
+KEEP_OPTIMIZER = ("latest", "all")
+KEEP_WEIGHTS = ("finished", "all")
 SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
 """What transformers' save_pretrained accepts as max_shard_size: an integer with KB, MB, GB, KiB, MiB or GiB."""
 DTYPES = ("float32", "bfloat16", "float16")
@@ -596,6 +615,18 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"resources.strategy: '{r.strategy}' is not allowed{_closest(r.strategy, list(STRATEGIES))}")
     elif r.fsdp_cpu_offload and r.strategy != "fsdp":
         p.append("resources.fsdp_cpu_offload: only applies to resources.strategy=fsdp; set it or drop the offload")
+    if r.accelerator_type and r.accelerator_type not in ACCELERATOR_TYPES:
+        p.append(f"resources.accelerator_type: '{r.accelerator_type}' is not known"
+                 f"{_closest(r.accelerator_type, list(ACCELERATOR_TYPES))}; leave it empty to skip the memory check")
+    elif r.accelerator_type and not r.use_gpu:
+        p.append(f"resources.accelerator_type: {r.accelerator_type} is a GPU but resources.use_gpu is false; set "
+                 "resources.use_gpu=true or leave accelerator_type empty")
+    if cfg.checkpoint.keep_optimizer not in KEEP_OPTIMIZER:
+        p.append(f"checkpoint.keep_optimizer: '{cfg.checkpoint.keep_optimizer}' is not allowed"
+                 f"{_closest(cfg.checkpoint.keep_optimizer, list(KEEP_OPTIMIZER))}")
+    if cfg.checkpoint.keep_weights not in KEEP_WEIGHTS:
+        p.append(f"checkpoint.keep_weights: '{cfg.checkpoint.keep_weights}' is not allowed"
+                 f"{_closest(cfg.checkpoint.keep_weights, list(KEEP_WEIGHTS))}")
     if not SHARD_SIZE.fullmatch(cfg.export.max_shard_size):
         p.append(f"export.max_shard_size: '{cfg.export.max_shard_size}' is not a size; write e.g. 5GB, 500MB or 2GiB")
     unknown_loggers = sorted(set(cfg.report.loggers) - set(LOGGERS))

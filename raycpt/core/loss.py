@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from raycpt.core.config import LOSS_IMPLS
 
@@ -199,13 +200,14 @@ def _final_hidden(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
     """[B, T, H] hidden states the LM head would see, and the head."""
     inner = _unwrap(model)
     head = inner.get_output_embeddings()
-    if inner is model:
+    if inner is model and not isinstance(model, FSDPModule):
         out = _decoder_of(model)(input_ids=input_ids, use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden, head
     # DDP: gradients are only all-reduced when its own forward ran (it arms the reducer), so go through the
     # wrapper and have the head hand back its input instead of the logits. Needs find_unused_parameters=False
-    # for an untied head: with True, DDP would mark the head's weight unused during forward.
+    # for an untied head: with True, DDP would mark the head's weight unused during forward. FSDP2: the root's
+    # forward hook gathers the embeddings and the head (kept gathered until backward), so the same.
     captured: list[torch.Tensor] = []
     with _head_returns_input(head, captured):
         model(input_ids=input_ids, use_cache=False)
