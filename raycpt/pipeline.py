@@ -123,7 +123,8 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     summary.save()
     tensorboard = f"; tensorboard --logdir {exp_dir / TUNE_DIR}" if "tensorboard" in cfg.report.loggers else ""
     console.print(f"Sweep wall time: {summary.wall_time_s:.0f} s; results in {exp_dir} "
-                  f"({summary.experiment_dir_bytes / 2**30:.1f} GiB on disk; Ray's own output in "
+                  f"({summary.experiment_dir_bytes / 2**30:.1f} GiB on disk, trials "
+                  f"{sum(t.get('disk_bytes') or 0 for t in summary.trials) / 2**30:.2f} GiB; Ray's own output in "
                   f"{RAY_OUTPUT_LOG}{tensorboard})")
     return summary
 

@@ -105,3 +105,29 @@ def smoke_sweep(tmp_path_factory):
             else:
                 os.environ[key] = value
     return cfg, summary
+
+
+def fit_or_fail(trainer, timeout_s: float):
+    """trainer.fit() in a daemon thread, so a desynchronised process group fails the test instead of hanging the
+    whole run (a stuck collective never returns). Returns fit()'s result; re-raises its error."""
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised below, in the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        import ray
+
+        ray.shutdown()  # ends the stuck workers
+        pytest.fail(f"fit() did not finish in {timeout_s} s (ranks out of step?)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -117,6 +117,12 @@ CASES = [
      "one trial needs 64 CPUs"),
     ("storage not writable", lambda t, c: _set(c, "storage_path", _corpus(t, "a-file", b"x") + "/runs"),
      "storage_path"),
+    ("unknown accelerator", lambda t, c: _set(_set(c, "resources.use_gpu", True), "resources.accelerator_type",
+                                              "h100"), "resources.accelerator_type: 'h100' is not known (did you mean"),
+    ("accelerator without gpu", lambda t, c: _set(c, "resources.accelerator_type", "H100"),
+     "resources.accelerator_type: H100 is a GPU but resources.use_gpu is false"),
+    ("checkpoint policy choice", lambda t, c: _set(c, "checkpoint.keep_weights", "best"),
+     "checkpoint.keep_weights: 'best' is not allowed"),
 ]
 
 

@@ -8,7 +8,6 @@ half-batch gradients, so their loss trajectories may differ only by float summat
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 
 from raycpt.core.config import config_from_dict
 from raycpt.core.prepare import prepare_experiment
+from tests.conftest import fit_or_fail
 
 STEPS, EVAL_EVERY, GLOBAL_BATCH = 8, 2, 4
 RTOL = 1e-4  # observed: 1.8e-7 relative at most (float32 summation order); a step changes the loss by >1e-2
@@ -56,25 +56,7 @@ def run_reports(raw: dict[str, Any], storage: Path) -> list[list[dict[str, Any]]
     manifest = prepare_experiment(cfg)
     log = storage / f"{cfg.name}.jsonl"
     trainer = build_trainer(cfg, manifest, storage_path=storage, name=cfg.name, callbacks=[ReportLog(str(log))])
-    # fit() in a daemon thread, so a hung process group fails the test instead of hanging the whole run
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as err:  # re-raised below, in the test's thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    thread.join(FIT_TIMEOUT_S)
-    if thread.is_alive():
-        import ray
-
-        ray.shutdown()  # ends the stuck workers
-        pytest.fail(f"{cfg.name}: fit() did not finish in {FIT_TIMEOUT_S} s (ranks out of step?)")
-    if "error" in outcome:
-        raise outcome["error"]
+    fit_or_fail(trainer, FIT_TIMEOUT_S)
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from raycpt.core import metrics as m
 from raycpt.core.config import config_from_dict
 from raycpt.core.parallel import SHARDED_DIR, is_sharded_checkpoint
 from raycpt.core.prepare import prepare_experiment
-from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
+from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, fit_or_fail, write_jsonl
 from tests.test_ddp import EVAL_EVERY, RTOL, STEPS, experiment
 
 FIT_TIMEOUT_S = 480  # the killed-and-restarted run took ~125 s here; a desynchronised group hangs forever
@@ -48,26 +47,7 @@ def fsdp_experiment(corpora: dict[str, str], storage: Path, num_workers: int, na
 
 
 def _fit(trainer) -> Any:
-    """fit() in a daemon thread, so a desynchronised process group fails the test instead of hanging it."""
-    outcome: dict[str, Any] = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as err:  # re-raised below, in the test's thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    thread.join(FIT_TIMEOUT_S)
-    if thread.is_alive():
-        import ray
-
-        ray.shutdown()  # ends the stuck workers
-        pytest.fail(f"fit() did not finish in {FIT_TIMEOUT_S} s (ranks out of step?)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    return fit_or_fail(trainer, FIT_TIMEOUT_S)
 
 
 def run_two_workers_killed_once(raw: dict[str, Any], tmp: Path, keep: Path

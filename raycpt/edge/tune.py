@@ -20,6 +20,7 @@ from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, SearchConfig, TrainConfig, config_from_dict, to_dict, with_overrides
 from raycpt.core.prepare import Manifest
 from raycpt.core.resources import trial_resources
+from raycpt.edge.disk import DiskPolicy
 from raycpt.edge.policy import MAX_FAILURES, checkpoint_config, failure_config
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, ray_progress_reporters
 from raycpt.edge.worker import build_trainer, train_in_trial
@@ -178,7 +179,8 @@ def build_tuner(cfg: ExperimentConfig, data: Manifest, exp_dir: Path, concurrenc
                                     search_alg=search_algorithm(s, concurrency)),
         # verbose=2: Tune's per-result lines and tables, which ray_progress_reporters routes to the log file.
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(exp_dir), verbose=2,
-                                  callbacks=[*callbacks, ray_trial_lines], progress_reporter=ray_reporter,
+                                  callbacks=[*callbacks, ray_trial_lines, DiskPolicy(exp_dir, cfg.checkpoint)],
+                                  progress_reporter=ray_reporter,
                                   # one-worker trials checkpoint and restart through Tune, multi-worker ones
                                   # through Ray Train (raycpt.edge.worker.build_trainer): one policy for both
                                   checkpoint_config=checkpoint_config(tune.CheckpointConfig),

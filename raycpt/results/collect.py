@@ -17,6 +17,16 @@ ERROR_LINE_CHARS = 200
 HP_PREFIX = "hp/"
 """Trial-row columns of sampled hyperparameters: 'hp/train.lr'."""
 TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+"""Ray Train runs of multi-worker trials inside the experiment dir (raycpt.edge.tune.TRIALS_DIR)."""
+DISK_BYTES = "disk_bytes"
+"""Trial-row column: bytes the trial holds on disk (its Tune dir and, multi-worker, its Ray Train run)."""
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def last_error_line(path: str | Path | None) -> str:
@@ -72,6 +82,9 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
         if not row[metrics.CHECKPOINT_PATH] and trial.checkpoint:  # a one-worker trial: its latest, via Tune
             row[metrics.CHECKPOINT_PATH] = trial.checkpoint.path
         row.update({k: v for k, v in flatten_result(last).items() if k.startswith(metrics.F1_CLASS_PREFIX)})
+        own = trial_dir(exp_dir, row)
+        row[DISK_BYTES] = (dir_bytes(own) if own else 0) + dir_bytes(
+            Path(exp_dir) / TRIALS_DIR / f"trial_{trial.trial_id}")
         rows.append(row)
     return pd.DataFrame(rows)
 

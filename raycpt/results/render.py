@@ -30,7 +30,7 @@ from raycpt.core.prepare import Manifest
 from raycpt.results.accounting import KEY as COMPUTE_KEY
 from raycpt.results.accounting import PREFIX as COMPUTE_PREFIX
 from raycpt.results.accounting import describe_compute
-from raycpt.results.collect import HP_PREFIX
+from raycpt.results.collect import DISK_BYTES, HP_PREFIX
 from raycpt.results.compare import VS_BEST_PREFIX
 from raycpt.results.format import (
     as_int,
@@ -78,6 +78,8 @@ REPORT_SCHEMA = {
                "trial_seconds, resources_per_trial, resource_seconds, resource_seconds_full_budget, "
                "resource_seconds_saved_by_scheduler (estimated): {CPU, GPU}, resource_saved_by_scheduler_fraction, "
                "scheduler} | null; tokens_trained + tokens_saved_by_scheduler + tokens_not_run == tokens_full_budget",
+    "disk": "{experiment_bytes, trials_bytes}: the experiment dir on disk, and the part its trials hold "
+            "(checkpoints, logs; bounded by the config's checkpoint: policy)",
     "trials": "[trial], best first under the selection rule",
     "trial": "{rank, trial_id, winner: bool, status, excluded: str | null, error: str | null, hyperparameters: "
              "{dotted field: value}, step, tokens, time_s, domain_ppl, general_ppl, forgetting (relative change of "
@@ -86,7 +88,8 @@ REPORT_SCHEMA = {
              "f1_ci_high (95% bootstrap on the validation split), lift: {f1 (absolute), domain_ppl, general_ppl "
              "(relative), each with _ci_low/_ci_high: paired vs the base model}, vs_best: {the same, paired vs the "
              "winner}, compute: {tokens, tokens_full_budget, tokens_saved_by_scheduler, wall_s, cpu_s, "
-             "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}}",
+             "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}, disk_bytes (its checkpoints "
+             "and logs on disk)}",
 }
 """The keys of `raycpt report --format json`, documented for people who script against it."""
 
@@ -537,6 +540,7 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
     for row in rows:  # the trial's compute accounting (raycpt.results.accounting)
         row["compute"] = {k.removeprefix(COMPUTE_PREFIX): clean(v) for k, v in trials[row["trial_id"]].items()
                           if k.startswith(COMPUTE_PREFIX)}
+        row["disk_bytes"] = as_int(trials[row["trial_id"]].get(DISK_BYTES))
     counts: dict[str, int] = {}
     for t in trials.values():
         counts[t.get("status") or "unknown"] = counts.get(t.get("status") or "unknown", 0) + 1
@@ -559,6 +563,8 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
         "test": {k: clean(v) for k, v in (summary.test or {}).items() if not isinstance(v, (list, dict))} or None,
         "test_verdict": summary.test_verdict or None,
         "export": {"path": export, "trial_id": summary.winner} if export else None,
+        "disk": {"experiment_bytes": summary.experiment_dir_bytes,
+                 "trials_bytes": sum(row["disk_bytes"] or 0 for row in rows)},
         "trials": rows,
         "law": {k.removeprefix("law."): v for k, v in summary.law.items()} or None,
         "compute": {k.removeprefix(COMPUTE_KEY): v for k, v in summary.compute.items()} or None,
