@@ -23,7 +23,7 @@ from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
 from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
 from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
-from raycpt.results.export import CARD_FILE, EXPORT_DIR
+from raycpt.results.export import CARD_FILE, EXPORT_DIR, hub_token
 from raycpt.results.format import make_console
 from raycpt.results.plots import write_plots
 from raycpt.results.render import print_base, print_data, print_summary
@@ -110,6 +110,7 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     console = console or make_console()
     started = time.perf_counter()
     loggers = logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
+    hub_token(cfg)  # export.push_to_hub without HF_TOKEN fails now, not after the sweep
     exp_dir = open_experiment(cfg, force=force, resume=resume)
     manifest = prepare(cfg, exp_dir, console)
     with ray_session():

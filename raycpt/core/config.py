@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,7 +71,11 @@ class TrainConfig:
     warmup_steps: int = 2
     """Linear warmup steps."""
     steps: int = 24
-    """Optimizer steps."""
+    """Optimizer steps (ignored when `tokens` is set)."""
+    tokens: int = 0
+    """Training-token budget instead of `steps` (0 = use steps): the run takes ceil(tokens / (global batch x
+    data.block_size)) optimizer steps (`TrainConfig.total_steps`), so trials with different batch sizes see the same
+    tokens. Sweepable instead of steps (not both)."""
     batch_size: int = 4
     """Blocks per micro-batch per worker (at most: see `micro_batching`)."""
     grad_accum: int = 1
@@ -94,7 +99,9 @@ class TrainConfig:
     early_stopping_patience: int = 0
     """Stop a trial after this many evals without domain-ppl improvement (0 = off)."""
     precision: str = "auto"
-    """fp32 | bf16 | auto (bf16 autocast on CUDA, fp32 on CPU)."""
+    """fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA, fp32 on CPU). fp16: float16 autocast with a dynamic loss
+    scale (torch.amp.GradScaler, saved in checkpoints) for GPUs without bf16 (V100, T4); needs resources.use_gpu and
+    model.dtype float32 (the scaler unscales fp32 gradients), and resources.strategy ddp."""
     compile: bool = False
     """torch.compile the model (pays a compile warm-up; worth it on GPU for long runs)."""
     loss_impl: str = "auto"
@@ -106,6 +113,35 @@ class TrainConfig:
     989, A100 312, L40S 362, L4 121), no MFU on CPU or an unknown GPU."""
     seed: int = 0
     """Seed for dropout masks and the data order within the mixture."""
+    method: str = "full"
+    """full: every weight trains | lora: the released weights stay frozen and low-rank adapters (PEFT's LoRA, or
+    DoRA with `lora_dora`) train in the decoder's linear layers; gradients and AdamW state shrink to the adapter's
+    params. A LoRA checkpoint holds the adapter (PEFT's adapter_model.safetensors + adapter_config.json) and
+    resumes from model.source + that adapter; the export merges it into full weights (no PEFT needed to load it).
+    Not with resources.strategy fsdp."""
+    lora_rank: int = 8
+    """LoRA: rank r of each adapter (B @ A, A: r x in, B: out x r)."""
+    lora_alpha: int = 16
+    """LoRA: the adapter's output is scaled by lora_alpha / lora_rank."""
+    lora_dropout: float = 0.0
+    """LoRA: dropout on the adapter's input (the frozen path keeps `dropout`)."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """LoRA: names (or name suffixes) of the modules that get adapters, e.g. [q_proj, v_proj]; empty = every linear
+    layer of the decoder, attention and MLP, not the LM head (PEFT's all-linear)."""
+    lora_dora: bool = False
+    """LoRA: weight-decomposed LoRA (DoRA): a trained magnitude per output feature besides the low-rank direction
+    update; slower per step, often closer to full fine-tuning at low rank."""
+    lora_train_embeddings: bool = False
+    """LoRA: also train the input embeddings and the LM head fully (PEFT's modules_to_save; a tied head stays tied
+    to the embeddings): worth it when the domain brings tokens the base model barely saw. Adds the V x h matrix
+    (twice when untied) to the gradients, the optimizer state and every checkpoint."""
+
+    def total_steps(self, block_size: int) -> int:
+        """Optimizer steps of the run: `steps`, or with a token budget ceil(tokens / (global batch x block_size)).
+        What the loop, the LR schedule, ASHA's max_t, progress estimates and the memory plan use."""
+        if self.tokens > 0:
+            return max(1, math.ceil(self.tokens / (self.global_batch() * block_size)))
+        return self.steps
 
     def global_batch(self) -> int:
         """Blocks per optimizer step, summed over workers."""
@@ -229,6 +265,13 @@ class ExportConfig:
     max_shard_size: str = "5GB"
     """Largest safetensors file of the exported winner (`save_pretrained(max_shard_size=...)`): a bigger model is
     written as model-0000k-of-0000n.safetensors + model.safetensors.index.json. A size such as 5GB, 500MB, 2GiB."""
+    adapter: bool = False
+    """train.method lora: also write the winner's unmerged PEFT adapter to export/adapter/ (load it onto the base
+    model with peft's PeftModel.from_pretrained); the export itself is always the merged full weights."""
+    push_to_hub: str = ""
+    """Hugging Face Hub repo id (user/name) to upload the export to once its reload check passed; empty = off. The
+    token comes from HF_TOKEN in the environment only, never from this file; the card's README.md becomes the
+    repo's README."""
 
 
 @dataclass
@@ -278,13 +321,16 @@ REMOVED_FIELDS = {
 """Fields earlier versions had, with what replaced them (a config naming one gets told, not ignored)."""
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
 SEARCH_ALGORITHMS = ("random", "optuna")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+METHODS = ("full", "lora")
 LOSS_IMPLS = ("auto", "hf", "chunked", "liger")
 STRATEGIES = ("ddp", "fsdp")
 ACCELERATOR_TYPES = ("H100", "H200", "A100-80G", "A100-40G", "L40S", "L4", "A10G")
 """GPUs the memory plan knows (their memory: raycpt.core.plan.ACCELERATOR_MEMORY_MIB)."""
 KEEP_OPTIMIZER = ("latest", "all")
 KEEP_WEIGHTS = ("finished", "all")
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""A Hugging Face Hub repo id: owner/name."""
 SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
 """What transformers' save_pretrained accepts as max_shard_size: an integer with KB, MB, GB, KiB, MiB or GiB."""
 DTYPES = ("float32", "bfloat16", "float16")
@@ -558,7 +604,15 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "train.warmup_steps", t.warmup_steps, 0)
     _check_range(p, "train.peak_tflops", t.peak_tflops, 0)
     _check_range(p, "train.steps", t.steps, 1)
-    if t.warmup_steps > t.steps >= 1:
+    _check_range(p, "train.tokens", t.tokens, 0)
+    if (t.tokens > 0 or "train.tokens" in s.space) and "train.steps" in s.space:
+        p.append("search.space.train.steps: the run length is set by train.tokens; sweep train.tokens or "
+                 "train.steps, not both (set train.tokens=0 to sweep steps)")
+    if t.tokens > 0 and t.global_batch() >= 1 and d.block_size >= 1:
+        if t.warmup_steps > t.total_steps(d.block_size):
+            p.append(f"train.warmup_steps: {t.warmup_steps} is more than the {t.total_steps(d.block_size)} steps "
+                     f"train.tokens={t.tokens} makes; lower train.warmup_steps or raise train.tokens")
+    elif t.warmup_steps > t.steps >= 1:
         p.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}; the learning rate would "
                  "never reach its peak, lower train.warmup_steps")
     _check_range(p, "train.batch_size", t.batch_size, 1)
@@ -577,6 +631,30 @@ def validate(cfg: ExperimentConfig) -> list[str]:
         p.append(f"train.loss_impl: '{t.loss_impl}' is not allowed{_closest(t.loss_impl, list(LOSS_IMPLS))}")
     if t.precision not in PRECISIONS:
         p.append(f"train.precision: '{t.precision}' is not allowed{_closest(t.precision, list(PRECISIONS))}")
+    elif t.precision == "fp16":
+        if not r.use_gpu:
+            p.append("train.precision: fp16 needs a GPU (float16 autocast is for GPUs without bf16); set "
+                     "resources.use_gpu=true, or use fp32 / bf16 on CPU")
+        if m.dtype != "float32":
+            p.append(f"train.precision: fp16 needs model.dtype float32 (the loss scaler unscales fp32 gradients), "
+                     f"got {m.dtype}; set model.dtype=float32")
+        if r.strategy == "fsdp":
+            p.append("train.precision: fp16 is not supported with resources.strategy=fsdp; use bf16 or "
+                     "resources.strategy=ddp")
+    if t.method not in METHODS:
+        p.append(f"train.method: '{t.method}' is not allowed{_closest(t.method, list(METHODS))}")
+    elif r.strategy == "fsdp" and (t.method == "lora" or "train.method" in s.space):
+        p.append("train.method: lora is not supported with resources.strategy=fsdp (its frozen weights need no "
+                 "sharded optimizer); use resources.strategy=ddp")
+    _check_range(p, "train.lora_rank", t.lora_rank, 1)
+    _check_range(p, "train.lora_alpha", t.lora_alpha, 0, lo_open=True)
+    _check_range(p, "train.lora_dropout", t.lora_dropout, 0, 0.9)
+    if cfg.export.adapter and t.method != "lora" and "train.method" not in s.space:
+        p.append("export.adapter: only a train.method=lora run has an adapter to export; set train.method=lora or "
+                 "export.adapter=false")
+    if cfg.export.push_to_hub and not HUB_REPO.fullmatch(cfg.export.push_to_hub):
+        p.append(f"export.push_to_hub: '{cfg.export.push_to_hub}' is not a hub repo id; write user/name (or "
+                 "org/name), or leave it empty")
     if not d.general and t.mix_ratio < 1 and "train.mix_ratio" not in s.space:
         p.append("train.mix_ratio: below 1 needs general replay data; set data.general or train.mix_ratio=1")
     if e.task:

@@ -25,10 +25,10 @@ PROBE_MAX_ITER = 2000
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.precision` on this device (None: fp32): bf16, or auto = bf16 on CUDA."""
+    """The autocast dtype of `train.precision` on this device (None: fp32): bf16, fp16, or auto = bf16 on CUDA."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
-    return None
+    return torch.float16 if precision == "fp16" else None
 
 
 def block_losses(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

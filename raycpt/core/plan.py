@@ -25,6 +25,10 @@ Per worker, P parameters in `model.dtype` (p bytes each), shard = num_workers un
   chunked loss (and liger) one fp32 [min(N, 1024), V] chunk, the head's fp32 weight gradient and the hidden
   gradient.
 - CUDA context, cuBLAS workspace and NCCL buffers: ~1.5 GiB per GPU.
+- train.method lora: the weights gain the adapter (rank x (in + out) per adapted linear layer, + out for DoRA's
+  magnitudes; + a trained copy of the embeddings, and of an untied head, with lora_train_embeddings), and the
+  gradients, AdamW state, DDP buckets and checkpoint shrink to those trained params. Activations stay those of full
+  training: backward still runs through the frozen layers to reach the adapters below them.
 The components are summed as if all were alive at once (a small over-estimate: activations are freed while
 gradients are allocated). Measured against the peak RSS of the loop's own step on CPU, see README "Memory plan".
 """
@@ -37,7 +41,7 @@ from typing import Any
 
 import torch
 
-from raycpt.core.config import ACCELERATOR_TYPES, ExperimentConfig, with_overrides
+from raycpt.core.config import ACCELERATOR_TYPES, ExperimentConfig, TrainConfig, with_overrides
 from raycpt.core.errors import ConfigError, InputError
 from raycpt.core.loss import chunked_supported, resolve_loss_impl
 from raycpt.core.parallel import decoder_layers
@@ -81,6 +85,8 @@ class ModelShape:
     """The attention implementation transformers picks: sdpa | eager | flash_attention_2 ..."""
     chunked_loss: bool
     """Whether the chunked/liger losses can compute this model's loss (else the loop falls back to hf)."""
+    linears: tuple[tuple[str, int, int], ...] = ()
+    """(qualified name, in features, out features) of every linear layer but the LM head: what LoRA can adapt."""
 
 
 @dataclass
@@ -120,6 +126,8 @@ class Plan:
     """Bytes one worker may use: the accelerator's memory, or the host's RAM on CPU (shared by the workers)."""
     fits: bool | None = None
     fixes: list[Fix] = field(default_factory=list)
+    steps: int = 0
+    """Optimizer steps of the run (`TrainConfig.total_steps`: train.steps or the token budget)."""
 
     @property
     def total(self) -> int:
@@ -173,7 +181,29 @@ def model_shape(cfg: ExperimentConfig) -> ModelShape:
         gated=first is not None and any(n.rsplit(".", 1)[-1] in GATE_NAMES for n, _ in first.named_modules()),
         attention=str(getattr(model.config, "_attn_implementation", None) or "eager"),
         chunked_loss=chunked_supported(model) is None,
+        linears=tuple((name, *_fans(module)) for name, module in model.named_modules()
+                      if _fans(module) and module is not head),
     )
+
+
+def _fans(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: nn.Linear, or transformers' Conv1D (GPT-2: weight [in, out])."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return tuple(module.weight.shape)
+    return None
+
+
+def lora_params(shape: ModelShape, t: TrainConfig) -> int:
+    """Params `train.method: lora` trains: the adapters of the targeted linear layers (names match as PEFT's do:
+    the whole name or its last components; empty targets = all), DoRA's magnitudes, the trained embeddings."""
+    targets = [x for x in t.lora_target_modules if x != "all-linear"]
+    hit = [(i, o) for name, i, o in shape.linears
+           if not targets or any(name == x or name.endswith("." + x) for x in targets)]
+    adapters = sum(t.lora_rank * (i + o) + (o if t.lora_dora else 0) for i, o in hit)
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2) if t.lora_train_embeddings else 0
+    return adapters + embeddings
 
 
 def host_memory_bytes() -> int | None:
@@ -211,7 +241,7 @@ def estimate(cfg: ExperimentConfig, shape: ModelShape) -> Plan:
     sharded = r.strategy == "fsdp" and world > 1
     shard = world if sharded else 1
     p = DTYPE_BYTES[m.dtype]
-    autocast = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    autocast = t.precision in ("bf16", "fp16") or (t.precision == "auto" and cuda)
     mixed_fsdp = sharded and cuda and autocast  # FSDP's MixedPrecisionPolicy: bf16 params in compute
     e = 2 if autocast else p
     res = 2 if mixed_fsdp else p  # the residual stream keeps the weights' dtype under autocast
@@ -222,12 +252,19 @@ def estimate(cfg: ExperimentConfig, shape: ModelShape) -> Plan:
         loss_impl = "hf"
     P, V, h = shape.params, shape.vocab, shape.hidden
     tied_buffer = V * h * p if shape.tied and not sharded else 0
-    state = {"weights": P * p // shard, "gradients": P * p // shard + tied_buffer, "AdamW state": 2 * P * p // shard}
+    lora = t.method == "lora"
+    trained = lora_params(shape, t) if lora else P  # fsdp (shard > 1) is never LoRA: validate refuses it
+    state = {"weights": (P + (trained if lora else 0)) * p // shard,
+             "gradients": trained * p // shard + (0 if lora else tied_buffer), "AdamW state": 2 * trained * p // shard}
     rows: dict[str, int] = {}
     notes = {"weights": f"{P:,} params x {p} B ({m.dtype})" + (f" / {shard} workers" if sharded else ""),
              "gradients": f"{m.dtype}" + (", + one V x h buffer (tied embeddings)" if tied_buffer else ""),
              "AdamW state": f"exp_avg + exp_avg_sq in {m.dtype}"
              + (" (no fp32 master copy: model.dtype float32 + train.precision bf16 keeps one)" if p < 4 else "")}
+    if lora:
+        notes["weights"] += f" + LoRA's {trained:,} trained params"
+        notes["gradients"] = notes["AdamW state"] = (f"LoRA: the {trained:,} trained params only ({m.dtype}; "
+                                                     f"{trained / P:.2%} of the model)")
     host_rows: dict[str, int] = {}
     if sharded and r.fsdp_cpu_offload:
         host_rows = state
@@ -236,7 +273,7 @@ def estimate(cfg: ExperimentConfig, shape: ModelShape) -> Plan:
     else:
         rows.update(state)
     if r.strategy == "ddp" and world > 1:
-        rows["DDP buckets"] = P * p
+        rows["DDP buckets"] = trained * p
         notes["DDP buckets"] = "DDP's reducer: a second copy of the gradients"
     if sharded:
         gathered = 2 if mixed_fsdp else p
@@ -265,10 +302,11 @@ def estimate(cfg: ExperimentConfig, shape: ModelShape) -> Plan:
         notes["CUDA runtime"] = "context, cuBLAS workspace, NCCL (approximate)"
     return Plan(shape=shape, strategy=r.strategy, world_size=world, device="cuda" if cuda else "cpu",
                 micro_batch=micro, grad_accum=accum, global_batch=t.global_batch(), block_size=seq,
-                precision="bf16 autocast" if autocast else m.dtype, loss_impl=loss_impl,
+                precision=f"{'fp16' if t.precision == 'fp16' else 'bf16'} autocast" if autocast else m.dtype,
+                loss_impl=loss_impl,
                 checkpointing=m.gradient_checkpointing, rows=rows, notes=notes, host_rows=host_rows,
-                activations_other=other, checkpoint_weights=P * p, checkpoint_optimizer=2 * P * p,
-                accelerator=r.accelerator_type)
+                activations_other=other, checkpoint_weights=trained * p, checkpoint_optimizer=2 * trained * p,
+                accelerator=r.accelerator_type, steps=t.total_steps(seq))
 
 
 def _fit(plan: Plan, cfg: ExperimentConfig) -> Plan:
@@ -378,7 +416,8 @@ def render(console, result: Plan) -> None:
                   f"attention {s.attention}")
     console.print(f"[bold]Step[/]: {result.strategy} x {result.world_size} worker(s) on {result.device}, "
                   f"micro-batch {result.micro_batch} x {result.grad_accum} accumulation = {result.global_batch} "
-                  f"blocks of {result.block_size} = {result.tokens_per_step:,} tokens per step; "
+                  f"blocks of {result.block_size} = {result.tokens_per_step:,} tokens per step, {result.steps:,} steps "
+                  f"({result.steps * result.tokens_per_step:,} tokens); "
                   f"{result.precision}, loss {result.loss_impl}")
     table = Table(title="Memory per worker")
     table.add_column("component")

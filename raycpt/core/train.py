@@ -5,7 +5,8 @@ and cosine re-decay over a deterministic domain/general mixture. Every `eval_eve
 scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under
 `resources.strategy: fsdp`, see `save_checkpoint`) and calls
 `report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
-`python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray.
+`python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray. `train.method: lora` trains PEFT
+adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16` adds a GradScaler.
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ import torch
 from torch import nn
 
 from raycpt.core import metrics as m
-from raycpt.core.config import CONFIG_FILE, ExperimentConfig, load_config, to_dict
+from raycpt.core.adapters import (
+    apply_lora,
+    is_adapter_checkpoint,
+    load_adapter_weights,
+    load_merged,
+    peft_model_of,
+    save_adapter,
+    shadowed_params,
+)
+from raycpt.core.config import CONFIG_FILE, ExperimentConfig, config_from_dict, load_config, to_dict
 from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
-from raycpt.core.files import write_json
+from raycpt.core.files import read_json, write_json
 from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
 from raycpt.core.models import apply_dropout, load_model
 from raycpt.core.parallel import (
@@ -85,22 +95,27 @@ def peak_tflops(configured: float, device: torch.device) -> float:
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token, as nanoGPT/PaLM count them: 6 x the parameters that take part in matmuls, plus
     12 x layers x hidden x seq_len for attention scores and weighted values. Embedding tables are lookups and
-    are left out, except one tied to the output head (that matmul is real)."""
+    are left out, except one tied to the output head (that matmul is real). A frozen parameter (LoRA's base
+    weights) counts 4, not 6: forward, and backward to its input, but no weight gradient."""
     hf = unwrap(model)
     head = hf.get_output_embeddings()
-    params = {id(p): p.numel() for p in hf.parameters()}
+    params = {id(p): (6 if p.requires_grad else 4) * p.numel() for p in hf.parameters()}
     for module in hf.modules():
         if isinstance(module, nn.Embedding) and (head is None or module.weight is not head.weight):
             params.pop(id(module.weight), None)
+    for shadowed in shadowed_params(hf):  # PEFT's frozen originals of the embeddings it trains: never computed
+        params.pop(shadowed, None)
     layers, hidden = hf.config.num_hidden_layers, hf.config.hidden_size
-    return 6.0 * sum(params.values()) + 12.0 * layers * hidden * seq_len
+    return float(sum(params.values())) + 12.0 * layers * hidden * seq_len
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / torch.compile wrappers (FSDP2 shards the HF model in place: no wrapper)."""
+    """The HF model inside DDP / torch.compile / PEFT wrappers (FSDP2 shards the HF model in place: no wrapper;
+    PEFT injects its adapter layers into the HF model in place, so this one computes with them)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    return model
+    peft_model = peft_model_of(model)
+    return peft_model.get_base_model() if peft_model is not None else model
 
 
 @dataclass
@@ -137,8 +152,11 @@ def _as_tuples(value: Any) -> Any:
 
 
 def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: torch.optim.Optimizer, scheduler,
-                    cfg: ExperimentConfig, metrics: dict[str, Any], *, rank: int = 0) -> None:
-    """One unit: weights, the train state with optimizer and scheduler, the config, the metrics.
+                    cfg: ExperimentConfig, metrics: dict[str, Any], *, rank: int = 0,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """One unit: weights, the train state with optimizer, scheduler and fp16 loss scaler, the config, the metrics.
+    train.method lora: the weights are the PEFT adapter alone (`raycpt.core.adapters.save_adapter`); the frozen
+    base is the config's model.source.
 
     strategy ddp (rank 0 alone calls it): HF `save_pretrained` safetensors, and `trainer_state.pt` with the
     optimizer. strategy fsdp (every rank calls it, into its own local dir; Ray merges them into one): each rank
@@ -155,10 +173,14 @@ def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: 
         hf.config.save_pretrained(path)
         if getattr(hf, "generation_config", None) is not None:
             hf.generation_config.save_pretrained(path)
+    elif peft_model_of(model) is not None:
+        save_adapter(model, path)
     else:
         hf.save_pretrained(path, safe_serialization=True)
     state.capture_rng()
-    saved = {"state": dataclasses.asdict(state), "scheduler": scheduler.state_dict()}
+    saved = {"state": dataclasses.asdict(state), "scheduler": scheduler.state_dict(),
+             # the dynamic loss scale fp16 reached ({} when disabled): a resume must not restart it at 2**16
+             "scaler": scaler.state_dict() if scaler is not None else {}}
     if not sharded:
         saved["optimizer"] = optimizer.state_dict()
     torch.save(saved, path / STATE_FILE)
@@ -166,22 +188,30 @@ def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: 
     write_json(path / "metrics.json", metrics)
 
 
-def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
-    """Optimizer, scheduler and TrainState from a checkpoint; a sharded one also loads the weights into `model`
-    (resharded onto this run's workers: a collective under FSDP). The RNG state is rank 0's, on every rank."""
+def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                     scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Optimizer, scheduler, loss scaler and TrainState from a checkpoint; a sharded one also loads the weights into
+    `model` (resharded onto this run's workers: a collective under FSDP). The RNG state is rank 0's, on every
+    rank."""
     saved = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
     if is_sharded_checkpoint(path):
         load_sharded(path, unwrap(model), optimizer)
     else:
         optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and scaler.is_enabled() and saved.get("scaler"):
+        scaler.load_state_dict(saved["scaler"])
     return TrainState(**saved["state"])
 
 
 def load_checkpoint_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False
                           ) -> nn.Module:
-    """The HF model of a checkpoint of either format, whole, on CPU (no process group needed): a sharded one is
-    built from its config.json and filled from the DCP shards."""
+    """The HF model of a checkpoint of any format, whole, on CPU (no process group needed): a sharded one is
+    built from its config.json and filled from the DCP shards; a LoRA one is its base (the run's model.source) with
+    the adapter merged in (a plain HF model, no PEFT wrapper)."""
+    if is_adapter_checkpoint(path):
+        run = config_from_dict(read_json(Path(path) / CONFIG_FILE))
+        return load_merged(load_model(run.model.source, dtype, trust_remote_code), path, run.train).train()
     if not is_sharded_checkpoint(path):
         return load_model(str(path), dtype, trust_remote_code)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -193,10 +223,11 @@ def load_checkpoint_model(path: str | os.PathLike, dtype: str = "float32", trust
 
 
 def has_weights(path: str | os.PathLike) -> bool:
-    """Whether `path` is a checkpoint with weights: HF safetensors (one file or an index of shards), or DCP."""
+    """Whether `path` is a checkpoint with weights: HF safetensors (one file or an index of shards), DCP, or a
+    LoRA adapter."""
     path = Path(path)
     return ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-            or is_sharded_checkpoint(path))
+            or is_sharded_checkpoint(path) or is_adapter_checkpoint(path))
 
 
 def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
@@ -217,12 +248,22 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     if resume_dir and not resume_sharded and cfg.resources.strategy == "fsdp" and world_size > 1:
         raise InputError(f"resources.strategy=fsdp: checkpoint {resume_dir} was saved under ddp; resume it with "
                          "--set resources.strategy=ddp, or start a new run with --set name=<new name>")
-    weights = cfg.model.source if resume_sharded or not resume_dir else resume_dir
+    # LoRA: the checkpoint holds the adapter alone; the base is the released weights, the adapter goes on below.
+    lora = t.method == "lora"
+    if resume_dir and not resume_sharded and lora != is_adapter_checkpoint(resume_dir):
+        raise InputError(f"train.method={t.method}: checkpoint {resume_dir} was saved by a "
+                         f"{'full' if lora else 'lora'} run; resume it with that train.method, or start a new run "
+                         "with --set name=<new name>")
+    weights = cfg.model.source if resume_sharded or not resume_dir or lora else resume_dir
     model = load_model(weights, cfg.model.dtype, cfg.model.trust_remote_code)
     apply_dropout(model, t.dropout)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    if lora:  # after dropout (the adapter has its own) and before DDP / compile wrap it
+        model = apply_lora(model, t)
+        if resume_dir:
+            load_adapter_weights(model, resume_dir)
     model_flops_per_token = flops_per_token(model, d.block_size)
     peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
     model.to(device)
@@ -234,7 +275,10 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     if loss_impl != t.loss_impl and t.loss_impl != "auto" and rank == 0:  # a fallback: say why
         logging.getLogger("raycpt").warning("train.loss_impl=%s: %s", t.loss_impl, loss_note)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, device)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    steps = t.total_steps(d.block_size)  # train.steps, or the token budget in steps
+    scheduler = build_scheduler(optimizer, t.warmup_steps, steps, t.min_lr_ratio)
+    # fp16: a dynamic loss scale keeps small gradients from underflowing; disabled, each call is a pass-through
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # --- data: the mixture plan is a pure function of the config, so resume needs only the step ----------------
     domain_train, domain_heldout = load_blocks(manifest.domain.train), load_blocks(manifest.domain.heldout)
@@ -243,13 +287,13 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     general_heldout = load_blocks(general.heldout) if general else None
     micro_batch, grad_accum = t.micro_batching(world_size)  # the global batch is fixed; accumulation adapts
     blocks_per_step = t.global_batch()
-    is_domain, index = mixture_plan(t.steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train),
+    is_domain, index = mixture_plan(steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train),
                                     seed=mixture_seed(d.seed, t.seed), window=blocks_per_step)
 
     # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
     state = TrainState()
     if resume_dir:
-        state = load_train_state(Path(resume_dir), model, optimizer, scheduler)
+        state = load_train_state(Path(resume_dir), model, optimizer, scheduler, scaler)
         state.restore_rng()
         state.restarts += 1
     resumed_from_step = state.step
@@ -273,7 +317,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     domain_drawn = 0  # blocks this worker actually drew from the domain corpus
     steps_in_window, window_start = 0, time.perf_counter()
     metrics: dict[str, Any] = {}
-    for step in range(state.step, t.steps):
+    for step in range(state.step, steps):
         for micro in range(grad_accum):
             pos = worker_positions(step, micro, rank=rank, world_size=world_size, batch_size=micro_batch,
                                    grad_accum=grad_accum)
@@ -289,17 +333,19 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             with no_gradient_sync(model) if skip_sync else contextlib.nullcontext():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
-                loss.backward()
+                scaler.scale(loss).backward()
             loss_acc += loss.detach()
         if t.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         steps_in_window += 1
         done = step + 1
 
-        if done % t.eval_every and done != t.steps:
+        if done % t.eval_every and done != steps:
             continue
         # --- eval, report, checkpoint: the only host syncs in the loop -------------------------------------------
         if device.type == "cuda":
@@ -331,7 +377,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             state.evals_since_best += 1
         state.step = done
         stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
-        if (done == t.steps or stop_early) and manifest.task and (rank == 0 or sharded):
+        if (done == steps or stop_early) and manifest.task and (rank == 0 or sharded):
             # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
             # trials Tune stops, and this keeps the probe on the trial's own resources). Under FSDP every rank
             # runs it on the same texts (each forward all-gathers; no rank ever holds the whole model idle) and
@@ -341,11 +387,12 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
                 metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds,
                                           seed=e.seed, max_length=e.max_length, device=device,
                                           trust_remote_code=cfg.model.trust_remote_code))
-        metrics[m.FINISHED] = done == t.steps or stop_early
+        metrics[m.FINISHED] = done == steps or stop_early
         checkpoint_dir = None
         if rank == 0 or cfg.resources.strategy == "fsdp":  # fsdp: every rank writes its shard
             checkpoint_dir = Path(checkpoint_root) / f"checkpoint_step{done:06d}"
-            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank)
+            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank,
+                            scaler=scaler)
         report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
         loss_acc.zero_()
         steps_in_window, window_start = 0, time.perf_counter()

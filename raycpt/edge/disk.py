@@ -43,7 +43,7 @@ TRIALS_DIR = "trials"
 """Ray Train runs of multi-worker trials inside the experiment dir (raycpt.edge.tune.TRIALS_DIR)."""
 CHECKPOINT_GLOB = "checkpoint_*"
 WEIGHT_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                "pytorch_model*.bin")
+                "pytorch_model*.bin", "adapter_model.safetensors")  # the last: a LoRA run's (raycpt.core.adapters)
 OPTIMIZER_KEY = "optimizer"
 """The optimizer's entry in trainer_state.pt (raycpt.core.train.save_checkpoint)."""
 OPTIM_PREFIX = "optim"

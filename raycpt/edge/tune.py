@@ -5,6 +5,8 @@ runs that trial's loop; it also runs alone (outside Tune) without the report cal
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 from pathlib import Path
@@ -78,9 +80,20 @@ def _extreme(cfg: ExperimentConfig, key: str, default: int, pick=max) -> int:
     return int(pick(next(iter(spec.values())))) if spec else int(default)
 
 
+RUN_LENGTH_FIELDS = ("steps", "tokens", "batch_size", "grad_accum", "global_batch_size")
+"""The train fields a trial's number of optimizer steps depends on (`TrainConfig.total_steps`)."""
+
+
 def max_steps(cfg: ExperimentConfig) -> int:
-    """The most optimizer steps any trial can run (ASHA's max_t)."""
-    return _extreme(cfg, "train.steps", cfg.train.steps)
+    """The most optimizer steps any trial can run (ASHA's max_t): `TrainConfig.total_steps` at every combination of
+    the swept run-length fields' extremes (a token budget with the smallest global batch is the longest run)."""
+    options = []
+    for name in RUN_LENGTH_FIELDS:
+        spec = cfg.search.space.get(f"train.{name}")
+        values = next(iter(spec.values())) if spec else [getattr(cfg.train, name)]
+        options.append([(name, int(v)) for v in values])  # a range's two ends, or every choice/grid value
+    return max(dataclasses.replace(cfg.train, **dict(combo)).total_steps(cfg.data.block_size)
+               for combo in itertools.product(*options))
 
 
 def max_reports(cfg: ExperimentConfig) -> int:

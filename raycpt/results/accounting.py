@@ -54,7 +54,11 @@ def tokens_per_step(row: dict[str, Any], cfg: ExperimentConfig) -> int:
 
 
 def trial_steps(row: dict[str, Any], cfg: ExperimentConfig) -> int:
-    """The optimizer steps this trial was set to run (its own sampled train.steps)."""
+    """The optimizer steps this trial was set to run: its own sampled train.steps, or with a token budget
+    (train.tokens) ceil(tokens / tokens per step), as `TrainConfig.total_steps` counts them."""
+    tokens = int(round(float(trial_value(row, cfg, "train.tokens"))))
+    if tokens > 0:
+        return max(1, math.ceil(tokens / tokens_per_step(row, cfg)))
     return int(round(float(trial_value(row, cfg, "train.steps"))))
 
 

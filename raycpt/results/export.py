@@ -1,12 +1,15 @@
 """Export the winner: copy its checkpoint's weights into <exp>/export with the tokenizer and a card
 (raycpt_card.json + README.md: metrics vs base, hyperparameters, data mix, versions, lineage), then reload the
-export and check that it scores the reported held-out perplexity."""
+export and check that it scores the reported held-out perplexity; with `export.push_to_hub`, upload it after that
+check passed. A LoRA winner is exported merged into full weights (loads without PEFT), its adapter optionally
+beside them (`export.adapter`)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -16,6 +19,7 @@ import pandas as pd
 import torch
 
 from raycpt.core import metrics
+from raycpt.core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, config_from_dict, to_dict
 from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.files import read_json, write_json
@@ -29,20 +33,58 @@ from raycpt.results.select import Selection
 
 EXPORT_DIR = "export"
 CARD_FILE = "raycpt_card.json"
+ADAPTER_DIR = "adapter"
+"""export.adapter: the LoRA winner's unmerged PEFT adapter, inside the export dir."""
+HF_TOKEN_ENV = "HF_TOKEN"
 
 
 def write_weights(checkpoint: Path, export: Path, cfg: ExperimentConfig) -> None:
     """The checkpoint's model as HF safetensors in `export`, in files of at most `export.max_shard_size`
     (model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json), with config.json and
     generation_config.json. Either checkpoint format: a ddp save_pretrained dir, or an fsdp checkpoint's DCP
-    shards gathered here on CPU (no process group; needs the whole model's memory)."""
+    shards gathered here on CPU (no process group; needs the whole model's memory), or a LoRA adapter merged into
+    its base. With `export.adapter`, a LoRA checkpoint's adapter is also copied to `export/adapter/`."""
     model = load_checkpoint_model(checkpoint, cfg.model.dtype, cfg.model.trust_remote_code)
     model.save_pretrained(export, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
+    if cfg.export.adapter and is_adapter_checkpoint(checkpoint):
+        (export / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            shutil.copy2(checkpoint / name, export / ADAPTER_DIR / name)
+
+
+def hub_token(cfg: ExperimentConfig) -> str | None:
+    """export.push_to_hub's token: HF_TOKEN from the environment (never the config), None when not pushing.
+    Missing: InputError (one line) before anything is exported or uploaded."""
+    if not cfg.export.push_to_hub:
+        return None
+    token = os.environ.get(HF_TOKEN_ENV, "").strip()
+    if not token:
+        raise InputError(f"export.push_to_hub={cfg.export.push_to_hub}: {HF_TOKEN_ENV} is not set in the "
+                         f"environment; export {HF_TOKEN_ENV}=<a token with write access> (tokens never go in the "
+                         "config), or set export.push_to_hub=''")
+    return token
+
+
+def push_to_hub(export: Path, repo_id: str, token: str) -> str:
+    """Upload the export dir (weights, tokenizer, card; its README.md is the repo's card) to `repo_id`, creating the
+    repo if needed. Returns the commit URL; any failure is one InputError line saying the export stays on disk."""
+    from huggingface_hub import HfApi  # deferred: only pushes need the hub client
+
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(folder_path=str(export), repo_id=repo_id, repo_type="model",
+                                   commit_message="raycpt: export the sweep's winner")
+    except Exception as err:  # network, auth, quota: whatever it is, the verified export is kept and retryable
+        raise InputError(f"export.push_to_hub={repo_id}: upload failed ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]}); the export stays in {export}; retry with "
+                         "`raycpt analyze EXP_DIR --export --force`") from None
+    return str(getattr(commit, "commit_url", None) or commit)
 
 
 def _versions() -> dict[str, str]:
     """Versions of what trained and scored the model (read from package metadata: nothing is imported)."""
-    packages = ("raycpt", "torch", "transformers", "ray", "datasets", "scikit-learn")
+    packages = ("raycpt", "torch", "transformers", "peft", "ray", "datasets", "scikit-learn")
     return {**{name: importlib.metadata.version(name) for name in packages}, "python": platform.python_version()}
 
 
@@ -55,6 +97,7 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
     checkpoint = Path(str(row.get(metrics.CHECKPOINT_PATH) or ""))
     if not has_weights(checkpoint):
         raise InputError(f"trial {row['trial_id']}: its checkpoint {checkpoint} is missing; cannot export it")
+    token = hub_token(cfg)  # a missing HF_TOKEN fails here, before anything is written or uploaded
     export = exp_dir / EXPORT_DIR
     if export.exists() and any(export.iterdir()):
         if not force:
@@ -117,6 +160,8 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
     if not verification["ok"]:
         raise ExportCheckError(f"the exported model in {export} does not reproduce its trial's numbers "
                                f"({verification['problem']}); the card records both (verification)")
+    if token:  # only a verified export is published
+        card["hub"] = push_to_hub(export, cfg.export.push_to_hub, token)
     return card
 
 

@@ -70,7 +70,7 @@ def final_config(cfg: ExperimentConfig, summary: Summary, exp_dir: Path) -> dict
     train = raw["train"]
     train["lr"] = float(trial_value(ref, cfg, "train.lr"))
     train["mix_ratio"] = round(float(law["law.best_mix_ratio"]), MIX_DIGITS)
-    train["steps"] = steps
+    train["steps"], train["tokens"] = steps, 0  # the final run is counted in steps (a token budget would win)
     train["warmup_steps"] = min(steps, int(round(int(train["warmup_steps"]) * scale)))
     train["eval_every"] = max(1, int(round(int(train["eval_every"]) * scale)))
     raw["search"]["space"] = {}
