@@ -53,7 +53,7 @@ def smoke_config(steps: int, storage: str):
                         "train.eval_every": max(1, steps // 2)})
 
 
-def run_in_process(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]:
+def run_in_process(cfg, manifest, scratch: str) -> dict[str, Any]:
     """train() without Ray; wall-clock stamps (time.time, comparable with the Ray processes on this machine)."""
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -101,7 +101,7 @@ def report_clock_callback(path: str):
     return ReportClock()
 
 
-def run_one_trial(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]:
+def run_one_trial(cfg, manifest, scratch: str) -> dict[str, Any]:
     from raycpt.edge.worker import build_trainer
 
     clock_file = os.path.join(scratch, "report_clock.jsonl")
@@ -115,10 +115,11 @@ def run_one_trial(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]
     return stamps
 
 
-def run_sweep(cfg, manifest: dict[str, Any], scratch: str) -> dict[str, Any]:
+def run_sweep(cfg, manifest, scratch: str) -> dict[str, Any]:
     import ray
 
-    from raycpt.edge.tune import build_tuner, trial_concurrency
+    from raycpt.core.resources import trial_concurrency
+    from raycpt.edge.tune import build_tuner
 
     exp_dir = Path(scratch) / "sweep"
     exp_dir.mkdir()

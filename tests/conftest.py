@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from raycpt.core.config import load_config
 from raycpt.core.models import resolve_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests run offline (the hub is unreachable on our machines): fail hub look-ups at once instead of after network
+# time-outs. Users elsewhere keep hub loading; the offline errors are what the bad-input tests check.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -278,3 +278,25 @@ def test_hub_task_reads_the_named_splits_and_class_label_names(monkeypatch):
     assert ("imdb", {"split": "validation"}) in hub.calls[-2:]
     assert ("imdb", {"split": "train", "revision": "v2"}) in hub.calls[-2:]
     assert all(t.startswith("validation review") for t in task.test_texts)
+
+
+def test_each_source_carries_its_own_text_field(tmp_path, tiny_gpt2_dir):
+    """A domain jsonl keyed `content` beside a general jsonl keyed `text`: each source names its own column."""
+    from raycpt.core.config import config_from_dict
+    from raycpt.core.prepare import prepare_experiment
+
+    domain = write_jsonl(tmp_path / "domain.jsonl", [f"Review {i}: a film worth seeing twice." for i in range(200)],
+                         field="content")
+    general = write_jsonl(tmp_path / "general.jsonl", [f"Report {i}: markets rose on Monday." for i in range(200)])
+    raw = {"name": "fields", "storage_path": str(tmp_path / "runs"), "model": {"source": tiny_gpt2_dir},
+           "data": {"domain": {"path": str(domain), "text_field": "content"}, "general": str(general),
+                    "block_size": 16, "heldout_blocks": 2}}
+    manifest = prepare_experiment(config_from_dict(raw))
+    assert manifest.domain.documents == 200 and manifest.general.documents == 200
+    raw["data"]["domain"] = str(domain)  # without the source's own field, the error names the settings to use
+    with pytest.raises(InputError, match=r"no text field 'text'.*set data.text_field, or text_field in this source"):
+        prepare_experiment(config_from_dict(raw))
+    task = write_jsonl(tmp_path / "task.jsonl", [f"t {i}" for i in range(50)], field="body", label=["a", "b"] * 25)
+    with pytest.raises(InputError, match="set eval.text_field"):
+        load_task(str(task), text_field="text", label_field="label", labels=[], train_size=0, val_size=10,
+                  test_size=10, seed=0)

@@ -400,8 +400,10 @@ def _coerce(value: Any, target: Any, where: str, problems: list[str]) -> Any:
 
 
 SOURCE_FIELDS = ("data.domain", "data.general", "eval.task", "eval.test_task")
-"""Fields naming a corpus or task: a string, or a hub mapping with HUB_SOURCE_KEYS."""
-HUB_SOURCE_KEYS = ("path", "name", "split", "revision")
+"""Fields naming a corpus or task: a string, or a mapping with SOURCE_KEYS."""
+SOURCE_KEYS = ("path", "name", "split", "revision", "text_field")
+"""A source as a mapping: `path` (local file/dir/glob or hub id), hub `name`/`split`/`revision`, and its own
+`text_field` (overrides data.text_field / eval.text_field for this source alone)."""
 
 
 def _coerce_source(value: Any, where: str, problems: list[str]) -> str | dict[str, str]:
@@ -414,10 +416,10 @@ def _coerce_source(value: Any, where: str, problems: list[str]) -> str | dict[st
                             f"got {value!r}")
             return value  # the problem is reported; not also "required"
         return str(value)
-    unknown = sorted(str(k) for k in value if k not in HUB_SOURCE_KEYS)
+    unknown = sorted(str(k) for k in value if k not in SOURCE_KEYS)
     if unknown:
-        problems.append(f"{where}.{unknown[0]}: unknown key{_closest(unknown[0], list(HUB_SOURCE_KEYS))}; a hub "
-                        f"source takes {', '.join(HUB_SOURCE_KEYS)}")
+        problems.append(f"{where}.{unknown[0]}: unknown key{_closest(unknown[0], list(SOURCE_KEYS))}; a source "
+                        f"mapping takes {', '.join(SOURCE_KEYS)}")
         return value
     if not value.get("path"):
         problems.append(f"{where}: a hub mapping needs path, e.g. {{path: wikitext, name: wikitext-2-raw-v1, "
@@ -427,7 +429,7 @@ def _coerce_source(value: Any, where: str, problems: list[str]) -> str | dict[st
     if bad:
         problems.append(f"{where}.{bad}: expected a string, got {value[bad]!r}")
         return value
-    return {k: str(value[k]) for k in HUB_SOURCE_KEYS if value.get(k) is not None and value.get(k) != ""}
+    return {k: str(value[k]) for k in SOURCE_KEYS if value.get(k) is not None and value.get(k) != ""}
 
 
 def _build(raw: dict[str, Any], problems: list[str]) -> ExperimentConfig:

@@ -105,7 +105,10 @@ def load_documents(source: str | dict, text_field: str = "text", field: str = "d
 
     datasets.disable_progress_bars()
     if isinstance(source, dict):
+        text_field = source.get("text_field") or text_field  # this source's own column
         given = {k: source[k] for k in HUB_KEYS[1:] if source.get(k)}
+        if not given and _is_local(source["path"]):
+            return load_documents(source["path"], text_field, field, txt_unit=txt_unit, split=split)
         return _hub_documents(source["path"], {"split": split, **given}, text_field, field)
     if source.startswith("packaged:"):
         name = source.split(":", 1)[1]
@@ -113,8 +116,7 @@ def load_documents(source: str | dict, text_field: str = "text", field: str = "d
             raise InputError(f"{field} '{source}': unknown packaged corpus; valid: "
                              + ", ".join(f"packaged:{n}" for n in PACKAGED_CORPORA))
         loader, files, text_field = "parquet", [str(_packaged_parquet(name))], "text"
-    elif os.path.exists(os.path.expanduser(source)) or any(ch in source for ch in "*?[") or \
-            Path(source).suffix.lower() in FILE_LOADERS or source.startswith((".", "/", "~")):
+    elif _is_local(source):
         loader, files = _source_files(source, field)
         for f in files:
             if os.path.getsize(f) == 0:
@@ -139,6 +141,12 @@ def load_documents(source: str | dict, text_field: str = "text", field: str = "d
     return _check_text_field(ds, source, text_field, field)
 
 
+def _is_local(source: str) -> bool:
+    """A local file, dir or glob rather than a hub dataset id."""
+    return (os.path.exists(os.path.expanduser(source)) or any(ch in source for ch in "*?[")
+            or Path(source).suffix.lower() in FILE_LOADERS or source.startswith((".", "/", "~")))
+
+
 def _hub_documents(path: str, options: dict[str, str], text_field: str, field: str):
     """A hub dataset's split (`options`: split and, where given, name and revision)."""
     import datasets
@@ -155,8 +163,9 @@ def _hub_documents(path: str, options: dict[str, str], text_field: str, field: s
 
 def _check_text_field(ds, source: str, text_field: str, field: str):
     if text_field not in ds.column_names:
+        setting = "eval.text_field" if field.startswith("eval.") else "data.text_field"
         raise InputError(f"{field} '{source}': no text field '{text_field}' (columns: {', '.join(ds.column_names)})"
-                         f"; set data.text_field")
+                         f"; set {setting}, or text_field in this source's mapping ({{path: ..., text_field: ...}})")
     if len(ds) == 0:
         raise InputError(f"{field} '{source}': no documents in it")
     if text_field != "text":
