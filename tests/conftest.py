@@ -135,3 +135,25 @@ def fit_or_fail(trainer, timeout_s: float):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+RECORDED_SWEEP = ROOT / "tests" / "fixtures" / "smoke_sweep"
+"""A recorded smoke sweep (Tune's JSON state and results, no weights): see tests/test_report.py to re-record it."""
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """The recorded sweep at a path it was not recorded at (paths inside it must resolve to the copy)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("moved") / "smoke"
+    shutil.copytree(RECORDED_SWEEP, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def summary(sweep_dir):
+    """The recorded sweep analysed from disk (never exported)."""
+    from raycpt.results.summary import analyze
+
+    return analyze(sweep_dir, export=False)

@@ -51,21 +51,6 @@ def record_fixture(src: Path, dst: Path = FIXTURE) -> None:
                     shutil.copy2(trial / name, dst / "tune" / trial.name / name)
 
 
-@pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory) -> Path:
-    """The recorded sweep at a path it was not recorded at."""
-    path = tmp_path_factory.mktemp("moved") / "smoke"
-    shutil.copytree(FIXTURE, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def summary(sweep_dir) -> dict:
-    from raycpt.results.summary import analyze
-
-    return analyze(sweep_dir, export=False)
-
-
 def rendered(renderable, width: int = 100) -> str:
     console = Console(width=width, record=True, file=io.StringIO(), highlight=False)
     console.print(renderable)

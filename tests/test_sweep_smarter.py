@@ -8,7 +8,6 @@ import dataclasses
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,6 @@ from raycpt.results.accounting import describe_compute
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_sweep"
 SPACE = {"train.lr": {"loguniform": [1e-5, 1e-2]}, "train.mix_ratio": {"uniform": [0.3, 1.0]},
          "train.steps": {"choice": [12, 24]}}
-
-
-@pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("moved") / "smoke"
-    shutil.copytree(FIXTURE, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def summary(sweep_dir):
-    from raycpt.results.summary import analyze
-
-    return analyze(sweep_dir, export=False)
 
 
 def _raw(**search) -> dict:
