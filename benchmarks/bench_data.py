@@ -8,8 +8,8 @@ fast tokenizer (`raycpt.core.models.load_tokenizer`), with datasets' caching dis
 real. Sides:
 - run_clm:  transformers' examples/pytorch/language-modeling/run_clm.py: `tokenizer(texts)` in a batched map,
             then `group_texts` in a second batched map (1,000 documents per batch, each batch's remainder dropped).
-- raycpt:   `tokenize_documents` + `pack_blocks` as they are in raycpt/data.py (for a byte-level BPE tokenizer
-            such as SmolLM2's: tiktoken running the tokenizer's own vocabulary and merges, see raycpt/tokenize.py);
+- raycpt:   `tokenize_documents` + `pack_blocks` as they are in raycpt/core/data.py (for a byte-level BPE tokenizer
+            such as SmolLM2's: tiktoken running the tokenizer's own vocabulary and merges, see raycpt/core/tokenize.py);
             its blocks are checked to be identical to the tokenizer's own ids (+ EOS) packed the same way.
 - tokenizers-only: the `tokenizers` Rust backend alone (`encode_batch_fast`, 1,000 documents a call, nothing
             kept): the floor for any implementation that calls the HF tokenizer.
@@ -180,7 +180,8 @@ def compare_prepare_cache(sources: list[str], tokenizer, block_size: int) -> Non
                 for _ in range(2):
                     start = time.perf_counter()
                     prepared = prepare_corpus(source, tokenizer, text_field="text", block_size=block_size,
-                                              heldout_fraction=0.05, heldout_blocks=8, max_tokens=0, seed=0,
+                                              heldout_fraction=0.05, heldout_blocks=8, test_blocks=8, max_tokens=0,
+                                              seed=0,
                                               exclude_texts=[], field="data.domain")
                     calls.append((time.perf_counter() - start, prepared))
                 (first, prepared), (second, again) = calls
