@@ -28,7 +28,7 @@ from raycpt.core.prepare import Manifest, score_model
 from raycpt.core.train import has_weights, load_checkpoint_model
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.compare import paired_lifts
-from raycpt.results.format import fixed, num
+from raycpt.results.format import fixed, interval_text, num
 from raycpt.results.select import Selection
 
 EXPORT_DIR = "export"
@@ -211,11 +211,7 @@ def _scalars(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _with_ci(values: dict[str, Any], name: str, digits: int) -> str:
-    value = values.get(name)
-    if value is None:
-        return "-"
-    low, high = values.get(name + metrics.CI_LOW), values.get(name + metrics.CI_HIGH)
-    return fixed(value, digits) + (f" [{fixed(low, digits)}, {fixed(high, digits)}]" if low is not None else "")
+    return interval_text(values, name, lambda v: fixed(v, digits))
 
 
 def _card_markdown(card: dict[str, Any]) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+
+from raycpt.core import metrics
 
 
 def make_console() -> Console:
@@ -24,6 +27,16 @@ def num(value: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return value
+
+
+def interval_text(values: dict[str, Any], name: str, fmt: Callable[[Any], str]) -> str:
+    """'0.721 [0.690, 0.752]' from a metric and its `_ci_low`/`_ci_high` in `values`, each formatted by `fmt` (just
+    the value when it has no interval; '-' without a value)."""
+    value = values.get(name)
+    if value is None:
+        return "-"
+    low, high = values.get(name + metrics.CI_LOW), values.get(name + metrics.CI_HIGH)
+    return fmt(value) + (f" [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else "")
 
 
 def fixed(value: Any, digits: int = 2) -> str:

@@ -41,6 +41,7 @@ from raycpt.results.format import (
     hp_labels,
     hp_order,
     hp_short_labels,
+    interval_text,
     num,
     ppl_text,
     relative_change,
@@ -366,16 +367,6 @@ def _load_lines(path: str) -> list[str]:
             "model = AutoModelForCausalLM.from_pretrained(path)", "tokenizer = AutoTokenizer.from_pretrained(path)"]
 
 
-def _interval(values: dict[str, Any], name: str, fmt) -> str:
-    """'0.721 [0.690, 0.752]' from a metric and its `_ci_low`/`_ci_high`, each formatted by `fmt` (just the value
-    when it has no interval)."""
-    value = values.get(name)
-    if value is None:
-        return "-"
-    low, high = values.get(name + metrics.CI_LOW), values.get(name + metrics.CI_HIGH)
-    return fmt(value) + (f" [{fmt(low)}, {fmt(high)}]" if low is not None and high is not None else "")
-
-
 def _signed(digits: int):
     return lambda v: f"{v:+.{digits}f}"
 
@@ -401,7 +392,7 @@ def _winner_lines(summary: Summary) -> list[str]:
         if b is None or v is None:
             continue
         lift = metrics.lift_name(name)
-        paired = (f" ({_interval(w, lift, lift_fmt)})" if w.get(lift) is not None
+        paired = (f" ({interval_text(w, lift, lift_fmt)})" if w.get(lift) is not None
                   else f" ({relative_change(v, b):+.1%})")
         moves.append(f"{label} {fmt(b)} → {fmt(v)}{paired}")
     if moves:
@@ -410,8 +401,8 @@ def _winner_lines(summary: Summary) -> list[str]:
         lines.append("verdict: " + summary.verdict)
     test = summary.test or {}
     if test:
-        parts = [f"{label} {_interval(base, metrics.base_name(metrics.test_name(name)), fmt)} → "
-                 f"{_interval(test, metrics.test_name(name), fmt)}"
+        parts = [f"{label} {interval_text(base, metrics.base_name(metrics.test_name(name)), fmt)} → "
+                 f"{interval_text(test, metrics.test_name(name), fmt)}"
                  for name, label, fmt in ((metrics.DOMAIN_PPL, "domain ppl", ppl_text),
                                           (metrics.GENERAL_PPL, "general ppl", ppl_text),
                                           (metrics.F1, "F1", lambda v: fixed(v, 3)))
