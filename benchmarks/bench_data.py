@@ -3,7 +3,7 @@
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py --sources packaged:rotten-tomatoes --repeats 3
 
-Every side starts from the same `datasets.Dataset` of documents (`raycpt.core.data.load_documents`) and the same
+Every side starts from the same `datasets.Dataset` of documents (`raycpt.core.sources.load_documents`) and the same
 fast tokenizer (`raycpt.core.models.load_tokenizer`), with datasets' caching disabled so each timed map tokenises for
 real. Sides:
 - run_clm:  transformers' examples/pytorch/language-modeling/run_clm.py: `tokenizer(texts)` in a batched map,
@@ -102,7 +102,8 @@ def time_sides(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, t
 def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, repeats: int) -> None:
     import datasets
 
-    from raycpt.core.data import load_documents, pack_blocks, tokenize_documents
+    from raycpt.core.data import pack_blocks, tokenize_documents
+    from raycpt.core.sources import load_documents
     from raycpt.core.tokenize import TiktokenBPE
 
     # raycpt builds its tiktoken encoder once per tokenizer and process (cached): the timed rounds reuse it, so its

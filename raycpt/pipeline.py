@@ -4,6 +4,7 @@ one trial on Ray Train instead of the tuner."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from raycpt.core.plan import check_fits
 from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
 from raycpt.core.resources import trial_concurrency
 from raycpt.edge.callbacks import SweepProgress
+from raycpt.edge.data import RayDataMapper
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
 from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
@@ -26,6 +28,7 @@ from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, hub_token
 from raycpt.results.format import make_console
 from raycpt.results.plots import write_plots
+from raycpt.results.progress import PrepareProgress
 from raycpt.results.render import print_base, print_data, print_summary
 from raycpt.results.summary import Summary, analyze
 
@@ -49,10 +52,12 @@ def open_experiment(cfg: ExperimentConfig, *, force: bool = False, resume: bool 
     return exp_dir
 
 
-def prepare(cfg: ExperimentConfig, exp_dir: Path, console: Console) -> Manifest:
-    """Fetch, tokenise and pack (cached); no Ray yet, so bad inputs fail before it starts."""
-    with console.status("Preparing model and data (cached after the first run)"):
-        manifest = prepare_experiment(cfg)
+def prepare(cfg: ExperimentConfig, exp_dir: Path, console: Console, mapper: RayDataMapper) -> Manifest:
+    """Fetch, tokenise and pack (cached), on Ray Data when a corpus has several read units (Ray starts only
+    then, after the inputs were checked), else in this process: the same blocks either way."""
+    console.print("Preparing model and data (cached after the first run)")
+    with PrepareProgress(console) as progress:
+        manifest = prepare_experiment(cfg, mapper=mapper, on_unit=progress)
     manifest.save(exp_dir)
     print_data(console, manifest)
     return manifest
@@ -112,8 +117,9 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     loggers = logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
     hub_token(cfg)  # export.push_to_hub without HF_TOKEN fails now, not after the sweep
     exp_dir = open_experiment(cfg, force=force, resume=resume)
-    manifest = prepare(cfg, exp_dir, console)
-    with ray_session():
+    with RayDataMapper() as mapper, contextlib.ExitStack() as session:
+        manifest = prepare(cfg, exp_dir, console, mapper)
+        session.enter_context(ray_session())  # the one the data step started, if it did
         measure(cfg, manifest, exp_dir, console)
         run_tuner(cfg, manifest, exp_dir, console, loggers=loggers, resume=resume, verbose=verbose)
     already_exported = resume and (exp_dir / EXPORT_DIR / CARD_FILE).exists()
@@ -142,8 +148,9 @@ def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
         # Ray Train restores a run of the same name from its latest checkpoint: say so instead of surprising
         console.print(f"[yellow]resuming[/] the run in {exp_dir / TRAIN_DIR / 'run'} from its latest checkpoint "
                       "(remove that dir or --set name=<new> to start fresh)")
-    manifest = prepare(cfg, exp_dir, console)
-    with ray_session():
+    with RayDataMapper() as mapper, contextlib.ExitStack() as session:
+        manifest = prepare(cfg, exp_dir, console, mapper)
+        session.enter_context(ray_session())
         measure(cfg, manifest, exp_dir, console)
         trial_concurrency(cfg, ray.cluster_resources())  # fails early when the trial cannot fit
         result = build_trainer(cfg, manifest, storage_path=exp_dir / TRAIN_DIR, name="run").fit()

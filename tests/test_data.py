@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from raycpt.core.data import (
-    load_documents,
+    load_blocks,
     load_task,
     mixture_plan,
     normalize_text,
@@ -12,6 +12,7 @@ from raycpt.core.data import (
     worker_positions,
 )
 from raycpt.core.errors import InputError
+from raycpt.core.sources import load_documents
 from tests.conftest import write_jsonl
 
 
@@ -67,7 +68,7 @@ def test_prepare_corpus_guards_leakage_and_fixes_heldout(tmp_path, tokenizer):
     corpus = prepare_corpus(str(path), tokenizer, exclude_texts=leaked, **kwargs)
     assert corpus.removed_for_leakage == 2
     assert corpus.documents == 398
-    everything = " ".join(tokenizer.decode(np.load(p).reshape(-1).tolist())
+    everything = " ".join(tokenizer.decode(np.asarray(load_blocks(p)).reshape(-1).tolist())
                           for p in (corpus.train, corpus.heldout, corpus.test))
     assert "Review 3:" not in everything and "Review 10:" not in everything and "Review 11:" in everything
     heldout, test = np.load(corpus.heldout), np.load(corpus.test)
@@ -84,7 +85,7 @@ def test_leaked_test_texts_never_reach_training_blocks(tmp_path, tokenizer):
     corpus = prepare_corpus(str(path), tokenizer, exclude_texts=leaked, text_field="text", block_size=8,
                             heldout_fraction=0.1, heldout_blocks=2, test_blocks=2, max_tokens=0, seed=1,
                             field="data.domain")
-    stream = tokenizer.decode(np.load(corpus.train).reshape(-1).tolist())
+    stream = tokenizer.decode(np.asarray(load_blocks(corpus.train)).reshape(-1).tolist())
     assert not any(t in stream for t in leaked)
 
 
@@ -163,7 +164,7 @@ def test_validation_and_test_texts_never_reach_any_prepared_block(tmp_path, tiny
     manifest = prepare_experiment(cfg)
     protected = manifest.task.val_texts + manifest.task.test_texts
     assert manifest.domain.removed_for_leakage == len(protected) == 60
-    blocks = " ".join(tokenizer.decode(np.load(p).reshape(-1).tolist())
+    blocks = " ".join(tokenizer.decode(np.asarray(load_blocks(p)).reshape(-1).tolist())
                       for p in (manifest.domain.train, manifest.domain.heldout, manifest.domain.test))
     assert not [t for t in protected if t in blocks]
     assert sum(t in blocks for t in manifest.task.train_texts) > 30  # probe-train texts may stay in CPT data

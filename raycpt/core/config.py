@@ -60,6 +60,17 @@ class DataConfig:
     """Cap on training tokens kept per corpus (0 = all)."""
     seed: int = 0
     """Seed for the held-out split and the mixture sampler."""
+    dedup: str = "none"
+    """none | exact: drop documents whose normalised text (case and whitespace ignored) was already seen; counted
+    in the manifest (duplicates_removed)."""
+    shards: int = 0
+    """Training shards (hash buckets) per corpus; 0 = one per 64 MiB of input. Fixed by the corpus, never by the
+    number of workers, so the blocks are the same however many prepare."""
+    unit_mb: float = 16.0
+    """Input MiB per read unit (a line range of .jsonl/.txt, parquet row groups): the grain of parallel
+    tokenising and of resuming a killed prepare; one unit's documents are in memory at a time."""
+    streaming: bool = False
+    """Read a hub dataset as a stream (no full download), stopping once data.max_tokens (required) are read."""
 
 
 @dataclass
@@ -335,6 +346,7 @@ SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
 """What transformers' save_pretrained accepts as max_shard_size: an integer with KB, MB, GB, KiB, MiB or GiB."""
 DTYPES = ("float32", "bfloat16", "float16")
 TXT_UNITS = ("file", "paragraph", "line")
+DEDUP_MODES = ("none", "exact")
 LOGGERS = ("tensorboard", "csv", "json", "mlflow", "wandb")
 
 
@@ -601,6 +613,13 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "data.heldout_blocks", d.heldout_blocks, 1)
     _check_range(p, "data.test_blocks", d.test_blocks, 0)
     _check_range(p, "data.max_tokens", d.max_tokens, 0)
+    if d.dedup not in DEDUP_MODES:
+        p.append(f"data.dedup: '{d.dedup}' is not allowed{_closest(d.dedup, list(DEDUP_MODES))}")
+    _check_range(p, "data.shards", d.shards, 0, 1 << 16)
+    _check_range(p, "data.unit_mb", d.unit_mb, 0, 1 << 14, lo_open=True)
+    if d.streaming and not d.max_tokens:
+        p.append("data.streaming: a streamed corpus needs data.max_tokens (how much of it to read); set it, e.g. "
+                 "data.max_tokens=50000000")
     _check_range(p, "train.lr", t.lr, 0, 1, lo_open=True)
     _check_range(p, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)
     _check_range(p, "train.warmup_steps", t.warmup_steps, 0)

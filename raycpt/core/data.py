@@ -1,195 +1,47 @@
 """Corpora -> tokenised, packed blocks (cached); the domain/general mixture; held-out splits; the labelled task.
 
-Flow (`prepare_corpus`, called by `raycpt.core.prepare.prepare_experiment`): read documents -> drop any
-downstream-test text (leakage guard) -> split documents into
-train / held-out (seeded, fixed before any trial) -> tokenise once (raycpt.core.tokenize: the fastest encoder that
-reproduces the tokenizer's ids) with EOS after each document -> cut the whole stream into `block_size` blocks
-(only the stream's tail is dropped) -> `.npy` files in the cache, keyed by tokenizer + the split's datasets
-fingerprints + block size. Trials memory-map those files; nothing is re-tokenised per trial.
+Flow (`prepare_corpus`, called by `raycpt.core.prepare.prepare_experiment`): cut the source into read units ->
+per unit: drop any downstream validation/test text (leakage guard), give each document its split by a seeded hash
+of its normalised text (train / held-out, fixed before any trial, stable when documents are added), tokenise once
+(raycpt.core.tokenize: the fastest encoder that reproduces the tokenizer's ids) -> per hash bucket: order, drop
+exact duplicates (data.dedup), EOS after each document, pack into `block_size` blocks -> `.npy` shards in the cache
+(raycpt.core.shards), keyed by the source files, tokenizer, block size and split settings. Trials memory-map the
+shards as one array; nothing is re-tokenised per trial.
 """
 
 from __future__ import annotations
 
-import bz2
-import csv
 import dataclasses
-import glob
 import hashlib
-import io
 import json
+import math
 import os
-import re
-import time
-import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from raycpt.core.errors import InputError
-from raycpt.core.packaged import cache_dir, packaged_file
-from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, token_stream
-
-PACKAGED_CORPORA = ("rotten-tomatoes", "news")
-FILE_LOADERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
-                ".csv": "csv"}
-TXT_UNITS = {"file": "document", "paragraph": "paragraph", "line": "line"}
-"""data.txt_unit -> the datasets text loader's `sample_by`: what one document of a .txt corpus is."""
-HUB_KEYS = ("path", "name", "split", "revision")
-"""Keys of a hub source written as a mapping, e.g. {path: wikitext, name: wikitext-2-raw-v1, split: train}."""
-
-
-def source_text(source: str | dict) -> str:
-    """A source as messages name it: the string, or 'wikitext (name=wikitext-2-raw-v1, split=train)'."""
-    if isinstance(source, dict):
-        rest = ", ".join(f"{k}={source[k]}" for k in HUB_KEYS[1:] if source.get(k))
-        return f"{source.get('path')}" + (f" ({rest})" if rest else "")
-    return source
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading sources
-
-
-def _packaged_parquet(name: str) -> Path:
-    """Convert a packaged corpus once into a parquet file with a `text` column (and `label` where labelled)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    target = cache_dir("corpora") / f"{name}.parquet"
-    if target.exists():
-        return target
-    if name == "rotten-tomatoes":
-        with bz2.open(packaged_file("rotten-tomatoes-csv"), "rt", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        table = pa.table({"text": [r["text"] for r in rows], "label": [r["category"] for r in rows],
-                          "movie": [r["movie_name"] for r in rows]})
-    else:  # news
-        with zipfile.ZipFile(packaged_file("news-zip")) as archive, archive.open("NewsArticles.csv") as raw:
-            rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace")))
-        texts = [f"{r['title'].strip()}\n\n{r['text'].strip()}".strip() for r in rows]
-        table = pa.table({"text": [t for t in texts if t]})
-    tmp = target.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
-    return target
-
-
-def _source_files(source: str, field: str) -> tuple[str, list[str]]:
-    """(datasets loader name, files) for a local source, or raise InputError naming the problem."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(str(f) for f in path.rglob("*") if f.suffix.lower() in FILE_LOADERS and f.is_file())
-    elif any(ch in source for ch in "*?["):
-        files = sorted(f for f in glob.glob(os.path.expanduser(source), recursive=True) if os.path.isfile(f))
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        raise InputError(f"{field} '{source}': no such file or directory; check the path")
-    if not files:
-        raise InputError(f"{field} '{source}': no .txt/.jsonl/.json/.parquet/.csv files found there")
-    loaders = {FILE_LOADERS.get(Path(f).suffix.lower()) for f in files}
-    if None in loaders:
-        raise InputError(f"{field} '{source}': unsupported file type; use .txt, .jsonl, .json, .parquet or .csv")
-    if len(loaders) > 1:
-        raise InputError(f"{field} '{source}': mixes file types {sorted(loaders)}; point it at one type")
-    return loaders.pop(), files
-
-
-def load_documents(source: str | dict, text_field: str = "text", field: str = "data.domain", *,
-                   txt_unit: str = "file", split: str = "train"):
-    """A `datasets.Dataset` with the source's rows (the text in column `text_field`), file-backed and cached.
-    A .txt corpus gives one document per file, per blank-line separated paragraph or per line (`txt_unit`); a hub
-    source is a dataset id (its `split`) or a mapping {path, name, split, revision} (HUB_KEYS)."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    if isinstance(source, dict):
-        text_field = source.get("text_field") or text_field  # this source's own column
-        given = {k: source[k] for k in HUB_KEYS[1:] if source.get(k)}
-        if not given and _is_local(source["path"]):
-            return load_documents(source["path"], text_field, field, txt_unit=txt_unit, split=split)
-        return _hub_documents(source["path"], {"split": split, **given}, text_field, field)
-    if source.startswith("packaged:"):
-        name = source.split(":", 1)[1]
-        if name not in PACKAGED_CORPORA:
-            raise InputError(f"{field} '{source}': unknown packaged corpus; valid: "
-                             + ", ".join(f"packaged:{n}" for n in PACKAGED_CORPORA))
-        loader, files, text_field = "parquet", [str(_packaged_parquet(name))], "text"
-    elif _is_local(source):
-        loader, files = _source_files(source, field)
-        for f in files:
-            if os.path.getsize(f) == 0:
-                raise InputError(f"{field} '{f}': the file is empty; give a corpus with text in it")
-    else:
-        return _hub_documents(source, {"split": split}, text_field, field)
-    try:
-        ds = datasets.load_dataset(loader, data_files=files, split="train", cache_dir=str(cache_dir("datasets")),
-                                   **({"sample_by": TXT_UNITS[txt_unit]} if loader == "text" else {}))
-    except Exception as err:
-        message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        cause: BaseException | None = err
-        while cause is not None:  # datasets wraps the reader's error in DatasetGenerationError
-            if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
-                raise InputError(f"{field} '{source}': not UTF-8 text; re-encode it as UTF-8") from None
-            cause = cause.__cause__ or cause.__context__
-        raise InputError(f"{field} '{source}': cannot read it as {loader} ({message})") from None
-    if loader == "text":
-        text_field = "text"
-        if txt_unit == "paragraph":  # the blank lines around a paragraph are not part of it
-            ds = ds.map(lambda b: {"text": [t.strip("\n") for t in b["text"]]}, batched=True)
-    return _check_text_field(ds, source, text_field, field)
-
-
-def _is_local(source: str) -> bool:
-    """A local file, dir or glob rather than a hub dataset id."""
-    return (os.path.exists(os.path.expanduser(source)) or any(ch in source for ch in "*?[")
-            or Path(source).suffix.lower() in FILE_LOADERS or source.startswith((".", "/", "~")))
-
-
-def _hub_documents(path: str, options: dict[str, str], text_field: str, field: str):
-    """A hub dataset's split (`options`: split and, where given, name and revision)."""
-    import datasets
-
-    label = source_text({"path": path, **options})
-    try:
-        ds = datasets.load_dataset(path, **options)
-    except Exception as err:  # hub errors come in many types; report the first line
-        raise InputError(f"{field} '{label}': not a local file and cannot load it as a hub dataset "
-                         f"({(str(err).splitlines() or [type(err).__name__])[0][:200]}); check the path, name, "
-                         "split or network") from None
-    return _check_text_field(ds, label, text_field, field)
-
-
-def _check_text_field(ds, source: str, text_field: str, field: str):
-    if text_field not in ds.column_names:
-        setting = "eval.text_field" if field.startswith("eval.") else "data.text_field"
-        raise InputError(f"{field} '{source}': no text field '{text_field}' (columns: {', '.join(ds.column_names)})"
-                         f"; set {setting}, or text_field in this source's mapping ({{path: ..., text_field: ...}})")
-    if len(ds) == 0:
-        raise InputError(f"{field} '{source}': no documents in it")
-    if text_field != "text":
-        ds = ds.rename_column(text_field, "text") if "text" not in ds.column_names else ds.map(
-            lambda b: {"text": b[text_field]}, batched=True)
-    return ds.filter(lambda b: [isinstance(t, str) and bool(t.strip()) for t in b["text"]], batched=True)
-
+from raycpt.core.files import write_json
+from raycpt.core.packaged import cache_dir
+from raycpt.core.shards import (
+    BUCKET_BYTES,
+    Mapper,
+    ShardedBlocks,
+    ShardSpec,
+    UnitResult,
+    build_shards,
+    heldout_prefix,
+    map_in_process,
+    normalize_text,
+    text_key,
+)
+from raycpt.core.sources import UNIT_BYTES, Unit, corpus_units, load_documents, read_unit, source_text
+from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder, token_stream
 
 # ---------------------------------------------------------------------------------------------------------------
 # Leakage guard, tokenising and packing
-
-
-def normalize_text(text: str) -> str:
-    """Case- and whitespace-insensitive form used to match downstream test texts against the corpus."""
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def remove_texts(ds, texts: list[str]):
-    """Drop documents whose normalised text is one of `texts`; returns (dataset, number removed)."""
-    if not texts:
-        return ds, 0
-    banned = {normalize_text(t) for t in texts}
-    kept = ds.filter(lambda b: [normalize_text(t) not in banned for t in b["text"]], batched=True)
-    return kept, len(ds) - len(kept)
 
 
 def tokenize_documents(ds, tokenizer, batch_size: int = 1000) -> tuple[np.ndarray, str]:
@@ -220,7 +72,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 @dataclass
 class PreparedCorpus:
     train: str
-    """Path of the packed training blocks (.npy, int32 [n, block_size])."""
+    """The training blocks: a shard list (.json, read by `load_blocks` as one memory-mapped [n, block_size] view)."""
     heldout: str
     """Path of the fixed held-out validation blocks (ASHA, selection, every trial's eval/*_ppl)."""
     test: str
@@ -232,62 +84,109 @@ class PreparedCorpus:
     test_tokens: int
     tokenized_by: str = "?"
     """The encoder that produced the ids (raycpt.core.tokenize: tiktoken | tokenizers | transformers), all exact."""
+    shards: int = 0
+    duplicates_removed: int = 0
+    """Exact duplicates (same normalised text) dropped with data.dedup=exact."""
+    tail_tokens_dropped: int = 0
+    """Training tokens after each shard's last whole block, not trained on."""
+    heldout_fraction: float = 0.0
+    """The share of u held out (data.heldout_fraction, raised only when a small corpus needed it)."""
+    input_bytes: int = 0
+    prepare_seconds: float = 0.0
+    """Wall time of tokenising and packing when the shards were built; with tokens_per_s, the throughput."""
+    tokens_per_s: float = 0.0
 
 
-def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size: int, heldout_fraction: float,
-                   heldout_blocks: int, test_blocks: int, max_tokens: int, seed: int, exclude_texts: list[str],
-                   field: str, txt_unit: str = "file") -> PreparedCorpus:
-    """Read, guard, split, tokenise and pack one corpus; returns paths of cached .npy blocks."""
-    ds = load_documents(source, text_field, field, txt_unit=txt_unit)
-    source = source_text(source)
-    ds, removed = remove_texts(ds, exclude_texts)
-    if len(ds) < 2:
-        check_enough_text(ds, tokenizer, block_size, source, field)  # too little text in all says so first
-        check_document_count(ds, source, field)
-    split = ds.train_test_split(test_size=heldout_fraction, seed=seed, shuffle=True)
-    key = hashlib.sha256("|".join([split["train"]._fingerprint, split["test"]._fingerprint,
-                                   tokenizer_fingerprint(tokenizer), str(block_size)]).encode()).hexdigest()[:20]
-    out = cache_dir("blocks", key)
-    train_path, heldout_path = out / "train.npy", out / "heldout.npy"
-    record_path = out / "tokenized.json"
-    if not (train_path.exists() and heldout_path.exists()):
-        record: dict[str, object] = {}
-        for part, path in (("train", train_path), ("test", heldout_path)):
-            start = time.perf_counter()
-            stream, record["encoder"] = tokenize_documents(split[part], tokenizer)
-            record[f"{part}_seconds"] = round(time.perf_counter() - start, 3)
-            np.save(path.with_suffix(".tmp.npy"), pack_blocks(stream, block_size))
-            os.replace(path.with_suffix(".tmp.npy"), path)
-        record_path.write_text(json.dumps(record))
-    tokenized_by = json.loads(record_path.read_text()).get("encoder", "?") if record_path.exists() else "?"
-    train = np.load(train_path, mmap_mode="r")
-    heldout = np.load(heldout_path, mmap_mode="r")
-    if len(train) == 0 or len(heldout) == 0:
-        what = "training" if len(train) == 0 else "held-out"
-        raise InputError(f"{field} '{source}': too short, its {what} part is shorter than one block of "
+TIMING_FIELDS = ("tokenized_by", "prepare_seconds", "tokens_per_s")
+"""PreparedCorpus fields that say how it was made, not what it is (left out of the manifest's fingerprint)."""
+
+
+def _encoder_sample(units: list[Unit], *, text_field: str, field: str, txt_unit: str) -> list[str]:
+    """Documents spread over the corpus (the first ones of up to 8 evenly spaced units) to verify the encoder."""
+    picks = sorted(set(np.linspace(0, len(units) - 1, num=min(len(units), 8)).astype(int).tolist()))
+    sample: list[str] = []
+    per_unit, chars = -(-VERIFY_DOCUMENTS // len(picks)), VERIFY_CHARACTERS // len(picks)
+    for index in picks:
+        taken = 0
+        for text in read_unit(units[index], text_field=text_field, field=field, txt_unit=txt_unit):
+            sample.append(text[:chars])
+            taken += 1
+            if taken >= per_unit or sum(map(len, sample)) >= chars * (picks.index(index) + 1):
+                break
+    return sample
+
+
+def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size: int,
+                   heldout_fraction: float, heldout_blocks: int, test_blocks: int, max_tokens: int, seed: int,
+                   exclude_texts: list[str], field: str, txt_unit: str = "file", dedup: str = "none",
+                   shards: int = 0, unit_mb: float = UNIT_BYTES / 2**20, streaming: bool = False,
+                   tokenizer_source: str = "", trust_remote_code: bool = False, mapper: Mapper = map_in_process,
+                   on_unit: Callable[[UnitResult | None, int], None] | None = None) -> PreparedCorpus:
+    """Read, guard, split (by hash), tokenise and pack one corpus into cached shards (raycpt.core.shards), with
+    the stages run by `mapper` (in this process, or on Ray Data; workers load the tokenizer from `tokenizer_source`,
+    default its name_or_path); returns where the blocks are."""
+    label = source_text(source)
+    unit_bytes = max(1, int(unit_mb * 2**20))
+    units, text_field, identity = corpus_units(source, text_field=text_field, field=field, txt_unit=txt_unit,
+                                               unit_bytes=unit_bytes, streaming=streaming)
+    sample = _encoder_sample(units, text_field=text_field, field=field, txt_unit=txt_unit)
+    if not sample:
+        raise InputError(f"{field} '{label}': no documents in it")
+    encoder, _ = choose_encoder(tokenizer, sample)
+    banned = tuple(sorted({text_key(t) for t in exclude_texts}))
+    buckets = shards or max(1, math.ceil(sum(u.bytes for u in units) / BUCKET_BYTES))
+    stop = int(max_tokens / (1 - heldout_fraction)) + 2 * block_size if streaming and max_tokens else 0
+    key = hashlib.sha256(json.dumps([identity, tokenizer_fingerprint(tokenizer), block_size, seed, text_field,
+                                     txt_unit, hashlib.sha256(repr(banned).encode()).hexdigest(), dedup, buckets,
+                                     unit_bytes, stop, heldout_fraction]).encode()).hexdigest()[:20]
+    work = cache_dir("blocks", key)
+    spec = ShardSpec(str(work), buckets, seed, text_field, txt_unit, field,
+                     tokenizer_source or tokenizer.name_or_path, trust_remote_code,
+                     encoder, int(tokenizer.eos_token_id), banned, dedup == "exact", block_size,
+                     backend=backend_json(tokenizer), stop_after_tokens=stop)
+    corpus = build_shards(spec, units, heldout_fraction=heldout_fraction, mapper=mapper, on_unit=on_unit)
+    if corpus.documents < 2:
+        hint = ("; a .txt file is one document by default: set data.txt_unit=paragraph or line to split it"
+                if label.lower().endswith((".txt", ".text")) else "")
+        if corpus.tokens < 2 * block_size:
+            raise InputError(f"{field} '{label}': too short, {corpus.tokens} tokens in all, need at least "
+                             f"{2 * block_size} (one training and one held-out block of {block_size}); add text "
+                             "or lower data.block_size")
+        raise InputError(f"{field} '{label}': only {corpus.documents} non-empty document(s); need at least 2 to "
+                         f"hold one out for perplexity{hint}")
+    n_train = min(corpus.blocks, max_tokens // block_size) if max_tokens else corpus.blocks
+    if n_train == 0 or corpus.heldout_documents == 0:
+        what = "training" if n_train == 0 else "held-out"
+        raise InputError(f"{field} '{label}': too short, its {what} part is shorter than one block of "
                          f"{block_size} tokens; add text or lower data.block_size / raise data.heldout_fraction")
-    if max_tokens and len(train) > max_tokens // block_size:
-        capped = out / f"train-max{max_tokens}.npy"
-        if not capped.exists():
-            np.save(capped.with_suffix(".tmp.npy"), np.asarray(train[: max(1, max_tokens // block_size)]))
-            os.replace(capped.with_suffix(".tmp.npy"), capped)
-        train_path, train = capped, np.load(capped, mmap_mode="r")
+    train_view = work / f"train-max{max_tokens}.json"
+    if not train_view.exists():
+        write_json(train_view, {"shards": [str(work / s) for s in corpus.shards], "limit": n_train,
+                                "sha256": corpus.shard_sha256})
+    wanted = (heldout_blocks + test_blocks) * block_size
+    stream = heldout_prefix(work, corpus.buckets, wanted)
+    heldout = pack_blocks(stream, block_size)
     if len(heldout) < 2:
-        raise InputError(f"{field} '{source}': its held-out part packs into {len(heldout)} block(s) of {block_size}"
+        raise InputError(f"{field} '{label}': its held-out part packs into {len(heldout)} block(s) of {block_size}"
                          " tokens; validation and test need one each: raise data.heldout_fraction or add text")
     # validation first, test after it: each gets its share when the held-out part is short
     n_val = min(heldout_blocks, max(1, len(heldout) * heldout_blocks // (heldout_blocks + test_blocks)))
     val, test = heldout[:n_val], heldout[n_val:n_val + test_blocks]
     paths = []
     for name, part in (("heldout", val), ("test", test)):
-        fixed = out / f"{name}-{len(val)}-{len(part)}.npy"
+        fixed = work / f"{name}-{len(val)}-{len(part)}.npy"
         if not fixed.exists():
-            np.save(fixed.with_suffix(".tmp.npy"), np.asarray(part))
+            np.save(fixed.with_suffix(".tmp.npy"), part)
             os.replace(fixed.with_suffix(".tmp.npy"), fixed)
         paths.append(str(fixed))
-    return PreparedCorpus(train=str(train_path), heldout=paths[0], test=paths[1], documents=len(ds),
-                          removed_for_leakage=removed, train_tokens=int(train.size), heldout_tokens=int(val.size),
-                          test_tokens=int(test.size), tokenized_by=tokenized_by)
+    seconds = corpus.seconds  # as recorded when the shards were built (a cached corpus keeps its throughput)
+    return PreparedCorpus(train=str(train_view), heldout=paths[0], test=paths[1], documents=corpus.documents,
+                          removed_for_leakage=corpus.removed_for_leakage, train_tokens=n_train * block_size,
+                          heldout_tokens=int(val.size), test_tokens=int(test.size), tokenized_by=encoder,
+                          shards=len(corpus.shards), duplicates_removed=corpus.duplicates_removed,
+                          tail_tokens_dropped=corpus.tail_tokens_dropped, heldout_fraction=corpus.threshold,
+                          input_bytes=corpus.input_bytes, prepare_seconds=seconds,
+                          tokens_per_s=round(corpus.tokens / seconds, 1) if seconds else 0.0)
 
 
 def check_document_count(ds, source: str, field: str) -> None:
@@ -311,7 +210,11 @@ def check_enough_text(ds, tokenizer, block_size: int, source: str, field: str) -
                      f"and one held-out block of {block_size}); add text or lower data.block_size")
 
 
-def load_blocks(path: str) -> np.ndarray:
+def load_blocks(path: str) -> np.ndarray | ShardedBlocks:
+    """Blocks as a read-only [n, block_size] array: one .npy memory-mapped, or a shard list (.json) as one view."""
+    if str(path).endswith(".json"):
+        view = json.loads(Path(path).read_text())
+        return ShardedBlocks(view["shards"], view.get("limit", 0))
     return np.load(path, mmap_mode="r")
 
 

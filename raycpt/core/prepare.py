@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,14 @@ import torch
 from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig
 from raycpt.core.data import (
+    TIMING_FIELDS,
     PreparedCorpus,
     Task,
     check_document_count,
     check_enough_text,
     load_blocks,
-    load_documents,
     load_task,
     prepare_corpus,
-    source_text,
     tokenizer_fingerprint,
 )
 from raycpt.core.errors import InputError
@@ -37,6 +37,8 @@ from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losse
 from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
 from raycpt.core.resources import trial_concurrency
+from raycpt.core.shards import Mapper, UnitResult, map_in_process
+from raycpt.core.sources import load_documents, source_text
 
 MANIFEST_FILE = "data_manifest.json"
 BASE_METRICS_FILE = "base_metrics.json"
@@ -77,7 +79,8 @@ class Manifest:
         raw.pop("fingerprint")
         for corpus in ("domain", "general"):
             if raw[corpus]:
-                raw[corpus].pop("tokenized_by")
+                for how in TIMING_FIELDS:
+                    raw[corpus].pop(how)
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,8 +162,11 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"documents": found, "task": sizes}
 
 
-def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
-    """Fetch, split, tokenise and pack; returns the data manifest."""
+def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process,
+                       on_unit: Callable[[str, UnitResult | None, int], None] | None = None) -> Manifest:
+    """Fetch, split, tokenise and pack; returns the data manifest. `mapper` runs the per-unit and per-bucket work
+    (here by default; `raycpt.edge.data.ray_data_map` on Ray Data: the same blocks either way); `on_unit(field,
+    result, input_bytes)` hears of each finished read unit (progress)."""
     d = cfg.data
     check_storage(cfg)
     check_model(cfg)
@@ -171,9 +177,15 @@ def prepare_experiment(cfg: ExperimentConfig) -> Manifest:
     common = dict(text_field=d.text_field, block_size=d.block_size, heldout_fraction=d.heldout_fraction,
                   heldout_blocks=d.heldout_blocks, test_blocks=d.test_blocks or d.heldout_blocks,
                   max_tokens=d.max_tokens, seed=d.seed, exclude_texts=task.heldout_texts() if task else [],
-                  txt_unit=d.txt_unit)
-    domain = prepare_corpus(d.domain, tokenizer, field="data.domain", **common)
-    general = prepare_corpus(d.general, tokenizer, field="data.general", **common) if d.general else None
+                  txt_unit=d.txt_unit, dedup=d.dedup, shards=d.shards, unit_mb=d.unit_mb, streaming=d.streaming,
+                  tokenizer_source=source, trust_remote_code=cfg.model.trust_remote_code, mapper=mapper)
+
+    def corpus(field: str, spec: str | dict) -> PreparedCorpus:
+        report = (lambda result, total: on_unit(field, result, total)) if on_unit else None
+        return prepare_corpus(spec, tokenizer, field=field, on_unit=report, **common)
+
+    domain = corpus("data.domain", d.domain)
+    general = corpus("data.general", d.general) if d.general else None
     manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task)
     manifest.fingerprint = manifest.compute_fingerprint()
     return manifest

@@ -4,6 +4,7 @@ best so far, and an upper bound on the time left. raycpt.edge.callbacks feeds it
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,3 +83,36 @@ def progress_view(trials: list[TrialProgress], headline: tuple[str, str]) -> Ren
                       str(t.step or "-"), ppl_text(t.domain_ppl), ppl_text(t.general_ppl), fixed(t.f1, 4),
                       fixed(t.tokens_per_s, 0), style=styles.get(t.status))
     return Group(Text("\n".join(headline)), table)
+
+
+class PrepareProgress:
+    """A rich progress bar over the data step: per corpus, input MB done of all, documents, tokens and MB/s, fed by
+    `prepare_experiment(on_unit=...)` as each read unit finishes (in-process or on Ray Data)."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.tasks: dict[str, Any] = {}
+        self.totals: dict[str, list[float]] = {}
+
+    def __enter__(self) -> PrepareProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, field: str, result: Any, input_bytes: int) -> None:
+        if result is None:  # the corpus starts
+            self.tasks[field] = self.progress.add_task(field, total=max(1, input_bytes), stats="")
+            self.totals[field] = [0, 0, 0, time.perf_counter()]
+            return
+        done = self.totals[field]
+        done[0] += result.bytes
+        done[1] += result.documents
+        done[2] += result.tokens
+        rate = done[0] / 2**20 / max(1e-9, time.perf_counter() - done[3])
+        self.progress.update(self.tasks[field], completed=done[0],
+                             stats=f"{done[1]:,} docs, {done[2]:,} tokens, {rate:.1f} MB/s")

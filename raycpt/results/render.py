@@ -101,8 +101,11 @@ def print_data(console: Console, manifest: Manifest) -> None:
         if corpus:
             removed = corpus.removed_for_leakage
             console.print(f"[bold]{name:>7}[/]: {corpus.documents:,} documents, {corpus.train_tokens:,} "
-                          f"training tokens, {corpus.heldout_tokens:,} held-out tokens"
-                          + (f", {removed} downstream-test text(s) removed" if removed else ""))
+                          f"training tokens in {corpus.shards} shard(s), {corpus.heldout_tokens:,} held-out tokens"
+                          + (f", {removed} downstream-test text(s) removed" if removed else "")
+                          + (f", {corpus.duplicates_removed:,} duplicate(s) removed" if corpus.duplicates_removed
+                             else "")
+                          + (f" ({corpus.tokens_per_s:,.0f} tokens/s)" if corpus.tokens_per_s else ""))
 
 
 def print_base(console: Console, base: dict[str, Any]) -> None:
