@@ -8,9 +8,11 @@ fast tokenizer (`raycpt.core.models.load_tokenizer`), with datasets' caching dis
 real. Sides:
 - run_clm:  transformers' examples/pytorch/language-modeling/run_clm.py: `tokenizer(texts)` in a batched map,
             then `group_texts` in a second batched map (1,000 documents per batch, each batch's remainder dropped).
-- raycpt:   `tokenize_documents` + `pack_blocks` as they are in raycpt/core/data.py (for a byte-level BPE tokenizer
-            such as SmolLM2's: tiktoken running the tokenizer's own vocabulary and merges, see raycpt/core/tokenize.py);
-            its blocks are checked to be identical to the tokenizer's own ids (+ EOS) packed the same way.
+- raycpt:   `prepare_corpus` in this process on an empty block cache, as `raycpt prepare --no-ray` runs it (read the
+            source file, hash-split, tokenise - for a byte-level BPE tokenizer such as SmolLM2's, tiktoken running the
+            tokenizer's own vocabulary and merges, see raycpt/core/tokenize.py - and pack into shards): more work
+            than run_clm's side, which starts from documents already loaded. Its token count is checked against
+            the tokenizer's own: training blocks + held-out documents + shard tails = every document's ids + EOS.
 - tokenizers-only: the `tokenizers` Rust backend alone (`encode_batch_fast`, 1,000 documents a call, nothing
             kept): the floor for any implementation that calls the HF tokenizer.
 Sides alternate for `--repeats` rounds and each side's best time counts: the machine is shared and noisy, and
@@ -31,8 +33,6 @@ from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def run_clm_blocks(documents, tokenizer, block_size: int):
@@ -59,16 +59,20 @@ def run_clm_blocks(documents, tokenizer, block_size: int):
     return tokenized, tokenized.map(group_texts, batched=True)
 
 
-def reference_blocks(documents, tokenizer, block_size: int) -> np.ndarray:
-    """The blocks raycpt must produce: `tokenizer(texts)` (the reference encoder) + EOS per document, packed."""
-    from raycpt.core.data import pack_blocks
-    from raycpt.core.tokenize import reference_encoder, to_rows
+def reference_tokens(documents, tokenizer) -> int:
+    """The tokens raycpt must produce: `tokenizer(texts)` (the reference encoder) + one EOS per document."""
+    from raycpt.core.tokenize import reference_encoder
 
-    encode, texts, parts = reference_encoder(tokenizer), list(documents[:]["text"]), []
+    encode, texts, total = reference_encoder(tokenizer), list(documents[:]["text"]), 0
     for start in range(0, len(texts), 1000):
-        for ids in to_rows(encode(texts[start:start + 1000])):
-            parts += [*ids, tokenizer.eos_token_id]
-    return pack_blocks(np.asarray(parts, np.int32), block_size)
+        flat, lengths = encode(texts[start:start + 1000])
+        total += len(flat) + len(lengths)
+    return total
+
+
+def prepared_total(prepared) -> int:
+    """Every token prepare_corpus produced (training blocks + held-out documents + shard tails)."""
+    return prepared.input_tokens
 
 
 def tokenizer_only(documents, tokenizer) -> int:
@@ -102,8 +106,9 @@ def time_sides(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, t
 def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, repeats: int) -> None:
     import datasets
 
-    from raycpt.core.data import pack_blocks, tokenize_documents
-    from raycpt.core.sources import load_documents
+    from raycpt.core.data import prepare_corpus
+    from raycpt.core.packaged import cache_dir
+    from raycpt.core.sources import _packaged_parquet, load_documents
     from raycpt.core.tokenize import TiktokenBPE
 
     # raycpt builds its tiktoken encoder once per tokenizer and process (cached): the timed rounds reuse it, so its
@@ -113,9 +118,9 @@ def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, re
     build_s = time.perf_counter() - start if built else 0.0
     print(f"one-time tiktoken encoder build: {build_s:.2f} s" if built else "no tiktoken encoder for this tokenizer")
     datasets.disable_caching()  # both sides do real work in every timed round
+    cache = str(cache_dir())
     try:
         corpora = {source: load_documents(source).select_columns(["text"]) for source in sources}
-        corpora["all"] = datasets.concatenate_datasets(list(corpora.values())) if len(sources) > 1 else None
         print(f"\nTokenise + pack, block_size={block_size}, best of {repeats} alternating rounds, datasets caching off")
         header = (f"{'corpus':24s} {'side':9s} {'docs':>6s} {'time s':>7s} {'stream tok':>11s} {'kept tok':>10s} "
                   f"{'kept %':>7s} {'kept tok/s':>11s}")
@@ -123,30 +128,40 @@ def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, re
         print("-" * len(header))
         ratios = {}
         for name, documents in corpora.items():
-            if documents is None:
-                continue
 
-            def raycpt_side(documents=documents):
-                stream, encoder = tokenize_documents(documents, tokenizer)
-                return stream, pack_blocks(stream, block_size), encoder
+            def raycpt_side(source=name):
+                with tempfile.TemporaryDirectory(prefix="raycpt-bench-blocks-") as fresh:
+                    os.environ["RAYCPT_CACHE"] = fresh  # blocks from scratch; the packaged parquet is read in place
+                    try:
+                        return prepare_corpus(str(_packaged_parquet(source.split(":", 1)[1])) if source.startswith(
+                            "packaged:") else source, tokenizer, text_field="text", block_size=block_size,
+                            heldout_fraction=0.05, heldout_blocks=8, test_blocks=8, max_tokens=0, seed=0,
+                            exclude_texts=[], field="data.domain")
+                    finally:
+                        os.environ["RAYCPT_CACHE"] = cache
 
             best = time_sides({"run_clm": lambda d=documents: run_clm_blocks(d, tokenizer, block_size),
                                "raycpt": raycpt_side,
                                "tokenizers-only": lambda d=documents: tokenizer_only(d, tokenizer)}, repeats)
-            if not np.array_equal(best["raycpt"][1][1], reference_blocks(documents, tokenizer, block_size)):
-                raise AssertionError(f"{name}: raycpt's blocks differ from the tokenizer's own ids")
+            expected = reference_tokens(documents, tokenizer)
+            prepared = best["raycpt"][1]
+            heldout_tokens = prepared_total(prepared) - prepared.train_tokens - prepared.tail_tokens_dropped
+            if prepared_total(prepared) != expected or heldout_tokens < 0:
+                raise AssertionError(f"{name}: raycpt's tokens ({prepared_total(prepared):,}) differ from the "
+                                     f"tokenizer's own ({expected:,})")
             for side, (elapsed, result) in best.items():
                 if side == "tokenizers-only":
                     print(f"{name:24s} {'tok-only':9s} {len(documents):6d} {elapsed:7.2f} {result:11,d} "
                           f"{'-':>10s} {'-':>7s} {result / elapsed:11,.0f}  (stream tok/s, no EOS, no packing)")
                     continue
                 if side == "raycpt":
-                    stream, packed, encoder = result
-                    stream, note = len(stream), f"  (encoder: {encoder}; blocks identical to the tokenizer's ids)"
+                    stream, note = prepared_total(result), (f"  (encoder: {result.tokenized_by}; {result.shards} "
+                                                           "shard(s); kept = training blocks + held-out documents)")
+                    kept = stream - result.tail_tokens_dropped
                 else:
                     tokenized, packed = result
                     stream, note = stream_tokens(tokenized), ""
-                kept = len(packed) * block_size
+                    kept = len(packed) * block_size
                 print(f"{name:24s} {side:9s} {len(documents):6d} {elapsed:7.2f} {stream:11,d} {kept:10,d} "
                       f"{100 * kept / stream:6.2f}% {kept / elapsed:11,.0f}{note}")
             ratios[name] = {side: best["run_clm"][0] / best[side][0] for side in ("raycpt", "tokenizers-only")}

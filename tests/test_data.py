@@ -8,7 +8,6 @@ from raycpt.core.data import (
     normalize_text,
     pack_blocks,
     prepare_corpus,
-    tokenize_documents,
     worker_positions,
 )
 from raycpt.core.errors import InputError
@@ -18,12 +17,10 @@ from tests.conftest import write_jsonl
 
 def test_packing_keeps_every_token_and_puts_eos_between_documents(tmp_path, tokenizer):
     texts = [f"document number {i} " + "word " * (i % 7) for i in range(50)]
-    ds = load_documents(str(write_jsonl(tmp_path / "docs.jsonl", texts)))
-    stream, _ = tokenize_documents(ds, tokenizer)
     expected = []
     for text in texts:
         expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    blocks = pack_blocks(stream, 16)
+    blocks = pack_blocks(np.asarray(expected, dtype=np.int32), 16)
     assert blocks.shape == (len(expected) // 16, 16)
     # the whole stream in order, only its final partial block dropped (< block_size tokens lost)
     assert blocks.reshape(-1).tolist() == expected[: blocks.size]
@@ -196,8 +193,8 @@ def test_txt_unit_makes_one_document_per_file_by_default_and_eos_only_between_do
     assert cfg.data.txt_unit == unit  # "file" is the default
     ds = load_documents(str(folder), txt_unit=cfg.data.txt_unit)
     assert len(ds) == documents
-    stream, _ = tokenize_documents(ds, tokenizer)
     eos = tokenizer.eos_token_id
+    stream = np.asarray([i for text in ds["text"] for i in [*tokenizer(text)["input_ids"], eos]])
     assert int((stream == eos).sum()) == documents and stream[-1] == eos  # one EOS after each document, no more
     pieces = [tokenizer.decode(p) for p in np.split(stream, np.flatnonzero(stream == eos) + 1)[:-1]]
     if unit == "file":  # each file whole, its blank line and line breaks inside one document

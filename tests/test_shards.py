@@ -194,3 +194,25 @@ def test_a_corpus_too_small_for_its_heldout_fraction_still_gets_validation_and_t
     assert corpus.heldout_fraction > 0.01  # raised just enough, and said so in the manifest
     with pytest.raises(InputError, match="only 1 non-empty document"):
         prepare(write_jsonl(tmp_path / "one.jsonl", [" ".join(WORDS * 20)]), tokenizer)
+
+
+def test_a_streamed_hub_corpus_is_read_only_up_to_max_tokens(tmp_path, tokenizer, monkeypatch):
+    import datasets
+
+    served = []
+
+    def rows():
+        for i in range(20_000):
+            served.append(i)
+            yield {"body": documents(1, start=i)[0]}
+
+    def fake_hub(path, **kwargs):  # the hub is out of reach here: a local generator stands in for it
+        assert path == "org/big-corpus" and kwargs.get("streaming") is True
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    corpus = prepare_corpus("org/big-corpus", tokenizer, text_field="body", block_size=16, heldout_fraction=0.1,
+                            heldout_blocks=2, test_blocks=2, max_tokens=20_000, seed=0, exclude_texts=[],
+                            field="data.domain", streaming=True)
+    assert corpus.train_tokens == 20_000  # capped
+    assert corpus.documents < 10_000 and max(served) < 19_999, "the stream was not read to its end"

@@ -38,27 +38,15 @@ from raycpt.core.shards import (
     text_key,
 )
 from raycpt.core.sources import UNIT_BYTES, Unit, corpus_units, load_documents, read_unit, source_text
-from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder, token_stream
+from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder
 
 # ---------------------------------------------------------------------------------------------------------------
 # Leakage guard, tokenising and packing
 
 
-def tokenize_documents(ds, tokenizer, batch_size: int = 1000) -> tuple[np.ndarray, str]:
-    """The documents' token stream (EOS after each, int32) and the encoder that produced it (raycpt.core.tokenize picks
-    the fastest one that reproduces the tokenizer's own ids on documents spread over the corpus)."""
-    texts = ds.select_columns(["text"])
-    sample_at = np.unique(np.linspace(0, len(texts) - 1, num=min(len(texts), VERIFY_DOCUMENTS)).astype(int))
-    sample = list(texts.select(sample_at)["text"]) if len(texts) else []
-    stride = -(-sum(map(len, sample)) // VERIFY_CHARACTERS)  # long documents: fewer of them, still spread out
-    sample = sample[::max(1, stride)]
-    batches = (list(batch["text"]) for batch in texts.iter(batch_size=batch_size))
-    return token_stream(batches, sample, tokenizer)
-
-
 def pack_blocks(stream: np.ndarray, block_size: int) -> np.ndarray:
-    """Cut the whole stream into [n_blocks, block_size]; only the stream's final partial block is dropped, not a
-    tail per map batch as run_clm's group_texts does."""
+    """Cut a whole stream into [n_blocks, block_size] (the held-out documents'); only its final partial block is
+    dropped, not a tail per map batch as run_clm's group_texts does."""
     n_blocks = len(stream) // block_size
     return np.ascontiguousarray(stream[: n_blocks * block_size], dtype=np.int32).reshape(n_blocks, block_size)
 
@@ -92,6 +80,9 @@ class PreparedCorpus:
     heldout_fraction: float = 0.0
     """The share of u held out (data.heldout_fraction, raised only when a small corpus needed it)."""
     input_bytes: int = 0
+    input_tokens: int = 0
+    """Every token read (one EOS per document): training blocks + held-out documents + shard tails (+ duplicates
+    dropped by data.dedup)."""
     prepare_seconds: float = 0.0
     """Wall time of tokenising and packing when the shards were built; with tokens_per_s, the throughput."""
     tokens_per_s: float = 0.0
@@ -185,7 +176,7 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
                           heldout_tokens=int(val.size), test_tokens=int(test.size), tokenized_by=encoder,
                           shards=len(corpus.shards), duplicates_removed=corpus.duplicates_removed,
                           tail_tokens_dropped=corpus.tail_tokens_dropped, heldout_fraction=corpus.threshold,
-                          input_bytes=corpus.input_bytes, prepare_seconds=seconds,
+                          input_bytes=corpus.input_bytes, input_tokens=corpus.tokens, prepare_seconds=seconds,
                           tokens_per_s=round(corpus.tokens / seconds, 1) if seconds else 0.0)
 
 
