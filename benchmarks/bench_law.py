@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,8 +73,13 @@ def run_one(cfg, manifest, out: Path, mix: float, steps: int, evals: int) -> lis
     run_cfg = with_overrides(cfg, {"train.mix_ratio": mix, "train.steps": steps, "train.warmup_steps": warmup,
                                    "train.eval_every": max(1, steps // evals)})
     reports: list[dict[str, Any]] = []
-    train(run_cfg, manifest, lambda m, _ckpt: reports.append(dict(m)),
-          checkpoint_root=out / f"mix{mix:g}_steps{steps}")
+
+    def report(metrics_: dict[str, Any], checkpoint: str | None) -> None:
+        reports.append(dict(metrics_))
+        if checkpoint:  # the core loop keeps every checkpoint (Tune's manager prunes them in a sweep): ~1.5 GB each
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+    train(run_cfg, manifest, report, checkpoint_root=out / f"mix{mix:g}_steps{steps}")
     return reports
 
 

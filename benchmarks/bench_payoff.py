@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,13 @@ def run_and_score(cfg, manifest: Manifest, out: Path) -> tuple[dict[str, Any], f
     """Train `cfg` in this process, then score the final weights on validation and test."""
     start = time.perf_counter()
     holder: dict[str, Any] = {}
-    train(cfg, manifest, lambda m, ckpt: holder.update(checkpoint=ckpt), checkpoint_root=out)
+
+    def report(_metrics: dict[str, Any], checkpoint: str | None) -> None:
+        if holder.get("checkpoint"):  # keep the latest only: the core loop keeps every checkpoint it writes
+            shutil.rmtree(holder["checkpoint"], ignore_errors=True)
+        holder["checkpoint"] = checkpoint
+
+    train(cfg, manifest, report, checkpoint_root=out)
     seconds = time.perf_counter() - start
     model = load_model(holder["checkpoint"], cfg.model.dtype)
     return score(model, cfg, manifest), seconds

@@ -156,3 +156,5 @@ def test_own_data_config_trains_on_local_files_and_domain_ppl_falls(tmp_path, ti
     ppl = [float(v) for v in re.findall(r"step \d+: train loss [\d.]+, domain ppl ([\d.]+)", out)]
     assert len(ppl) == 4 and ppl[-1] < ppl[0], out
     assert "F1" in out  # the csv task's probe ran at the last step
+    kept = [p.name for p in (tmp_path / "runs").rglob("checkpoint_step*")]
+    assert kept == ["checkpoint_step000008"], kept  # the newest checkpoint only: a long run cannot fill the disk

@@ -165,7 +165,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
 def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process,
                        on_unit: Callable[[str, UnitResult | None, int], None] | None = None) -> Manifest:
     """Fetch, split, tokenise and pack; returns the data manifest. `mapper` runs the per-unit and per-bucket work
-    (here by default; `raycpt.edge.data.ray_data_map` on Ray Data: the same blocks either way); `on_unit(field,
+    (here by default; `raycpt.edge.data.RayDataMapper` on Ray Data: the same blocks either way); `on_unit(field,
     result, input_bytes)` hears of each finished read unit (progress)."""
     d = cfg.data
     check_storage(cfg)

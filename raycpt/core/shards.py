@@ -378,7 +378,7 @@ class ShardedBlocks:
 
 Mapper = Callable[[type, tuple, list[dict]], Iterator[dict]]
 """(worker class, its constructor args, items) -> results as they finish, in any order. `map_in_process` runs them
-here; `raycpt.edge.data.ray_data_map` on Ray Data."""
+here; `raycpt.edge.data.RayDataMapper` on Ray Data."""
 
 
 def map_in_process(worker: type, args: tuple, items: list[dict]) -> Iterator[dict]:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -423,7 +424,15 @@ def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     manifest.save(cfg.experiment_dir())
 
+    latest: list[str] = []
+
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        # keep the newest checkpoint only (nothing here resumes from an older one): the loop writes one per eval,
+        # each the weights plus AdamW state, which would fill a disk over a long run
+        if checkpoint_dir:
+            for old in latest:
+                shutil.rmtree(old, ignore_errors=True)
+            latest[:] = [checkpoint_dir]
         general = metrics.get(m.GENERAL_PPL)
         log(f"step {metrics[m.STEP]}: train loss {metrics[m.TRAIN_LOSS]:.4f}, domain ppl {metrics[m.DOMAIN_PPL]:.2f}"
             + (f", general ppl {general:.2f}" if general is not None else "")
