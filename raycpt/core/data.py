@@ -154,24 +154,24 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
     if not train_view.exists():
         write_json(train_view, {"shards": [str(work / s) for s in corpus.shards], "limit": n_train,
                                 "sha256": corpus.shard_sha256})
-    wanted = (heldout_blocks + test_blocks) * block_size
-    stream = heldout_prefix(work, corpus.buckets, wanted)
-    heldout = pack_blocks(stream, block_size)
-    if len(heldout) < 2:
-        raise InputError(f"{field} '{label}': its held-out part packs into {len(heldout)} block(s) of {block_size}"
-                         " tokens; validation and test need one each: raise data.heldout_fraction or add text")
-    # validation first, test after it: each gets its share when the held-out part is short
-    n_val = min(heldout_blocks, max(1, len(heldout) * heldout_blocks // (heldout_blocks + test_blocks)))
-    val, test = heldout[:n_val], heldout[n_val:n_val + test_blocks]
-    paths = []
-    for name, part in (("heldout", val), ("test", test)):
-        fixed = work / f"{name}-{len(val)}-{len(part)}.npy"
-        if not fixed.exists():
-            np.save(fixed.with_suffix(".tmp.npy"), part)
-            os.replace(fixed.with_suffix(".tmp.npy"), fixed)
-        paths.append(str(fixed))
+    # validation and test blocks, cut once per (heldout_blocks, test_blocks) from the held-out documents: a later
+    # prepare of the same corpus reads the two small files instead of every bucket's held-out documents again
+    val_path, test_path = (work / f"{name}-of-{heldout_blocks}+{test_blocks}.npy" for name in ("heldout", "test"))
+    if not (val_path.exists() and test_path.exists()):
+        stream = heldout_prefix(work, corpus.buckets, (heldout_blocks + test_blocks) * block_size)
+        heldout = pack_blocks(stream, block_size)
+        if len(heldout) < 2:
+            raise InputError(f"{field} '{label}': its held-out part packs into {len(heldout)} block(s) of "
+                             f"{block_size} tokens; validation and test need one each: raise data.heldout_fraction "
+                             "or add text")
+        # validation first, test after it: each gets its share when the held-out part is short
+        n_val = min(heldout_blocks, max(1, len(heldout) * heldout_blocks // (heldout_blocks + test_blocks)))
+        for path, part in ((val_path, heldout[:n_val]), (test_path, heldout[n_val:n_val + test_blocks])):
+            np.save(path.with_suffix(".tmp.npy"), part)
+            os.replace(path.with_suffix(".tmp.npy"), path)
+    val, test = np.load(val_path, mmap_mode="r"), np.load(test_path, mmap_mode="r")
     seconds = corpus.seconds  # as recorded when the shards were built (a cached corpus keeps its throughput)
-    return PreparedCorpus(train=str(train_view), heldout=paths[0], test=paths[1], documents=corpus.documents,
+    return PreparedCorpus(train=str(train_view), heldout=str(val_path), test=str(test_path), documents=corpus.documents,
                           removed_for_leakage=corpus.removed_for_leakage, train_tokens=n_train * block_size,
                           heldout_tokens=int(val.size), test_tokens=int(test.size), tokenized_by=encoder,
                           shards=len(corpus.shards), duplicates_removed=corpus.duplicates_removed,

@@ -425,13 +425,14 @@ def build_shards(spec: ShardSpec, units: list[Unit], *, heldout_fraction: float,
     items = [{"index": i, "kind": u.kind, "segments": [list(s) for s in u.segments], "bytes": u.bytes}
              for i, u in enumerate(units)]
     unit_results = []
+    input_bytes = sum(u.bytes for u in units)
     if on_unit:
-        on_unit(None, sum(u.bytes for u in units))  # the start: total input bytes
+        on_unit(None, input_bytes)  # the start
     for raw in mapper(UnitWorker, (spec,), items):
         result = UnitResult(**raw)
         unit_results.append(result)
         if on_unit:
-            on_unit(result, sum(u.bytes for u in units))
+            on_unit(result, input_bytes)
     threshold = choose_threshold((r.heldout_tokens_at for r in unit_results), heldout_fraction,
                                  2 * spec.block_size)
     buckets = [BucketResult(**raw) for raw in mapper(BucketWorker, (spec, threshold, len(units)),
@@ -444,7 +445,7 @@ def build_shards(spec: ShardSpec, units: list[Unit], *, heldout_fraction: float,
         removed_for_leakage=sum(r.removed_for_leakage for r in unit_results),
         duplicates_removed=sum(b.duplicates_removed for b in buckets),
         tail_tokens_dropped=sum(b.tail_tokens_dropped for b in buckets),
-        heldout_documents=sum(b.heldout_documents for b in buckets), input_bytes=sum(u.bytes for u in units),
+        heldout_documents=sum(b.heldout_documents for b in buckets), input_bytes=input_bytes,
         tokens=sum(r.tokens for r in unit_results), seconds=round(time.perf_counter() - started, 3),
         threshold=threshold / 2**64, buckets=spec.buckets)
     _write_atomic(record, json.dumps(corpus.to_dict()))
