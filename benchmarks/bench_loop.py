@@ -39,7 +39,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,9 @@ def run_trainer(workload: Workload) -> dict[str, float]:
     if workload.warmup == 0:
         clock.watch_forward(model)
     step_ends = StepEnds()
+    # The same block order as raycpt's; older transformers (the GPU machine's 5.17) may lack the switch.
+    sequential = ({"train_sampling_strategy": "sequential"}
+                  if "train_sampling_strategy" in {f.name for f in fields(TrainingArguments)} else {})
     args = TrainingArguments(
         output_dir=str(workload.scratch / "trainer"), report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0, use_cpu=workload.device == "cpu",
@@ -323,7 +326,7 @@ def run_trainer(workload: Workload) -> dict[str, float]:
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
         warmup_steps=min(2, workload.steps), adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8,
         weight_decay=0.01, max_grad_norm=1.0, bf16=workload.precision == "bf16", torch_compile=workload.compile,
-        train_sampling_strategy="sequential", seed=0)
+        seed=0, **sequential)
     # The Trainer's default optimizer (adamw_torch_fused for torch >= 2.8): what its users get.
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[step_ends])
     try:
