@@ -20,6 +20,7 @@ from raycpt.core.loss import (
     causal_lm_loss,
     chunked_linear_cross_entropy,
     chunked_supported,
+    compile_for_loss,
     resolve_loss_impl,
 )
 
@@ -121,6 +122,21 @@ def test_chunked_through_ddp_runs_ddp_forward(monkeypatch: pytest.MonkeyPatch) -
 
 
 # --- the raw function -------------------------------------------------------------------------------------------
+
+def test_compiled_run_goes_through_the_graph_and_matches_eager() -> None:
+    """train.compile with a fused loss: the decoder layers must run inside torch.compile's graph (a compiled
+    wrapper around the whole model would be bypassed, since the fused loss calls the body itself), and the loss
+    and gradients equal the eager ones."""
+    want_loss, want_grads = loss_and_grads(llama(tied=False), "chunked")
+    model = llama(tied=False)
+    traced: list[bool] = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: traced.append(torch.compiler.is_compiling()))
+    compiled = compile_for_loss(model, "chunked")
+    got_loss, got_grads = loss_and_grads(compiled, "chunked")
+    assert traced and all(traced), "the decoder layers ran eagerly: the compiled graph was bypassed"
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(got_grads, want_grads)
+
 
 def raw_inputs(n: int = 37, h: int = 16, v: int = 101, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

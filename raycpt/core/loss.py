@@ -261,6 +261,21 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, impl: str = "hf", 
     return loss[0] if isinstance(loss, tuple) else loss
 
 
+def compile_for_loss(model: nn.Module, impl: str) -> nn.Module:
+    """`model` with torch.compile applied to what `causal_lm_loss(model, ..., impl)` runs. "hf": the whole model
+    (`torch.compile(model)`, the loss inside the graph). The fused losses call the decoder body themselves (or,
+    wrapped in DDP / FSDP2, capture the head's input), so a compiled wrapper around the whole model would never
+    run: the body is compiled in place instead, and the head + fused loss (liger's Triton kernel, the chunked
+    autograd Function) stay outside the graph."""
+    if impl == "hf":
+        return torch.compile(model)
+    decoder = _decoder_of(_unwrap(model))
+    if decoder is None:
+        raise ValueError(f"loss impl {impl!r}: no decoder body to compile on {type(_unwrap(model)).__name__}")
+    decoder.compile()
+    return model
+
+
 def resolve_loss_impl(requested: str, device: torch.device | str, model: nn.Module | None = None
                       ) -> tuple[str, str]:
     """(impl to use, why) for a requested loss impl in LOSS_IMPLS on `device`; `model`, when given, is checked

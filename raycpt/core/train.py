@@ -43,7 +43,7 @@ from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_pos
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.files import read_json, write_json
-from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
+from raycpt.core.loss import causal_lm_loss, compile_for_loss, resolve_loss_impl
 from raycpt.core.models import apply_dropout, load_model
 from raycpt.core.parallel import (
     fsdp_root,
@@ -270,11 +270,11 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     model.to(device)
     model = wrap_model(model)  # DDP, FSDP2 (raycpt.core.parallel.apply_fsdp) or nothing
     sharded = fsdp_root(model) is not None  # every rank runs every forward: the layers all-gather their params
-    if t.compile:
-        model = torch.compile(model)
     loss_impl, loss_note = resolve_loss_impl(t.loss_impl, device, unwrap(model))
     if loss_impl != t.loss_impl and t.loss_impl != "auto" and rank == 0:  # a fallback: say why
         logging.getLogger("raycpt").warning("train.loss_impl=%s: %s", t.loss_impl, loss_note)
+    if t.compile:
+        model = compile_for_loss(model, loss_impl)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, device)
     steps = t.total_steps(d.block_size)  # train.steps, or the token budget in steps
     scheduler = build_scheduler(optimizer, t.warmup_steps, steps, t.min_lr_ratio)
