@@ -100,8 +100,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     if not args.config_only:
         found = preflight(cfg)
-        for field, count in found["documents"].items():
-            print(f"{field}: {count:,} documents")
+        for field, size in found["documents"].items():
+            mb = f"{size['bytes'] / 1e6:,.1f} MB in " if size["bytes"] else ""  # a streamed hub dataset: unknown
+            print(f"{field}: {mb}{size['units']} read unit(s); its start checked (enough text, documents)")
         if found["task"]:
             print(f"eval.task: {found['task']['train']} probe-train and {found['task']['test']} test texts")
     print(f"OK: {args.config} is valid")

@@ -183,11 +183,17 @@ def test_autoscaler_launches_workers_for_the_trials_and_removes_them(fake_cluste
     assert f"Job '{job_id}' succeeded" in status, f"{status}\n--- job logs (tail) ---\n{logs[-4000:]}"
     job_s = time.monotonic() - started
 
-    # The autoscaler launched two `gpu` nodes, and nothing else, for the two concurrent trials.
+    # The autoscaler launched two `gpu` nodes, and nothing else, for the two concurrent trials. When one of its
+    # update iterations runs slowly (a loaded machine), Ray's autoscaler can queue a launch before the previous
+    # one registered and then terminates the surplus node at once, logged "(max_workers_per_type)": its own race,
+    # not demand from the sweep, so those are not counted.
+    monitor_log = cluster.monitor_log()
     launches: Counter[str] = Counter()
-    for count, node_type in re.findall(r"Launching (\d+) nodes, type (\S+)\.", cluster.monitor_log()):
+    for count, node_type in re.findall(r"Launching (\d+) nodes, type (\S+)\.", monitor_log):
         launches[node_type] += int(count)
-    assert launches == {"gpu": 2}, cluster.monitor_log()[-4000:]
+    launches["gpu"] -= len(re.findall(r"Terminating the node with id \S+ and ip \S+\. \(max_workers_per_type\)",
+                                      monitor_log))
+    assert +launches == {"gpu": 2}, monitor_log[-4000:]
     # The sweep saw them (cluster.json is written at its end, while it still holds them): the head drove it.
     exp_dir = storage / "smoke"
     record = json.loads((exp_dir / "cluster.json").read_text())

@@ -216,3 +216,29 @@ def test_a_streamed_hub_corpus_is_read_only_up_to_max_tokens(tmp_path, tokenizer
                             field="data.domain", streaming=True)
     assert corpus.train_tokens == 20_000  # capped
     assert corpus.documents < 10_000 and max(served) < 19_999, "the stream was not read to its end"
+
+
+def test_validate_reads_only_the_start_of_a_corpus(tokenizer, monkeypatch):
+    """`raycpt validate` checks a corpus has enough text from its first documents: a streamed hub corpus is not
+    pulled whole, and a corpus too short for two blocks still fails."""
+    import datasets
+
+    from raycpt.core.data import check_corpus_start
+    from raycpt.core.sources import corpus_units
+
+    served = []
+
+    def rows():
+        for i in range(20_000):
+            served.append(i)
+            yield {"body": documents(1, start=i)[0]}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, **kwargs: datasets.IterableDataset.from_generator(rows))
+    units, text_field, _ = corpus_units("org/big-corpus", text_field="body", field="data.domain", txt_unit="file",
+                                        unit_bytes=2**24, streaming=True)
+    read = check_corpus_start(units, tokenizer, 128, "org/big-corpus", "data.domain", text_field=text_field,
+                              txt_unit="file")
+    assert read <= 256 and max(served) < 1_000
+    with pytest.raises(InputError, match="too short"):
+        check_corpus_start(units, tokenizer, 10**6, "org/big-corpus", "data.domain", text_field=text_field,
+                           txt_unit="file")

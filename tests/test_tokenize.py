@@ -1,9 +1,8 @@
 """The fast encoders give exactly the tokenizer's own ids, or they are not used."""
 
-import numpy as np
 import pytest
 
-from raycpt.core.tokenize import TiktokenBPE, choose_encoder, to_ragged, to_rows, token_stream
+from raycpt.core.tokenize import TiktokenBPE, choose_encoder, to_ragged, to_rows
 
 # Text that stresses a byte-level BPE: contractions, digits, runs of spaces and newlines, accents, CJK, emoji,
 # control bytes, an added token written inside the text, and code.
@@ -30,13 +29,12 @@ def test_tiktoken_path_matches_the_tokenizer_exactly(tokenizer):
     assert tokenizer.eos_token_id in expected[HARD_TEXTS.index("before<|endoftext|>after and <|endoftext|> again")]
 
 
-def test_token_stream_is_every_document_then_eos_in_order(tokenizer):
-    batches = [HARD_TEXTS[:4], HARD_TEXTS[4:7], HARD_TEXTS[7:]]
-    stream, name = token_stream(batches, HARD_TEXTS[::3], tokenizer)
-    expected = []
-    for text in HARD_TEXTS:
-        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert name == "tiktoken" and stream.dtype == np.int32 and stream.tolist() == expected
+def test_the_chosen_encoder_gives_every_batch_the_tokenizer_ids(tokenizer):
+    """The encoder is picked on a sample and then used on every batch, the sample's documents or not."""
+    name, encode = choose_encoder(tokenizer, HARD_TEXTS[::3])
+    assert name == "tiktoken"
+    for batch in (HARD_TEXTS[:4], HARD_TEXTS[4:7], HARD_TEXTS[7:]):
+        assert to_rows(encode(batch)) == tokenizer(batch, add_special_tokens=False)["input_ids"]
 
 
 def test_an_encoder_that_disagrees_on_the_sample_is_not_used(tokenizer, monkeypatch):
@@ -44,12 +42,9 @@ def test_an_encoder_that_disagrees_on_the_sample_is_not_used(tokenizer, monkeypa
         return lambda texts: to_ragged([[i + 1 for i in ids] for ids in to_rows(reference(texts))])
 
     monkeypatch.setattr(TiktokenBPE, "encoder", off_by_one)
-    stream, name = token_stream([HARD_TEXTS], HARD_TEXTS, tokenizer)
+    name, encode = choose_encoder(tokenizer, HARD_TEXTS)
     assert name.startswith("tokenizers") and "tiktoken: ids differ" in name  # it says why tiktoken was passed over
-    expected = []
-    for text in HARD_TEXTS:
-        expected += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert stream.tolist() == expected
+    assert to_rows(encode(HARD_TEXTS)) == tokenizer(HARD_TEXTS, add_special_tokens=False)["input_ids"]
 
 
 def test_non_byte_level_tokenizer_falls_back_and_stays_exact():
@@ -63,18 +58,17 @@ def test_non_byte_level_tokenizer_falls_back_and_stays_exact():
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     word_level = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
     assert TiktokenBPE.from_tokenizer(word_level) is None
-    stream, name = token_stream([HARD_TEXTS], HARD_TEXTS, word_level)
+    name, encode = choose_encoder(word_level, HARD_TEXTS)
     assert name.split(" ")[0] in ("tokenizers", "transformers") and "tiktoken: not a plain byte-level BPE" in name
-    expected = []
-    for text in HARD_TEXTS:
-        expected += word_level(text, add_special_tokens=False)["input_ids"] + [1]
-    assert stream.tolist() == expected
+    assert to_rows(encode(HARD_TEXTS)) == word_level(HARD_TEXTS, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("sample_size", [0, 1])
 def test_empty_input_and_tiny_samples(tokenizer, sample_size):
-    stream, _ = token_stream([], HARD_TEXTS[:sample_size], tokenizer)
-    assert stream.size == 0
+    _, encode = choose_encoder(tokenizer, HARD_TEXTS[:sample_size])
+    flat, lengths = encode([])
+    assert flat.size == 0 and len(lengths) == 0
+    assert to_rows(encode(HARD_TEXTS)) == tokenizer(HARD_TEXTS, add_special_tokens=False)["input_ids"]
 
 
 def test_documents_with_a_byte_the_fast_path_cannot_map_are_encoded_by_the_tokenizer(tokenizer):

@@ -180,25 +180,35 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
                           tokens_per_s=round(corpus.tokens / seconds, 1) if seconds else 0.0)
 
 
-def check_document_count(ds, source: str, field: str) -> None:
-    """Perplexity is measured on held-out documents: a corpus needs two at least."""
-    if len(ds) < 2:
+def check_corpus_start(units: list[Unit], tokenizer, block_size: int, source: str, field: str, *, text_field: str,
+                       txt_unit: str) -> int:
+    """Fail early when a corpus cannot give one held-out document and one training and one held-out block,
+    reading its read units in order only until it is clear that it can (a gigabyte corpus is not read whole).
+    Returns how many documents were read."""
+    needed, have, documents, batch, chars = 2 * block_size, 0, 0, [], 0
+
+    def tokens(texts: list[str]) -> int:
+        return sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
+
+    for unit in units:
+        for text in read_unit(unit, text_field=text_field, field=field, txt_unit=txt_unit):
+            documents += 1
+            batch.append(text)
+            chars += len(text)
+            if len(batch) == 256 or chars >= 2**20:  # tokenise in batches, large documents sooner
+                have, batch, chars = have + tokens(batch), [], 0
+            if documents >= 2 and have >= needed:
+                return documents
+    have += tokens(batch) if batch else 0
+    if have < needed:
+        raise InputError(f"{field} '{source}': too short, {have} tokens in all, need at least {needed} (one "
+                         f"training and one held-out block of {block_size}); add text or lower data.block_size")
+    if documents < 2:
         hint = ("; a .txt file is one document by default: set data.txt_unit=paragraph or line to split it"
                 if str(source).lower().endswith((".txt", ".text")) else "")
-        raise InputError(f"{field} '{source}': only {len(ds)} non-empty document(s); need at least 2 to hold one "
+        raise InputError(f"{field} '{source}': only {documents} non-empty document(s); need at least 2 to hold one "
                          f"out for perplexity{hint}")
-
-
-def check_enough_text(ds, tokenizer, block_size: int, source: str, field: str) -> None:
-    """Fail early when a corpus cannot give one training and one held-out block (tokenising only a prefix)."""
-    needed, have = 2 * block_size, 0
-    for start in range(0, len(ds), 256):
-        texts = ds[start:start + 256]["text"]
-        have += sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])
-        if have >= needed:
-            return
-    raise InputError(f"{field} '{source}': too short, {have} tokens in all, need at least {needed} (one training "
-                     f"and one held-out block of {block_size}); add text or lower data.block_size")
+    return documents
 
 
 def load_blocks(path: str) -> np.ndarray | ShardedBlocks:

@@ -25,8 +25,7 @@ from raycpt.core.data import (
     TIMING_FIELDS,
     PreparedCorpus,
     Task,
-    check_document_count,
-    check_enough_text,
+    check_corpus_start,
     load_blocks,
     load_task,
     prepare_corpus,
@@ -38,7 +37,7 @@ from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
 from raycpt.core.resources import trial_concurrency
 from raycpt.core.shards import Mapper, UnitResult, map_in_process
-from raycpt.core.sources import load_documents, source_text
+from raycpt.core.sources import corpus_units, source_text
 
 MANIFEST_FILE = "data_manifest.json"
 BASE_METRICS_FILE = "base_metrics.json"
@@ -152,12 +151,14 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     task = load_eval_task(cfg)
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
     found = {}
-    for field, source in (("data.domain", cfg.data.domain), ("data.general", cfg.data.general)):
+    d = cfg.data
+    for field, source in (("data.domain", d.domain), ("data.general", d.general)):
         if source:
-            docs = load_documents(source, cfg.data.text_field, field, txt_unit=cfg.data.txt_unit)
-            check_enough_text(docs, tokenizer, cfg.data.block_size, source_text(source), field)
-            check_document_count(docs, source_text(source), field)
-            found[field] = len(docs)
+            units, text_field, _ = corpus_units(source, text_field=d.text_field, field=field, txt_unit=d.txt_unit,
+                                                unit_bytes=max(1, int(d.unit_mb * 2**20)), streaming=d.streaming)
+            check_corpus_start(units, tokenizer, d.block_size, source_text(source), field, text_field=text_field,
+                               txt_unit=d.txt_unit)
+            found[field] = {"units": len(units), "bytes": sum(u.bytes for u in units)}
     sizes = {"train": len(task.train_texts), "val": len(task.val_texts), "test": len(task.test_texts)} if task else None
     return {"documents": found, "task": sizes}
 

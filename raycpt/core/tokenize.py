@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -263,14 +263,3 @@ def encoder_by_name(tokenizer, name: str, threads: int = 0) -> Encoder:
     if kind == "tokenizers":
         return backend_encoder(tokenizer) or reference
     return reference
-
-
-def token_stream(texts: Iterable[list[str]], sample: list[str], tokenizer) -> tuple[np.ndarray, str]:
-    """Every text's ids followed by EOS, concatenated in order, as int32; plus the name of the encoder used.
-    `texts` yields batches of documents; `sample` (a few documents spread over them) picks the encoder."""
-    name, encode = choose_encoder(tokenizer, sample)
-    parts = []
-    for batch in texts:
-        flat, lengths = encode(batch)
-        parts.append(np.insert(flat.astype(np.int32), np.cumsum(lengths), tokenizer.eos_token_id))
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int32)), name
