@@ -1,13 +1,12 @@
-"""The job as a short pipeline: open the experiment -> prepare the data -> measure the base model (a Ray task beside
-the first trials) -> run the tuner -> analyse, export, plot and print. `raycpt sweep` runs it all; `raycpt train`
-shares the first three steps and runs one trial on Ray Train instead of the tuner."""
+"""The job as a short pipeline: open the experiment -> prepare the data -> measure the base model -> run the tuner ->
+analyse, export, plot and print. `raycpt sweep` runs it all; `raycpt train` shares the first three steps and runs
+one trial on Ray Train instead of the tuner."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,14 @@ from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.files import write_json
 from raycpt.core.plan import check_fits
-from raycpt.core.prepare import Manifest, check_storage, prepare_experiment
+from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
 from raycpt.core.resources import trial_concurrency
 from raycpt.edge.callbacks import SweepProgress
 from raycpt.edge.data import RayDataMapper
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
 from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
-from raycpt.edge.worker import build_trainer, start_base_measurement
+from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, hub_token
 from raycpt.results.format import make_console
 from raycpt.results.plots import write_plots
@@ -64,20 +63,14 @@ def prepare(cfg: ExperimentConfig, exp_dir: Path, console: Console, mapper: RayD
     return manifest
 
 
-def start_measuring(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console
-                    ) -> Callable[[], dict[str, Any]]:
-    """Start scoring the base model on the held-out sets trials will use, on one trial's resources (its device and
-    precision), as a Ray task (inside `ray_session`); it runs beside the first trials. Returns the function that
-    waits for the scores and prints them."""
-    console.print("Measuring the base model on the held-out sets, beside the first trials")
-    result = start_base_measurement(cfg, manifest, exp_dir)
-
-    def finish_measuring() -> dict[str, Any]:
-        base = result()
-        print_base(console, base)
-        return base
-
-    return finish_measuring
+def measure(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console) -> dict[str, Any]:
+    """Score the base model on the held-out sets trials will use, on the trials' device and in their precision:
+    here on CPU, as a Ray task on a trial's GPU when trials use GPUs (so call it inside `ray_session`)."""
+    with console.status("Measuring the base model on the held-out sets"):
+        measure_on = measure_base_on_trial_resources if cfg.resources.use_gpu else measure_base
+        base = measure_on(cfg, manifest, exp_dir)
+    print_base(console, base)
+    return base
 
 
 def run_tuner(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console: Console, *, loggers: list,
@@ -127,9 +120,8 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     with RayDataMapper() as mapper, contextlib.ExitStack() as session:
         manifest = prepare(cfg, exp_dir, console, mapper)
         session.enter_context(ray_session())  # the one the data step started, if it did
-        base_measured = start_measuring(cfg, manifest, exp_dir, console)
+        measure(cfg, manifest, exp_dir, console)
         run_tuner(cfg, manifest, exp_dir, console, loggers=loggers, resume=resume, verbose=verbose)
-        base_measured()
     already_exported = resume and (exp_dir / EXPORT_DIR / CARD_FILE).exists()
     if already_exported:
         console.print(f"The sweep had already exported its winner to {exp_dir / EXPORT_DIR}; re-analysing only")
@@ -159,7 +151,7 @@ def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
     with RayDataMapper() as mapper, contextlib.ExitStack() as session:
         manifest = prepare(cfg, exp_dir, console, mapper)
         session.enter_context(ray_session())
-        start_measuring(cfg, manifest, exp_dir, console)()  # before the run: it holds one worker's resources
+        measure(cfg, manifest, exp_dir, console)
         trial_concurrency(cfg, ray.cluster_resources())  # fails early when the trial cannot fit
         result = build_trainer(cfg, manifest, storage_path=exp_dir / TRAIN_DIR, name="run").fit()
     metrics = dict(result.metrics or {})

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype
 from raycpt.core.files import write_json
 from raycpt.core.parallel import apply_fsdp
-from raycpt.core.prepare import BASE_METRICS_FILE, Manifest, cached_base, measure_base
+from raycpt.core.prepare import Manifest, cached_base, measure_base
 from raycpt.core.resources import trial_resources
 from raycpt.core.train import train
 from raycpt.edge.policy import checkpoint_config, failure_config
@@ -137,28 +136,17 @@ def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, 
                      world_size=world_size, device=device, wrap_model=wrap_model)
 
 
-def start_base_measurement(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path
-                           ) -> Callable[[], dict[str, Any]]:
-    """Start raycpt.core.prepare.measure_base as a Ray task holding one trial worker's resources (its CPUs, its
-    GPU), so the base model is scored on the device and in the precision trials use, and on a CPU machine beside
-    the first trials instead of before them (the cores the trials cannot use yet do the work). Returns a function
-    that waits for the metrics and saves them in the experiment dir on this machine too (a worker node's disk may
-    not be the driver's). Cached results need no task."""
+def measure_base_on_trial_resources(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
+    """raycpt.core.prepare.measure_base as a Ray task holding one trial worker's resources (its GPU), so the base
+    model is scored on the device and in the precision trials use. Cached results return without a task."""
     cached = cached_base(cfg, manifest, exp_dir)
     if cached is not None:
-        return lambda: cached
+        return cached
     worker = dict(trial_resources(cfg.resources).workers[0] if cfg.resources.num_workers > 1
                   else trial_resources(cfg.resources).driver)
     task = ray.remote(_measure_base_task).options(num_cpus=worker.pop("CPU", 1.0), num_gpus=worker.pop("GPU", 0.0),
                                                   resources=worker or None)
-    pending = task.remote(cfg, manifest, str(exp_dir))
-
-    def result() -> dict[str, Any]:
-        base = ray.get(pending)
-        write_json(exp_dir / BASE_METRICS_FILE, base)
-        return base
-
-    return result
+    return ray.get(task.remote(cfg, manifest, str(exp_dir)))
 
 
 def _measure_base_task(cfg: ExperimentConfig, manifest: Manifest, exp_dir: str) -> dict[str, Any]:
