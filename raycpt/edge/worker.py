@@ -33,7 +33,7 @@ from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype
 from raycpt.core.files import write_json
 from raycpt.core.parallel import apply_fsdp
-from raycpt.core.prepare import Manifest, cached_base, measure_base
+from raycpt.core.prepare import BASE_METRICS_FILE, Manifest, cached_base, measure_base
 from raycpt.core.resources import trial_resources
 from raycpt.core.train import train
 from raycpt.edge.policy import checkpoint_config, failure_config
@@ -146,7 +146,9 @@ def measure_base_on_trial_resources(cfg: ExperimentConfig, manifest: Manifest, e
                   else trial_resources(cfg.resources).driver)
     task = ray.remote(_measure_base_task).options(num_cpus=worker.pop("CPU", 1.0), num_gpus=worker.pop("GPU", 0.0),
                                                   resources=worker or None)
-    return ray.get(task.remote(cfg, manifest, str(exp_dir)))
+    base = ray.get(task.remote(cfg, manifest, str(exp_dir)))
+    write_json(exp_dir / BASE_METRICS_FILE, base)  # here too: a worker node's disk may not be the driver's
+    return base
 
 
 def _measure_base_task(cfg: ExperimentConfig, manifest: Manifest, exp_dir: str) -> dict[str, Any]:
