@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from raycpt.core.config import load_config, load_saved_config, with_overrides
 from raycpt.core.files import read_json
 from raycpt.core.models import load_model
 from raycpt.core.prepare import Manifest, measure_base, score_model
-from raycpt.core.train import train
+from raycpt.core.train import keeping_newest_checkpoint, train
 from raycpt.results.export import EXPORT_DIR
 from raycpt.results.suggest import FINAL_FILE
 from raycpt.results.summary import SUMMARY_FILE, Summary
@@ -43,13 +42,8 @@ def run_and_score(cfg, manifest: Manifest, out: Path) -> tuple[dict[str, Any], f
     """Train `cfg` in this process, then score the final weights on validation and test."""
     start = time.perf_counter()
     holder: dict[str, Any] = {}
-
-    def report(_metrics: dict[str, Any], checkpoint: str | None) -> None:
-        if holder.get("checkpoint"):  # keep the latest only: the core loop keeps every checkpoint it writes
-            shutil.rmtree(holder["checkpoint"], ignore_errors=True)
-        holder["checkpoint"] = checkpoint
-
-    train(cfg, manifest, report, checkpoint_root=out)
+    train(cfg, manifest, keeping_newest_checkpoint(lambda _metrics, ckpt: holder.update(checkpoint=ckpt)),
+          checkpoint_root=out)
     seconds = time.perf_counter() - start
     model = load_model(holder["checkpoint"], cfg.model.dtype)
     return score(model, cfg, manifest), seconds

@@ -37,7 +37,15 @@ from raycpt.core.shards import (
     normalize_text,
     text_key,
 )
-from raycpt.core.sources import UNIT_BYTES, Unit, corpus_units, load_documents, read_unit, source_text
+from raycpt.core.sources import (
+    UNIT_BYTES,
+    Unit,
+    corpus_units,
+    load_documents,
+    read_unit,
+    source_text,
+    unit_bytes,
+)
 from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,9 +125,9 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
     the stages run by `mapper` (in this process, or on Ray Data; workers load the tokenizer from `tokenizer_source`,
     default its name_or_path); returns where the blocks are."""
     label = source_text(source)
-    unit_bytes = max(1, int(unit_mb * 2**20))
+    bytes_per_unit = unit_bytes(unit_mb)
     units, text_field, identity = corpus_units(source, text_field=text_field, field=field, txt_unit=txt_unit,
-                                               unit_bytes=unit_bytes, streaming=streaming)
+                                               unit_bytes=bytes_per_unit, streaming=streaming)
     sample = _encoder_sample(units, text_field=text_field, field=field, txt_unit=txt_unit)
     if not sample:
         raise InputError(f"{field} '{label}': no documents in it")
@@ -129,7 +137,7 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
     stop = int(max_tokens / (1 - heldout_fraction)) + 2 * block_size if streaming and max_tokens else 0
     key = hashlib.sha256(json.dumps([identity, tokenizer_fingerprint(tokenizer), block_size, seed, text_field,
                                      txt_unit, hashlib.sha256(repr(banned).encode()).hexdigest(), dedup, buckets,
-                                     unit_bytes, stop, heldout_fraction]).encode()).hexdigest()[:20]
+                                     bytes_per_unit, stop, heldout_fraction]).encode()).hexdigest()[:20]
     work = cache_dir("blocks", key)
     spec = ShardSpec(str(work), buckets, seed, text_field, txt_unit, field,
                      tokenizer_source or tokenizer.name_or_path, trust_remote_code,

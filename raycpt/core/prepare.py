@@ -37,7 +37,7 @@ from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
 from raycpt.core.resources import trial_concurrency
 from raycpt.core.shards import Mapper, UnitResult, map_in_process
-from raycpt.core.sources import corpus_units, source_text
+from raycpt.core.sources import corpus_units, source_text, unit_bytes
 
 MANIFEST_FILE = "data_manifest.json"
 BASE_METRICS_FILE = "base_metrics.json"
@@ -155,7 +155,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     for field, source in (("data.domain", d.domain), ("data.general", d.general)):
         if source:
             units, text_field, _ = corpus_units(source, text_field=d.text_field, field=field, txt_unit=d.txt_unit,
-                                                unit_bytes=max(1, int(d.unit_mb * 2**20)), streaming=d.streaming)
+                                                unit_bytes=unit_bytes(d.unit_mb), streaming=d.streaming)
             check_corpus_start(units, tokenizer, d.block_size, source_text(source), field, text_field=text_field,
                                txt_unit=d.txt_unit)
             found[field] = {"units": len(units), "bytes": sum(u.bytes for u in units)}

@@ -33,6 +33,11 @@ HUB_KEYS = ("path", "name", "split", "revision")
 """Keys of a hub source written as a mapping, e.g. {path: wikitext, name: wikitext-2-raw-v1, split: train}."""
 
 
+def unit_bytes(unit_mb: float) -> int:
+    """data.unit_mb as input bytes per read unit (at least one)."""
+    return max(1, int(unit_mb * 2**20))
+
+
 def source_text(source: str | dict) -> str:
     """A source as messages name it: the string, or 'wikitext (name=wikitext-2-raw-v1, split=train)'."""
     if isinstance(source, dict):

@@ -416,6 +416,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if run_local(cfg, print) else 1
 
 
+def keeping_newest_checkpoint(report: Report) -> Report:
+    """`report`, after removing the previous checkpoint once a newer one is written. For runs outside Ray, where
+    nothing resumes from an older one: the loop writes one per eval, each the weights plus AdamW state, which
+    would fill a disk over a long run (in Ray, the checkpoint manager keeps what `checkpoint` says)."""
+    newest: list[str] = []
+
+    def report_and_prune(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir:
+            for old in newest:
+                shutil.rmtree(old, ignore_errors=True)
+            newest[:] = [checkpoint_dir]
+        report(metrics, checkpoint_dir)
+
+    return report_and_prune
+
+
 def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """Prepare and run one trial in-process (no Ray); each report is logged as one line. Returns the last
     metrics."""
@@ -424,22 +440,14 @@ def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     manifest.save(cfg.experiment_dir())
 
-    latest: list[str] = []
-
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        # keep the newest checkpoint only (nothing here resumes from an older one): the loop writes one per eval,
-        # each the weights plus AdamW state, which would fill a disk over a long run
-        if checkpoint_dir:
-            for old in latest:
-                shutil.rmtree(old, ignore_errors=True)
-            latest[:] = [checkpoint_dir]
         general = metrics.get(m.GENERAL_PPL)
         log(f"step {metrics[m.STEP]}: train loss {metrics[m.TRAIN_LOSS]:.4f}, domain ppl {metrics[m.DOMAIN_PPL]:.2f}"
             + (f", general ppl {general:.2f}" if general is not None else "")
             + (f", F1 {metrics[m.F1]:.4f}" if metrics.get(m.F1) is not None else "")
             + f", {metrics[m.TOKENS_PER_S]:.0f} tok/s; checkpoint {checkpoint_dir}")
 
-    return train(cfg, manifest, report, checkpoint_root=out)
+    return train(cfg, manifest, keeping_newest_checkpoint(report), checkpoint_root=out)
 
 
 if __name__ == "__main__":
