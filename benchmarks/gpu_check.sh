@@ -14,8 +14,10 @@ BUDGET_S=${BUDGET_S:-540}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch, transformers; \
-print('torch', torch.__version__, 'transformers', transformers.__version__)"; git rev-parse HEAD 2>/dev/null; date -u
+print('torch', torch.__version__, 'transformers', transformers.__version__)"; date -u
 } > "$OUT/env.txt" 2>&1
+# No commit here: the tree travels without a current .git (a stale one printed an old commit once); write down the
+# commit of the tree you sent.
 if ls benchmarks/vendor/liger_kernel-*.whl > /dev/null 2>&1; then
   python -m pip install --no-index --no-deps --target /tmp/liger-site benchmarks/vendor/liger_kernel-*.whl \
     >> "$OUT/env.txt" 2>&1 && export PYTHONPATH=$PWD:/tmp/liger-site
