@@ -7,7 +7,10 @@
 #   python -m pip download --no-deps -d benchmarks/vendor liger-kernel
 # then with the device tool, from the repository root (carry benchmarks/vendor):
 #   bash benchmarks/gpu_check.sh            (writes its logs to $OUT, or /tmp/gpu-check)
-# Results go to benchmarks/RESULTS.md with the device name, date and commit.
+# It ends by collecting its raw output (environment, status, each step's log, cut to its last lines) into one small
+# text file, $OUT/gpu_logs/<date>-<device>.txt, also written to benchmarks/gpu_logs/ in the tree it ran in. Copy that
+# file from the returned $OUT into benchmarks/gpu_logs/, add the commit of the tree you sent on its first line, and
+# commit it: the GPU rows of benchmarks/RESULTS.md quote these logs (device name, date and commit).
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 BUDGET_S=${BUDGET_S:-540}
@@ -22,6 +25,29 @@ if ls benchmarks/vendor/liger_kernel-*.whl > /dev/null 2>&1; then
   python -m pip install --no-index --no-deps --target /tmp/liger-site benchmarks/vendor/liger_kernel-*.whl \
     >> "$OUT/env.txt" 2>&1 && export PYTHONPATH=$PWD:/tmp/liger-site
 fi
+# The raw output in one small text file for benchmarks/gpu_logs/ (each step's last LOG_LINES lines: the tables,
+# ratios, MFU and memory lines come last; compile warnings above them are cut); written on any exit, a cut-short
+# run included.
+collect_log() {
+  local lines=${LOG_LINES:-150} device log_name f
+  device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null | head -n 1 | tr '[:upper:]' '[:lower:]' \
+    | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+  log_name="$(date -u +%F)-${device:-unknown-device}.txt"
+  mkdir -p "$OUT/gpu_logs"
+  {
+    echo "# benchmarks/gpu_check.sh raw output, $(date -u '+%F %T') UTC; commit: <the commit of the tree sent>"
+    echo "== env"; cat "$OUT/env.txt"
+    echo "== status"; cat "$OUT/status.txt" 2> /dev/null
+    for f in "$OUT"/*.txt; do
+      case $(basename "$f") in env.txt | status.txt) continue ;; esac
+      echo "== $(basename "$f" .txt) (last $lines lines of $(wc -l < "$f"))"; tail -n "$lines" "$f"
+    done
+  } > "$OUT/gpu_logs/$log_name"
+  mkdir -p benchmarks/gpu_logs && cp "$OUT/gpu_logs/$log_name" benchmarks/gpu_logs/ 2> /dev/null
+  echo "raw log: $OUT/gpu_logs/$log_name ($(wc -c < "$OUT/gpu_logs/$log_name") bytes)"
+}
+trap collect_log EXIT
+trap 'exit 143' TERM INT
 step() {  # log name, seconds it may take, command...; skipped when the budget has less left than that
   local name=$1 limit=$2; shift 2
   local left=$((BUDGET_S - SECONDS))

@@ -1,9 +1,10 @@
-"""`raycpt sweep | train | analyze | report | validate | prepare | plan`: a subcommand -> function table, docstrings as
-help. Bad input of any kind ends as one line on stderr and exit code 2; nothing already written is removed.
+"""`raycpt sweep | train | extend | analyze | report | validate | prepare | plan`: a subcommand -> function table,
+docstrings as help. Bad input of any kind ends as one line on stderr and exit code 2; nothing already written is
+removed.
 
-Ray is imported only by the commands that run on it (`sweep`, `train`, `prepare` of a corpus with several read
-units): `validate`, `report`, `analyze`, `train --no-ray` and `prepare --no-ray` start fast and run where Ray is not
-installed.
+Ray is imported only by the commands that run on it (`sweep`, `train`, `extend`, `prepare` of a corpus with several
+read units): `validate`, `report`, `analyze`, `train --no-ray`, `extend --no-ray` and `prepare --no-ray` start fast
+and run where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from raycpt import __version__
 from raycpt.core import metrics
 from raycpt.core.config import load_config, load_saved_config, to_dict
 from raycpt.core.errors import ExportCheckError, InputError
+from raycpt.core.extend import extend_local, plan_extension
 from raycpt.core.plan import plan as memory_plan
 from raycpt.core.plan import render as render_plan
 from raycpt.core.prepare import preflight, prepare_experiment
 from raycpt.core.shards import map_in_process
 from raycpt.core.train import run_local
+from raycpt.results.export import EXPORT_DIR
+from raycpt.results.extension import export_extension
 from raycpt.results.format import fixed, make_console
 from raycpt.results.plots import write_plots
 from raycpt.results.progress import PrepareProgress
@@ -60,6 +64,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"step {last.get(metrics.STEP)}: domain ppl {fixed(last.get(metrics.DOMAIN_PPL))}, general ppl "
                   f"{fixed(last.get(metrics.GENERAL_PPL))}" + (f"; checkpoint {last['checkpoint']}"
                                                                if last.get("checkpoint") else ""))
+    return 0
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    """Continue a sweep's wsd trial (the winner, or --trial ID) from its pre-decay checkpoint to --tokens N total
+    training tokens: the same optimizer state and data stream, the peak lr held to the longer run's last stable
+    step, then its cool-down (equal to one wsd run of N tokens). Runs on Ray Train like `raycpt train`, or in this
+    process with --no-ray; scored on validation and test and exported like the winner, with its lineage, into
+    EXPERIMENT_DIR/extend-<trial>-<tokens>/export. Started again after a kill, it resumes where it stopped."""
+    ext = plan_extension(args.experiment_dir, args.tokens, args.trial, args.set)
+    if (ext.out_dir / EXPORT_DIR).is_dir() and any((ext.out_dir / EXPORT_DIR).iterdir()) and not args.force:
+        raise InputError(f"{ext.out_dir / EXPORT_DIR} already holds this extension's export; pass --force to "
+                         "overwrite it")
+    console = make_console()
+    overrides = f" with {' '.join('--set ' + s for s in args.set)}" if args.set else ""
+    console.print(f"[bold]raycpt[/] extend {ext.exp_dir}{overrides} -> {ext.out_dir}: trial {ext.trial_id} "
+                  f"({ext.tokens_before} tokens trained) from its pre-decay checkpoint at {ext.tokens_at_checkpoint} "
+                  f"tokens to {ext.tokens} tokens ({ext.steps} steps); {ext.why}")
+    if args.no_ray:
+        result = extend_local(ext, console.print)
+    else:
+        from raycpt.pipeline import extend_on_ray  # imports Ray: see the module docstring
+
+        result = extend_on_ray(ext, console)
+    if result.stopped:
+        console.print(f"[yellow]stopped[/]: {result.stopped}")
+    card = export_extension(ext, result, force=args.force)
+    last = result.metrics
+    console.print(f"step {last.get(metrics.STEP)}: domain ppl {fixed(last.get(metrics.DOMAIN_PPL))}, general ppl "
+                  f"{fixed(last.get(metrics.GENERAL_PPL))}; exported to {ext.out_dir / EXPORT_DIR} "
+                  f"(test domain ppl {fixed(card['test'].get(metrics.test_name(metrics.DOMAIN_PPL)))})")
     return 0
 
 
@@ -143,7 +178,8 @@ def _echo(console, args: argparse.Namespace, cfg) -> None:
     console.print(f"[bold]raycpt[/] {args.command} {args.config}{overrides} -> {cfg.experiment_dir()}")
 
 
-COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "analyze": cmd_analyze, "report": cmd_report,
+COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "extend": cmd_extend, "analyze": cmd_analyze,
+            "report": cmd_report,
             "validate": cmd_validate, "prepare": cmd_prepare, "plan": cmd_plan}
 
 
@@ -153,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=fn.__doc__, description=fn.__doc__)
-        if name in ("analyze", "report"):
+        if name in ("analyze", "report", "extend"):
             p.add_argument("experiment_dir", help="the experiment directory (<storage_path>/<name>)")
         else:
             p.add_argument("config", help="experiment YAML, e.g. experiments/laptop.yaml")
@@ -174,13 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "logs (always written to <experiment dir>/ray_output.log)")
         if name == "train":
             p.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
+        if name == "extend":
+            p.add_argument("--tokens", type=int, required=True, help="the extended run's total training tokens "
+                           "(more than the trial trained; rounded up to whole optimizer steps)")
+            p.add_argument("--trial", default=None, help="the trial to continue (default: the sweep's winner)")
+            p.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
         if name == "prepare":
             p.add_argument("--no-ray", action="store_true", help="tokenise in this process, without Ray Data")
             p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray started for the data "
                            "step (default: all; ignored with RAY_ADDRESS)")
         if name == "validate":
             p.add_argument("--config-only", action="store_true", help="check the config alone, not its inputs")
-        if name in ("sweep", "analyze"):
+        if name in ("sweep", "analyze", "extend"):
             p.add_argument("--force", action="store_true", help="replace an earlier sweep / export")
     return parser
 

@@ -13,24 +13,37 @@ from typing import Any
 import ray
 from rich.console import Console
 
+from raycpt.core import metrics as m
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
 from raycpt.core.errors import InputError
+from raycpt.core.extend import (
+    EXTENSION_FILE,
+    RAY_RUN_DIR,
+    Extension,
+    Outcome,
+    check_fingerprint,
+    outcome,
+    plan_extension,
+)
 from raycpt.core.files import write_json
 from raycpt.core.plan import check_fits
 from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
 from raycpt.core.resources import trial_concurrency
 from raycpt.edge.callbacks import SweepProgress
 from raycpt.edge.data import RayDataMapper
+from raycpt.edge.disk import prune_pre_decay
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
-from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner
+from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner, rung_phases
 from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
+from raycpt.results.collect import DISK_BYTES
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, hub_token
-from raycpt.results.format import make_console
+from raycpt.results.extension import export_extension
+from raycpt.results.format import fixed, make_console
 from raycpt.results.plots import write_plots
 from raycpt.results.progress import PrepareProgress
 from raycpt.results.render import print_base, print_data, print_summary
-from raycpt.results.summary import Summary, analyze
+from raycpt.results.summary import Summary, analyze, dir_bytes
 
 
 def open_experiment(cfg: ExperimentConfig, *, force: bool = False, resume: bool = False,
@@ -80,6 +93,9 @@ def run_tuner(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console:
     console.print(f"[bold]Sweep[/]: {cfg.search.num_samples} sample(s) of {len(cfg.search.space)} "
                   f"hyperparameter(s), {concurrency} trial(s) at a time, search {cfg.search.algorithm}, "
                   f"scheduler {cfg.search.scheduler}")
+    phases = rung_phases(cfg)
+    if phases:
+        console.print(phases)
     # The live table needs the terminal to itself: with --verbose Ray prints there too, so plain lines instead.
     progress = SweepProgress(console, metric=cfg.search.metric, mode=cfg.search.mode,
                              max_reports=max_reports(cfg), concurrency=concurrency, live=not verbose)
@@ -97,6 +113,7 @@ def finish(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, export: bo
     """Select, export (and verify) the winner, draw the plots, print the table and winner panel, save
     summary.json."""
     summary = analyze(exp_dir, cfg, export=export, force=force)
+    keep_pre_decay(cfg, exp_dir, summary, console)
     print_summary(console, summary)
     if cfg.report.plots:
         try:
@@ -105,6 +122,22 @@ def finish(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, export: bo
         except Exception as err:  # a figure is not worth losing the summary and export over
             console.print(f"[yellow]Plots failed[/] ({type(err).__name__}: {err}); the summary and export are kept")
     return summary
+
+
+def keep_pre_decay(cfg: ExperimentConfig, exp_dir: Path, summary: Summary, console: Console) -> None:
+    """The sweep is analysed: wsd trials' pre-decay checkpoints are kept for `checkpoint.keep_pre_decay` (the winner
+    by default, for `raycpt extend`) and removed for the rest; the summary's disk numbers follow."""
+    pruned = prune_pre_decay(exp_dir, summary.trials, cfg.checkpoint, summary.winner, summary.order)
+    if not pruned["kept"] and not pruned["removed"]:
+        return
+    for row in summary.trials:
+        row[DISK_BYTES] = max(0, (row.get(DISK_BYTES) or 0) - pruned["freed_by_trial"].get(row["trial_id"], 0))
+    summary.experiment_dir_bytes = dir_bytes(exp_dir)
+    kept = ", ".join(f"trial {trial}" for trial in pruned["kept"]) or "no trial"
+    console.print(f"Pre-decay checkpoints (checkpoint.keep_pre_decay={cfg.checkpoint.keep_pre_decay}): kept for "
+                  f"{kept}; {pruned['removed']} removed ({pruned['freed'] / 2**30:.2f} GiB freed)"
+                  + (f"; continue the winner with `raycpt extend {exp_dir} --tokens N`"
+                     if summary.winner in pruned["kept"] else ""))
 
 
 def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None = None, verbose: bool = False,
@@ -125,7 +158,7 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     already_exported = resume and (exp_dir / EXPORT_DIR / CARD_FILE).exists()
     if already_exported:
         console.print(f"The sweep had already exported its winner to {exp_dir / EXPORT_DIR}; re-analysing only")
-    summary = finish(cfg, exp_dir, console, export=not already_exported)
+    summary = finish(cfg, exp_dir, console, export=not already_exported, force=force)
     summary.wall_time_s = time.perf_counter() - started
     summary.save()
     tensorboard = f"; tensorboard --logdir {exp_dir / TUNE_DIR}" if "tensorboard" in cfg.report.loggers else ""
@@ -133,7 +166,33 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
                   f"({summary.experiment_dir_bytes / 2**30:.1f} GiB on disk, trials "
                   f"{sum(t.get('disk_bytes') or 0 for t in summary.trials) / 2**30:.2f} GiB; Ray's own output in "
                   f"{RAY_OUTPUT_LOG}{tensorboard})")
+    if cfg.final.tokens > 0:
+        final_run(cfg, exp_dir, console, force=force)
     return summary
+
+
+def final_run(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, force: bool = False) -> dict[str, Any] | None:
+    """`final.tokens`: continue the winner (or `final.trial`) into the final run at the end of the sweep's job, as
+    `raycpt extend EXPERIMENT_DIR --tokens N` does; returns its card. A request that cannot run (no winner, a trial
+    without a pre-decay checkpoint, too few tokens) is said in one line, and the sweep's results stand."""
+    try:
+        ext = plan_extension(exp_dir, cfg.final.tokens, cfg.final.trial or None,
+                             asked_as=("final.tokens", "final.trial"))
+        if (ext.out_dir / EXPORT_DIR).is_dir() and any((ext.out_dir / EXPORT_DIR).iterdir()) and not force:
+            console.print(f"The final run was already exported to {ext.out_dir / EXPORT_DIR}; not run again")
+            return None
+        console.print(f"[bold]Final run[/] (final.tokens={cfg.final.tokens}): trial {ext.trial_id} from its "
+                      f"pre-decay checkpoint to {ext.tokens} tokens; {ext.why}")
+        result = extend_on_ray(ext, console)
+        if result.stopped:
+            console.print(f"[yellow]stopped[/]: {result.stopped}")
+        card = export_extension(ext, result, force=force)
+    except InputError as err:
+        console.print(f"[yellow]Final run not run[/]: {' '.join(str(err).split())}")
+        return None
+    console.print(f"Final run: step {result.metrics.get(m.STEP)}, domain ppl "
+                  f"{fixed(result.metrics.get(m.DOMAIN_PPL))}; exported to {ext.out_dir / EXPORT_DIR}")
+    return card
 
 
 TRAIN_DIR = "train"
@@ -157,3 +216,29 @@ def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
     metrics = dict(result.metrics or {})
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     return metrics
+
+
+def extend_on_ray(ext: Extension, console: Console) -> Outcome:
+    """`raycpt extend` on Ray Train, the way `raycpt train` runs (resources.num_workers workers, ddp or fsdp): the
+    loop resumes the trial's pre-decay checkpoint and runs to the extension's steps, checkpointing into
+    <exp>/extend-<trial>-<tokens>/run, with the forgetting guard on. Started again after a kill, Ray Train resumes
+    the run from its own latest checkpoint."""
+    out = ext.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / EXTENSION_FILE, ext.lineage())
+    if (out / RAY_RUN_DIR).exists():
+        console.print(f"[yellow]resuming[/] the extension in {out / RAY_RUN_DIR} from its latest checkpoint")
+    with RayDataMapper() as mapper, contextlib.ExitStack() as session:
+        console.print("Preparing model and data (cached by the sweep)")
+        with PrepareProgress(console) as progress:
+            manifest = prepare_experiment(ext.cfg, mapper=mapper, on_unit=progress)
+        check_fingerprint(manifest, ext.exp_dir)  # the sweep's data and model, or nothing runs
+        session.enter_context(ray_session())
+        trial_concurrency(ext.cfg, ray.cluster_resources())  # fails early when the run cannot fit
+        result = build_trainer(ext.cfg, manifest, storage_path=out, name=RAY_RUN_DIR, resume_from=ext.checkpoint,
+                               forgetting_bound=ext.forgetting_bound,
+                               on_forgetting=ext.cfg.extend.on_forgetting).fit()
+    last = dict(result.metrics or {})
+    if last.get(m.FORGETTING):
+        console.print(f"[yellow]forgetting[/]: {last[m.FORGETTING]}")
+    return outcome(ext, result.checkpoint.path if result.checkpoint else None, [last])

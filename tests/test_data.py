@@ -42,7 +42,8 @@ def test_mixture_matches_ratio_at_every_step_and_is_deterministic(ratio):
 
 
 def test_mixture_reads_each_corpus_once_per_pass():
-    is_domain, index = mixture_plan(200, 0.5, n_domain=100, n_general=100, seed=0)
+    # whole windows (a plan's stratification is per window of the global batch: 200 = 25 x 8)
+    is_domain, index = mixture_plan(200, 0.5, n_domain=100, n_general=100, seed=0, window=8)
     assert sorted(index[is_domain]) == list(range(100))
 
 
@@ -298,3 +299,21 @@ def test_each_source_carries_its_own_text_field(tmp_path, tiny_gpt2_dir):
     with pytest.raises(InputError, match="set eval.text_field"):
         load_task(str(task), text_field="text", label_field="label", labels=[], train_size=0, val_size=10,
                   test_size=10, seed=0)
+
+
+@pytest.mark.parametrize("ratio,window", [(0.3, 8), (0.77, 5), (1.0, 4), (0.0, 6)])
+def test_mixture_plan_is_prefix_stable_and_reads_each_pass_without_repeats(ratio, window):
+    """A plan of N positions is the start of every longer one (an extended run continues the trial's stream), and
+    within a corpus no block repeats before that corpus's pass is complete."""
+    n_domain, n_general, longest = 23, 17, 700
+    full_domain, full_index = mixture_plan(longest, ratio, n_domain, n_general, seed=11, window=window)
+    for n in (1, window, 3 * window + 1, 96, 333, longest - 1):
+        is_domain, index = mixture_plan(n, ratio, n_domain, n_general, seed=11, window=window)
+        assert np.array_equal(is_domain, full_domain[:n]) and np.array_equal(index, full_index[:n]), n
+    for mask, n in ((full_domain, n_domain), (~full_domain, n_general)):
+        drawn = full_index[mask]
+        for start in range(0, len(drawn), n):
+            one_pass = drawn[start:start + n]
+            assert len(set(one_pass.tolist())) == len(one_pass)  # no repeat within a pass
+            if len(one_pass) == n:
+                assert sorted(one_pass.tolist()) == list(range(n))  # each full pass reads every block once

@@ -70,6 +70,8 @@ def test_card_and_report_carry_test_numbers_lifts_and_intervals(smoke_sweep, cap
     assert card["test_verdict"].split(":")[0] in ("significant lift over the base model on test", "not significant",
                                                   "negative")
     assert card["verification"]["ok"] and card["verification"]["checks"]["general_ppl"]["difference"] <= 1e-3
+    assert card["verification"]["checks"]["f1"]["difference"] <= 1e-3  # F1 re-scored from the reloaded export
+    assert card["metrics"]["train/loss_impl"] == "hf"  # the loss the trial ran (auto on CPU: hf)
     # the 200 validation + 200 test texts of the task were removed from the domain corpus
     assert card["data_mix"]["domain_stats"]["removed_for_leakage"] >= 400
     assert main(["report", str(cfg.experiment_dir()), "--format", "json"]) == 0
@@ -113,3 +115,29 @@ def test_no_secret_reaches_the_experiment_dir(smoke_sweep):
             data = path.read_bytes()
             for value in SECRETS.values():
                 assert value.encode() not in data, f"{value} leaked into {path}"
+
+
+@pytest.mark.e2e
+def test_a_bound_no_trial_meets_exports_a_flagged_winner_that_has_weights(smoke_sweep, tmp_path, capsys):
+    """Every finished trial breaks the forgetting bound (the base model's general ppl set far below theirs): the
+    fallback picks among trials whose weights were kept (ASHA-stopped ones lost theirs), exports it and flags it."""
+    import shutil
+
+    from raycpt.cli import main
+    from raycpt.core.train import has_weights
+
+    cfg, _ = smoke_sweep
+    copy = tmp_path / "smoke"
+    shutil.copytree(cfg.experiment_dir(), copy)
+    base = read_json(copy / "base_metrics.json")
+    base["base/general_ppl"] = 1.0
+    (copy / "base_metrics.json").write_text(json.dumps(base))
+    assert main(["analyze", str(copy), "--export", "--force"]) == 0
+    summary = read_json(copy / "summary.json")
+    assert summary["flagged"] and summary["winner"] is not None
+    assert all("forgetting" in why or "stopped" in why for why in summary["excluded"].values())
+    winner = next(t for t in summary["trials"] if t["trial_id"] == summary["winner"])
+    assert winner["status"] == "finished" and has_weights(winner["checkpoint_path"])
+    card = read_json(copy / "export" / "raycpt_card.json")
+    assert card["selection"]["flagged"] and card["trial_id"] == summary["winner"] and card["verification"]["ok"]
+    assert (copy / "export" / "model.safetensors").exists()

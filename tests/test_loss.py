@@ -292,3 +292,25 @@ def test_chunked_function_class_is_exported() -> None:
     hidden, weight, bias, targets = raw_inputs()
     loss = ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, 8)
     torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T + bias, targets), rtol=1e-6, atol=1e-6)
+
+
+def test_a_broken_liger_install_is_named_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """liger-kernel present but its Triton stack fails to import: the fallback says so instead of 'not
+    installed' (a silent downgrade under the default train.loss_impl=auto)."""
+    import sys
+    import types
+
+    from raycpt.core import loss
+
+    package = types.ModuleType("liger_kernel")
+    package.__path__ = []
+    # installed, but its transformers module lost what it exports (as when its Triton kernels fail to build)
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    loss._liger_import.cache_clear()
+    try:
+        impl, reason = resolve_loss_impl("auto", torch.device("cuda"), gpt2())
+        assert impl == "chunked" and "fails to import" in reason
+        assert "fails to import" in resolve_loss_impl("liger", torch.device("cuda"), gpt2())[1]
+    finally:
+        loss._liger_import.cache_clear()

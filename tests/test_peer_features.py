@@ -178,7 +178,10 @@ def test_the_verified_export_is_pushed_with_the_token_from_the_environment(winne
     upload = fake_hub[2][2]
     assert upload["folder_path"] == str(export) and upload["repo_id"] == "someone/cpt-winner"
     assert "token" not in upload
-    assert (export / "README.md").read_text().startswith("# continued pre-training of")  # the repo's card
+    from huggingface_hub import ModelCard
+
+    # the repo's card: hub metadata, then the human part
+    assert ModelCard.load(export / "README.md").text.lstrip().startswith("# continued pre-training of")
     assert card["hub"].startswith("https://huggingface.co/someone/cpt-winner")
     assert not any(SECRETS["HF_TOKEN"] in f.read_text(errors="ignore") for f in export.iterdir() if f.is_file())
 

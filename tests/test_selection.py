@@ -100,3 +100,40 @@ def test_none_qualifies_falls_back_flagged():
 def test_empty_sweep_has_no_winner():
     sel = select_winner(pd.DataFrame(), BASE, SelectConfig())
     assert sel.trial_id is None and sel.flagged
+
+
+def test_fallback_picks_only_a_trial_whose_weights_were_kept():
+    """Every finished trial breaks the bound; the stopped trial has the lowest domain ppl but the disk policy
+    deleted its weights: the fallback must pick an exportable trial and say why the other was passed over."""
+    trials = frame(("fin", "finished", 16, 50.0, 60.0, 0.7, ""), ("stop", "stopped", 4, 40.0, 30.0, None, ""))
+    trials["weights_kept"] = [True, False]
+    sel = select_winner(trials, BASE, SelectConfig(max_forgetting=0.1))
+    assert sel.flagged and sel.trial_id == "fin"
+    assert "kept their weights" in sel.reasons[0] and "1 without weights" in sel.reasons[0]
+    trials["weights_kept"] = [False, False]
+    sel = select_winner(trials, BASE, SelectConfig(max_forgetting=0.1))
+    assert sel.trial_id is None and sel.flagged and "keep_weights=all" in sel.reasons[0]
+
+
+def test_f1_gap_refuses_predictions_of_the_wrong_length_on_either_side():
+    from raycpt.results.select import f1_gap
+
+    labels = ["neg", "pos"] * 10
+    right = {"eval/predictions": list(labels)}
+    short = {"eval/predictions": labels[:-1]}
+    assert f1_gap(right, right, labels, CLASSES) is not None
+    assert f1_gap(short, right, labels, CLASSES) is None
+    assert f1_gap(right, short, labels, CLASSES) is None
+
+
+def test_a_trial_without_general_ppl_is_not_eligible_when_the_sweep_measures_forgetting():
+    # the base model's general ppl is missing (no base measurement), but the sweep has a general corpus: the
+    # bound cannot be checked, so no trial is eligible (the fallback still picks, flagged)
+    trials = frame(("a", "finished", 16, 50.0, None, None, ""), ("b", "finished", 16, 55.0, 30.0, None, ""))
+    sel = select_winner(trials, {"base/domain_ppl": 70.0}, SelectConfig())
+    assert "no general ppl" in sel.excluded["a"] and "base model has no general ppl" in sel.excluded["b"]
+    assert sel.flagged
+    # no general corpus at all: forgetting is not measured and the bound does not apply
+    trials = frame(("a", "finished", 16, 50.0, None, None, ""), ("b", "finished", 16, 55.0, None, None, ""))
+    sel = select_winner(trials, {"base/domain_ppl": 70.0}, SelectConfig())
+    assert sel.trial_id == "a" and not sel.flagged and not sel.excluded

@@ -20,6 +20,7 @@ import yaml
 from raycpt.core import metrics
 from raycpt.core.errors import ConfigError
 from raycpt.core.files import read_json
+from raycpt.core.schedule import DECAY_SHAPES, SCHEDULES, stable_end
 
 
 @dataclass
@@ -78,9 +79,19 @@ class TrainConfig:
     lr: float = 2e-4
     """Peak learning rate reached after warmup (re-warm) from the released weights."""
     min_lr_ratio: float = 0.1
-    """Cosine re-decay floor as a fraction of lr."""
+    """Decay floor as a fraction of lr, reached at the run's last step (cosine and wsd; constant never decays)."""
     warmup_steps: int = 2
     """Linear warmup steps."""
+    schedule: str = "cosine"
+    """cosine | wsd | constant, after the warmup (`raycpt.core.schedule.lr_at`). cosine: decay over the whole run.
+    wsd (warmup-stable-decay): hold lr, then cool down over the last `decay_fraction` of the run; a wsd trial keeps
+    its last stable checkpoint, from which `raycpt extend` continues it to a longer run with the same optimizer
+    state and data stream. constant: hold lr to the end."""
+    decay_fraction: float = 0.2
+    """wsd: share of the run's total steps spent cooling down, round(decay_fraction x steps) steps (a run extended
+    to T steps cools down exactly as a run of T steps)."""
+    decay_shape: str = "1-sqrt"
+    """wsd: the cool-down's shape: 1-sqrt (Hagele et al. 2024) | linear | cosine."""
     steps: int = 24
     """Optimizer steps (ignored when `tokens` is set)."""
     tokens: int = 0
@@ -97,6 +108,13 @@ class TrainConfig:
     resources.num_workers changes: each worker's accumulation is derived (`micro_batching`)."""
     weight_decay: float = 0.01
     """AdamW weight decay (not applied to biases and norms)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (first-moment decay)."""
+    adam_beta2: float = 0.95
+    """AdamW beta2: the LLM pre-training convention (GPT-3, Llama), a shorter second-moment memory than PyTorch's
+    and the HF Trainer's 0.999."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
     dropout: float = 0.0
     """Dropout during CPT, set wherever the architecture has it: GPT-2-style models get it on embeddings, residual
     and attention; Llama-style models (SmolLM2, Qwen, Mistral) only have attention dropout, so only that. Released
@@ -196,7 +214,19 @@ class EvalConfig:
     seeds: int = 1
     """Refit the probe on this many seeded 80% subsamples of the train split; F1 is their mean (± sd)."""
     max_length: int = 128
-    """Tokens per text fed to the frozen model for probe features."""
+    """Tokens per text fed to the frozen model for probe features (and kept of each text in a prompt)."""
+    method: str = "probe"
+    """How finished trials, the base model and the winner are scored on the task: probe (a linear probe on frozen
+    features: `eval/f1`) | prompt (each label's log-likelihood after a prompt, lm-evaluation-harness style:
+    `eval/prompt_f1`; raycpt.core.prompting) | both. `select.metric` names the one the pick uses."""
+    template: str = "Text: {text}\nLabel: {label}"
+    """eval.method prompt: the prompt for one text; {text} is the text, {label} the slot whose label word is scored."""
+    shots: int = 4
+    """eval.method prompt: in-context examples (template filled with a probe-train text and its label word) before
+    each scored text; drawn once, seeded, the same for every text and model."""
+    label_words: dict[str, str] = field(default_factory=dict)
+    """eval.method prompt: the word scored for each label, e.g. {fresh: good, rotten: bad}; a label not named is
+    scored as itself."""
 
 
 @dataclass
@@ -211,6 +241,7 @@ class SearchConfig:
     metric: str = metrics.DOMAIN_PPL
     """What ASHA compares trials on (reported at every eval)."""
     mode: str = "min"
+    """min | max: whether lower or higher values of search.metric are better."""
     grace_period: int = 1
     """ASHA: reports a trial gets before it can be stopped."""
     reduction_factor: int = 2
@@ -227,9 +258,12 @@ class SearchConfig:
 
 @dataclass
 class SelectConfig:
+    metric: str = metrics.F1
+    """The downstream metric the pick uses (its paired intervals decide ties): eval/f1 (the probe's macro-F1) |
+    eval/prompt_f1 (prompted classification's; needs eval.method prompt or both)."""
     max_forgetting: float = 0.10
     """A winner's general ppl (point estimate) may be at most (1 + max_forgetting) x the base model's. Ties in F1
-    are decided by paired bootstrap intervals on the validation texts (README: "How the winner is picked")."""
+    are decided by paired bootstrap intervals on the validation texts (docs/selection.md)."""
 
 
 @dataclass
@@ -248,10 +282,12 @@ class ResourcesConfig:
     """strategy fsdp: keep the sharded params, grads and optimizer step in CPU memory (slower; for models whose
     shards still do not fit the accelerators)."""
     use_gpu: bool = False
+    """Give each worker one GPU (trials and the base measurement run on CUDA, bf16 autocast under precision auto)."""
     accelerator_type: str = ""
     """The GPU each worker gets, for the memory plan (`raycpt plan`): H100 | H200 | A100-80G | A100-40G | L40S | L4 |
     A10G. Set, `raycpt sweep` and `train` refuse a config whose plan does not fit it; empty = not checked."""
     cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker (its data loading and, on CPU, its compute threads)."""
     worker_resources: dict[str, float] = field(default_factory=dict)
     """Extra (custom) Ray resources each worker needs, e.g. {accelerator_type:H100: 0.01} or a node label."""
     trial_cpus: float = 0.0
@@ -283,6 +319,12 @@ class ExportConfig:
     """Hugging Face Hub repo id (user/name) to upload the export to once its reload check passed; empty = off. The
     token comes from HF_TOKEN in the environment only, never from this file; the card's README.md becomes the
     repo's README."""
+    dtype: str = "auto"
+    """The exported weights' dtype: auto | float32 | bfloat16 | float16. auto = the base model's own, as its
+    config.json names it (float32 when it names none): a bf16 hub model exports bf16, half the bytes of fp32;
+    packaged:smollm2-135m (dequantised to float32) exports float32 unless this says bfloat16. The reload check
+    still holds the export to the trial's numbers within 1e-3 (rounding fp32-trained SmolLM2-135M to bf16 moves its
+    validation ppl by ~6e-4 on CPU); should it fail, export.dtype=float32 keeps the trained precision."""
 
 
 @dataclass
@@ -290,6 +332,32 @@ class LawConfig:
     target_tokens: int = 0
     """Training tokens the fitted mixing law plans for (the best mix at that budget, `raycpt analyze --suggest`);
     0 = 10 x the largest budget (train.steps x tokens per step) of any trial in the sweep."""
+    max_loo_error: float = 0.05
+    """The schedule-aware CPT law (raycpt.core.cpt_law) recommends the final run only when its leave-one-trial-out
+    error on the trials' curves is at most this; otherwise the recommendation falls back (and says so)."""
+    max_extrapolation: float = 4.0
+    """How far past the data the CPT law may predict: the recommended run's forward area (sum of its lr over its
+    steps) at most this multiple of the largest a trial reached; beyond it the recommendation falls back."""
+    lr_horizon_exponent: float = 0.3
+    """The fallback's lr for a longer run: the reference trial's lr x (run tokens / its tokens) ** -exponent (the
+    token-horizon rule of Bjorck et al. 2025)."""
+
+
+@dataclass
+class ExtendConfig:
+    on_forgetting: str = "stop"
+    """`raycpt extend`: when the validation general ppl crosses (1 + select.max_forgetting) x the base model's, it
+    says so at once and then: stop (the run ends there; its last checkpoint within the bound is the one exported,
+    and the card says where and why) | warn (it runs on to the end)."""
+
+
+@dataclass
+class FinalConfig:
+    tokens: int = 0
+    """Total training tokens `raycpt sweep` continues the winner to at the end of the same job, as `raycpt extend
+    EXPERIMENT_DIR --tokens N` does (0 = off). Needs wsd trials (train.schedule wsd)."""
+    trial: str = ""
+    """The trial final.tokens continues (empty = the winner)."""
 
 
 @dataclass
@@ -301,6 +369,12 @@ class CheckpointConfig:
     keep_weights: str = "finished"
     """Which ended trials keep their checkpoints' weights: finished (ASHA-stopped trials keep none; only finished
     trials can win) | all."""
+    keep_pre_decay: str = "winner"
+    """train.schedule wsd: which trials keep their pre-decay checkpoint (weights and optimizer state, whole: what
+    `raycpt extend` continues from) once the sweep is analysed; until then every trial keeps it. winner | top_k (the
+    best `keep_pre_decay_k` under the selection rule) | all | none."""
+    keep_pre_decay_k: int = 3
+    """keep_pre_decay top_k: how many of the best trials keep theirs."""
 
 
 @dataclass
@@ -316,6 +390,8 @@ class ExperimentConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     law: LawConfig = field(default_factory=LawConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     name: str = "raycpt"
     """Experiment name: results go to <storage_path>/<name>."""
     storage_path: str = "runs"
@@ -340,11 +416,15 @@ ACCELERATOR_TYPES = ("H100", "H200", "A100-80G", "A100-40G", "L40S", "L4", "A10G
 """GPUs the memory plan knows (their memory: raycpt.core.plan.ACCELERATOR_MEMORY_MIB)."""
 KEEP_OPTIMIZER = ("latest", "all")
 KEEP_WEIGHTS = ("finished", "all")
+KEEP_PRE_DECAY = ("winner", "top_k", "all", "none")
+ON_FORGETTING = ("stop", "warn")
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 """A Hugging Face Hub repo id: owner/name."""
 SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
 """What transformers' save_pretrained accepts as max_shard_size: an integer with KB, MB, GB, KiB, MiB or GiB."""
 DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPES = ("auto", *DTYPES)
+
 TXT_UNITS = ("file", "paragraph", "line")
 DEDUP_MODES = ("none", "exact")
 LOGGERS = ("tensorboard", "csv", "json", "mlflow", "wandb")
@@ -364,6 +444,9 @@ _YamlLoader.add_implicit_resolver(
 def _section_classes() -> dict[str, type]:
     return {f.name: f.default_factory for f in dataclasses.fields(ExperimentConfig) if f.default_factory
             is not dataclasses.MISSING}
+
+
+EVAL_METHODS = ("probe", "prompt", "both")
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -622,6 +705,10 @@ def validate(cfg: ExperimentConfig) -> list[str]:
                  "data.max_tokens=50000000")
     _check_range(p, "train.lr", t.lr, 0, 1, lo_open=True)
     _check_range(p, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            p.append(f"train.{name}: {getattr(t, name)} is out of range, must be >= 0 and < 1")
+    _check_range(p, "train.adam_eps", t.adam_eps, 0, lo_open=True)
     _check_range(p, "train.warmup_steps", t.warmup_steps, 0)
     _check_range(p, "train.peak_tflops", t.peak_tflops, 0)
     _check_range(p, "train.steps", t.steps, 1)
@@ -636,6 +723,18 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     elif t.warmup_steps > t.steps >= 1:
         p.append(f"train.warmup_steps: {t.warmup_steps} is more than train.steps={t.steps}; the learning rate would "
                  "never reach its peak, lower train.warmup_steps")
+    if t.schedule not in SCHEDULES:
+        p.append(f"train.schedule: '{t.schedule}' is not allowed{_closest(t.schedule, list(SCHEDULES))}")
+    if t.decay_shape not in DECAY_SHAPES:
+        p.append(f"train.decay_shape: '{t.decay_shape}' is not allowed{_closest(t.decay_shape, list(DECAY_SHAPES))}")
+    _check_range(p, "train.decay_fraction", t.decay_fraction, 0, 1, lo_open=True)
+    if t.schedule == "wsd" and 0 < t.decay_fraction <= 1 and t.global_batch() >= 1 and d.block_size >= 1:
+        total = t.total_steps(d.block_size)
+        stable = stable_end(total, t.decay_fraction)
+        if t.warmup_steps > stable:
+            p.append(f"train.decay_fraction: {t.decay_fraction} of {total} steps leaves {stable} steps before the "
+                     f"cool-down, fewer than train.warmup_steps={t.warmup_steps}; lower train.decay_fraction or "
+                     "train.warmup_steps, or raise the run's length")
     _check_range(p, "train.batch_size", t.batch_size, 1)
     _check_range(p, "train.grad_accum", t.grad_accum, 1)
     _check_range(p, "train.global_batch_size", t.global_batch_size, 0)
@@ -706,7 +805,25 @@ def validate(cfg: ExperimentConfig) -> list[str]:
             p.append("search.algorithm: optuna needs a search.space to search; add one or use "
                      "search.algorithm=random")
     _check_range(p, "law.target_tokens", cfg.law.target_tokens, 0)
+    _check_range(p, "law.max_loo_error", cfg.law.max_loo_error, 0)
+    _check_range(p, "law.max_extrapolation", cfg.law.max_extrapolation, 1)
+    _check_range(p, "law.lr_horizon_exponent", cfg.law.lr_horizon_exponent, 0, 1)
     _check_range(p, "select.max_forgetting", cfg.select.max_forgetting, 0)
+    e = cfg.eval
+    if e.method not in EVAL_METHODS:
+        p.append(f"eval.method: '{e.method}' is not allowed{_closest(e.method, list(EVAL_METHODS))}")
+    _check_range(p, "eval.shots", e.shots, 0)
+    if e.method in ("prompt", "both") and not ("{text}" in e.template and "{label}" in e.template):
+        p.append(f"eval.template: {e.template!r} needs a {{text}} and a {{label}} slot, e.g. "
+                 "'Review: {text}\nSentiment: {label}'")
+    if cfg.select.metric not in metrics.DOWNSTREAM:
+        p.append(f"select.metric: '{cfg.select.metric}' is not allowed"
+                 f"{_closest(cfg.select.metric, list(metrics.DOWNSTREAM))}")
+    elif cfg.select.metric == metrics.PROMPT_F1 and e.method == "probe":
+        p.append("select.metric: eval/prompt_f1 needs eval.method prompt or both (trials score only the probe now)")
+    elif cfg.select.metric == metrics.F1 and e.method == "prompt" and e.task:
+        p.append("select.metric: eval/f1 is the probe's, but eval.method is prompt; set select.metric=eval/prompt_f1 "
+                 "or eval.method=both")
     _check_range(p, "resources.num_workers", r.num_workers, 1)
     _check_range(p, "resources.cpus_per_worker", r.cpus_per_worker, 0, lo_open=True)
     _check_range(p, "resources.trial_cpus", r.trial_cpus, 0)
@@ -726,8 +843,21 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if cfg.checkpoint.keep_weights not in KEEP_WEIGHTS:
         p.append(f"checkpoint.keep_weights: '{cfg.checkpoint.keep_weights}' is not allowed"
                  f"{_closest(cfg.checkpoint.keep_weights, list(KEEP_WEIGHTS))}")
+    if cfg.checkpoint.keep_pre_decay not in KEEP_PRE_DECAY:
+        p.append(f"checkpoint.keep_pre_decay: '{cfg.checkpoint.keep_pre_decay}' is not allowed"
+                 f"{_closest(cfg.checkpoint.keep_pre_decay, list(KEEP_PRE_DECAY))}")
+    _check_range(p, "checkpoint.keep_pre_decay_k", cfg.checkpoint.keep_pre_decay_k, 1)
+    if cfg.extend.on_forgetting not in ON_FORGETTING:
+        p.append(f"extend.on_forgetting: '{cfg.extend.on_forgetting}' is not allowed"
+                 f"{_closest(cfg.extend.on_forgetting, list(ON_FORGETTING))}")
+    _check_range(p, "final.tokens", cfg.final.tokens, 0)
+    if cfg.final.tokens > 0 and t.schedule != "wsd" and "train.schedule" not in s.space:
+        p.append(f"final.tokens: continuing a trial to {cfg.final.tokens} tokens needs wsd trials (only they keep a "
+                 f"pre-decay checkpoint); set train.schedule=wsd, or final.tokens=0")
     if not SHARD_SIZE.fullmatch(cfg.export.max_shard_size):
         p.append(f"export.max_shard_size: '{cfg.export.max_shard_size}' is not a size; write e.g. 5GB, 500MB or 2GiB")
+    if cfg.export.dtype not in EXPORT_DTYPES:
+        p.append(f"export.dtype: '{cfg.export.dtype}' is not allowed{_closest(cfg.export.dtype, list(EXPORT_DTYPES))}")
     unknown_loggers = sorted(set(cfg.report.loggers) - set(LOGGERS))
     if unknown_loggers:
         p.append(f"report.loggers: {unknown_loggers} not allowed (valid: {', '.join(LOGGERS)})")

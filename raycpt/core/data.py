@@ -239,24 +239,32 @@ def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: in
     domain blocks with the rounding error carried forward, so the realised share after any whole step is within
     half a block of mix_ratio; inside a window, positions are shuffled by the seed. Deterministic in its
     arguments, so a resumed run or another worker rebuilds the same plan. Each corpus is read in a seeded random
-    order, re-shuffled after each full pass.
+    order, re-shuffled after each full pass: no block repeats within a pass.
+
+    Prefix-stable: a plan of N positions is the first N positions of any longer plan with the same arguments, so a
+    run extended to more steps (`raycpt extend`) continues the stream it trained on. Each part draws from its own
+    seeded stream (the windows from [seed, 0], the domain corpus's passes from [seed, 1], the general one's from
+    [seed, 2]), always in whole windows and whole passes, so how far a plan goes never changes its earlier draws.
     """
-    rng = np.random.default_rng(seed)
-    is_domain = np.zeros(num_blocks, dtype=bool)
-    for start in range(0, num_blocks, window):
-        end = min(start + window, num_blocks)
-        # error diffusion across windows: the cumulative count is round(mix_ratio * end) at every window end
-        count = int(round(mix_ratio * end)) - int(round(mix_ratio * start))
-        is_domain[start + rng.permutation(end - start)[:count]] = True
+    windows = -(-num_blocks // window)
+    # error diffusion across windows: the cumulative count is round(mix_ratio * end) at every window end (rint:
+    # half to even, as Python's round)
+    counts = np.diff(np.rint(mix_ratio * (np.arange(1, windows + 1) * window)).astype(np.int64), prepend=0)
+    # one row of uniforms per window: row k is the k-th draw of the stream however many rows follow
+    order = np.random.default_rng([seed, 0]).random((windows, window)).argsort(axis=1, kind="stable")
+    chosen = np.arange(window)[None, :] < counts[:, None]  # the first count_k shuffled slots of window k
+    is_domain = np.zeros((windows, window), dtype=bool)
+    is_domain[np.nonzero(chosen)[0], order[chosen]] = True
+    is_domain = is_domain.reshape(-1)[:num_blocks]
     index = np.zeros(num_blocks, dtype=np.int64)
-    for mask, n in ((is_domain, n_domain), (~is_domain, n_general)):
+    for stream, mask, n in ((1, is_domain, n_domain), (2, ~is_domain, n_general)):
         needed = int(mask.sum())
         if needed == 0:
             continue
         if n == 0:
             raise InputError("train.mix_ratio needs blocks from a corpus that has none; check data.general")
-        epochs = -(-needed // n)
-        index[mask] = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:needed]
+        rng = np.random.default_rng([seed, stream])
+        index[mask] = np.concatenate([rng.permutation(n) for _ in range(-(-needed // n))])[:needed]
     return is_domain, index
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from raycpt.core import metrics
 from raycpt.core.data import Task
 from raycpt.core.models import load_tokenizer
+from raycpt.core.prompting import PromptSpec, prompt_scores
 from raycpt.core.stats import f1_interval, ppl_interval
 
 MAX_LOSS_FOR_PPL = 50.0
@@ -177,23 +178,40 @@ def downstream_f1(model: nn.Module, tokenizer, task: Task, *, splits: tuple[str,
 
 def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, seed: int, max_length: int,
                device: torch.device | str, trust_remote_code: bool = False,
-               prefixes: dict[str, str] | None = None) -> dict[str, Any]:
-    """The probe's scores as flat metrics, for each split in `prefixes` ({split: metric prefix}, default
-    {"val": "eval/"}): `eval/f1` (macro) with `eval/f1_ci_low|high`, `eval/f1_sd` (seeds > 1), `eval/accuracy`,
-    `eval/f1_class/<label>` and `eval/predictions` (`base/...`, `test/...` under other prefixes)."""
+               prefixes: dict[str, str] | None = None, method: str = "probe", prompt: PromptSpec | None = None
+               ) -> dict[str, Any]:
+    """The downstream scores as flat metrics, for each split in `prefixes` ({split: metric prefix}, default
+    {"val": "eval/"}). method probe (or both): the probe's `eval/f1` (macro) with `eval/f1_ci_low|high`,
+    `eval/f1_sd` (seeds > 1), `eval/accuracy`, `eval/f1_class/<label>` and `eval/predictions`; method prompt (or
+    both), with `prompt`: the same as `eval/prompt_f1`, `eval/prompt_accuracy`, `eval/prompt_f1_class/<label>`,
+    `eval/prompt_predictions` (`base/...`, `test/...` under other prefixes)."""
     prefixes = prefixes or {"val": metrics.EVAL_PREFIX}
     tokenizer = load_tokenizer(model_source, trust_remote_code)
-    by_split = downstream_f1(model, tokenizer, task, splits=tuple(prefixes), seeds=seeds, seed=seed,
-                             max_length=max_length, device=device)
+    by_method: dict[str, dict[str, dict]] = {}
+    if method in ("probe", "both"):
+        by_method["probe"] = downstream_f1(model, tokenizer, task, splits=tuple(prefixes), seeds=seeds, seed=seed,
+                                           max_length=max_length, device=device)
+    if method in ("prompt", "both"):
+        if prompt is None:
+            raise ValueError("eval.method prompt needs a PromptSpec")
+        parts = {"val": (task.val_texts, task.val_labels), "test": (task.test_texts, task.test_labels)}
+        by_method["prompt"] = {split: prompt_scores(model, tokenizer, prompt, (task.train_texts, task.train_labels),
+                                                    parts[split], task.classes, device=device)
+                               for split in prefixes}
+    names = {"probe": (metrics.F1, metrics.ACCURACY, metrics.PREDICTIONS, metrics.F1_CLASS_PREFIX, metrics.F1_SD),
+             "prompt": (metrics.PROMPT_F1, metrics.PROMPT_ACCURACY, metrics.PROMPT_PREDICTIONS,
+                        metrics.PROMPT_F1_CLASS_PREFIX, None)}
     flat: dict[str, Any] = {}
-    for split, scores in by_split.items():
-        def name(metric: str, prefix: str = prefixes[split]) -> str:
-            return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
+    for kind, by_split in by_method.items():
+        f1_name, accuracy_name, predictions_name, class_prefix, sd_name = names[kind]
+        for split, scores in by_split.items():
+            def name(metric: str, prefix: str = prefixes[split]) -> str:
+                return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
 
-        flat.update({name(metrics.F1): scores["f1"], name(metrics.F1) + metrics.CI_LOW: scores["f1_ci_low"],
-                     name(metrics.F1) + metrics.CI_HIGH: scores["f1_ci_high"],
-                     name(metrics.ACCURACY): scores["accuracy"], name(metrics.PREDICTIONS): scores["predictions"]})
-        if scores["f1_sd"] is not None:
-            flat[name(metrics.F1_SD)] = scores["f1_sd"]
-        flat.update({name(metrics.F1_CLASS_PREFIX) + label: v for label, v in scores["per_class_f1"].items()})
+            flat.update({name(f1_name): scores["f1"], name(f1_name) + metrics.CI_LOW: scores["f1_ci_low"],
+                         name(f1_name) + metrics.CI_HIGH: scores["f1_ci_high"],
+                         name(accuracy_name): scores["accuracy"], name(predictions_name): scores["predictions"]})
+            if sd_name and scores.get("f1_sd") is not None:
+                flat[name(sd_name)] = scores["f1_sd"]
+            flat.update({name(class_prefix) + label: v for label, v in scores["per_class_f1"].items()})
     return flat

@@ -217,17 +217,32 @@ def _final_hidden(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
 
 
 @functools.lru_cache(maxsize=1)
-def _liger_loss_class() -> Any:
+def _liger_import() -> tuple[Any, str]:
+    """(liger's fused loss class or None, why it is unavailable): "not installed" when the package is absent; a
+    broken install (its Triton/CUDA stack fails to import) names the error, so a fallback never hides it."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except Exception:  # not installed, or its Triton/CUDA stack fails to import
-        return None
-    return LigerFusedLinearCrossEntropyLoss
+    except ModuleNotFoundError as err:
+        if err.name == "liger_kernel":  # the package itself is absent
+            return None, "liger-kernel is not installed (pip install raycpt[gpu])"
+        return None, f"liger-kernel is installed but fails to import ({type(err).__name__}: {err})"
+    except Exception as err:
+        return None, f"liger-kernel is installed but fails to import ({type(err).__name__}: {err})"
+    return LigerFusedLinearCrossEntropyLoss, ""
+
+
+def _liger_loss_class() -> Any:
+    return _liger_import()[0]
 
 
 def liger_available() -> bool:
     """Whether liger-kernel's fused linear cross-entropy can be imported."""
     return _liger_loss_class() is not None
+
+
+def liger_unavailable_reason() -> str:
+    """Why liger's fused loss cannot be used here ("" when it can)."""
+    return _liger_import()[1]
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, impl: str = "hf", chunk_size: int = 1024
@@ -252,7 +267,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, impl: str = "hf", 
         return chunked_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, chunk_size=chunk_size)
     loss_cls = _liger_loss_class()
     if loss_cls is None:
-        raise ValueError("loss impl 'liger' needs liger-kernel (pip install raycpt[gpu])")
+        raise ValueError(f"loss impl 'liger' cannot run: {liger_unavailable_reason()}")
     if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled():
         hidden = hidden.to(head.weight.dtype)  # its kernel needs one dtype; autocast casts both itself
     # forward(lin_weight, _input, target, bias=None); some releases can also return a z-loss as a tuple.
@@ -293,7 +308,7 @@ def resolve_loss_impl(requested: str, device: torch.device | str, model: nn.Modu
             return "hf", f"the chunked loss cannot compute this model's loss: {unsupported}; using hf"
         if requested == "chunked":
             return "chunked", "requested"
-        return "chunked", "auto on cuda: liger-kernel is not installed (pip install raycpt[gpu]); using chunked"
+        return "chunked", f"auto on cuda: {liger_unavailable_reason()}; using chunked"
     if requested == "auto":
         if device.type != "cuda":
             return "hf", f"auto on {device.type}: using hf (the fused losses pay off on GPU with large vocabularies)"
@@ -304,7 +319,7 @@ def resolve_loss_impl(requested: str, device: torch.device | str, model: nn.Modu
     if device.type != "cuda":
         why = f"liger-kernel needs a CUDA device, got {device.type}"
     elif not liger_available():
-        why = "liger-kernel is not installed (pip install raycpt[gpu])"
+        why = liger_unavailable_reason()
     elif unsupported is not None:
         return "hf", f"liger-kernel cannot compute this model's loss: {unsupported}; using hf"
     else:

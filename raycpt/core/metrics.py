@@ -21,6 +21,13 @@ ACCURACY = "eval/accuracy"
 F1_CLASS_PREFIX = "eval/f1_class/"
 PREDICTIONS = "eval/predictions"
 """The probe's predicted label for every validation text, in the task's order (paired intervals need them)."""
+PROMPT_F1 = "eval/prompt_f1"
+"""Macro-F1 of prompted classification (each label's log-likelihood after a prompt; raycpt.core.prompting)."""
+PROMPT_ACCURACY = "eval/prompt_accuracy"
+PROMPT_F1_CLASS_PREFIX = "eval/prompt_f1_class/"
+PROMPT_PREDICTIONS = "eval/prompt_predictions"
+DOWNSTREAM = {F1: PREDICTIONS, PROMPT_F1: PROMPT_PREDICTIONS}
+"""Each downstream metric `select.metric` may name -> the per-text predictions its paired intervals use."""
 DOMAIN_BLOCK_LOSSES = "eval/domain_block_losses"
 GENERAL_BLOCK_LOSSES = "eval/general_block_losses"
 """Mean loss of every held-out validation block, in order (bootstrap and paired intervals resample them)."""
@@ -37,6 +44,17 @@ RESUMED_FROM_STEP = "resumed_from_step"
 FINISHED = "finished"
 """True on a trial's last report when it ran all its steps (or stopped early by its own patience rule)."""
 CHECKPOINT_PATH = "checkpoint_path"
+PRE_DECAY = "pre_decay"
+"""True on the report (and in the checkpoint's metrics.json) of a wsd run's last stable step: the pre-decay
+checkpoint `raycpt extend` continues from (raycpt.core.schedule.stable_end)."""
+FORGETTING = "guard/forgetting"
+"""Set (a sentence; else None) on a report whose validation general ppl crossed the run's forgetting bound
+(`raycpt extend`: (1 + select.max_forgetting) x the base model's)."""
+CHECKPOINT_SCORE = "checkpoint_score"
+"""What Ray ranks a trial's checkpoints by (raycpt.edge.policy): the domain ppl, or 0 for the pre-decay checkpoint,
+so Ray keeps that one besides the latest."""
+LOSS_IMPL = "train/loss_impl"
+"""The next-token loss the trial actually ran (hf | chunked | liger), after `train.loss_impl`'s fallbacks."""
 
 EVAL_PREFIX = "eval/"
 BASE_PREFIX = "base/"
@@ -51,8 +69,9 @@ SCHEDULABLE = (DOMAIN_PPL, DOMAIN_LOSS, GENERAL_PPL, TRAIN_LOSS)
 
 FINAL = (STEP, TOKENS, TRAIN_LOSS, DOMAIN_LOSS, DOMAIN_PPL, DOMAIN_PPL + CI_LOW, DOMAIN_PPL + CI_HIGH, GENERAL_LOSS,
          GENERAL_PPL, GENERAL_PPL + CI_LOW, GENERAL_PPL + CI_HIGH, F1, F1 + CI_LOW, F1 + CI_HIGH, F1_SD, ACCURACY,
-         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH, PREDICTIONS, DOMAIN_BLOCK_LOSSES,
-         GENERAL_BLOCK_LOSSES)
+         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH, LOSS_IMPL, PREDICTIONS,
+         DOMAIN_BLOCK_LOSSES, GENERAL_BLOCK_LOSSES, PROMPT_F1, PROMPT_F1 + CI_LOW, PROMPT_F1 + CI_HIGH,
+         PROMPT_ACCURACY, PROMPT_PREDICTIONS)
 """A trial's last values that analysis collects into its row."""
 
 

@@ -30,7 +30,8 @@ Per worker, P parameters in `model.dtype` (p bytes each), shard = num_workers un
   gradients, AdamW state, DDP buckets and checkpoint shrink to those trained params. Activations stay those of full
   training: backward still runs through the frozen layers to reach the adapters below them.
 The components are summed as if all were alive at once (a small over-estimate: activations are freed while
-gradients are allocated). Measured against the peak RSS of the loop's own step on CPU, see README "Memory plan".
+gradients are allocated). Measured against the peak RSS of the loop's own step on CPU: see
+docs/big-corpora.md#memory-plan.
 """
 
 from __future__ import annotations

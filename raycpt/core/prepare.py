@@ -35,6 +35,7 @@ from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
+from raycpt.core.prompting import check_prompt, prompt_spec
 from raycpt.core.resources import trial_concurrency
 from raycpt.core.shards import Mapper, UnitResult, map_in_process
 from raycpt.core.sources import corpus_units, source_text, unit_bytes
@@ -150,6 +151,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     check_local_resources(cfg)
     task = load_eval_task(cfg)
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
+    check_task_prompt(cfg, task, tokenizer)
     found = {}
     d = cfg.data
     for field, source in (("data.domain", d.domain), ("data.general", d.general)):
@@ -161,6 +163,13 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
             found[field] = {"units": len(units), "bytes": sum(u.bytes for u in units)}
     sizes = {"train": len(task.train_texts), "val": len(task.val_texts), "test": len(task.test_texts)} if task else None
     return {"documents": found, "task": sizes}
+
+
+def check_task_prompt(cfg: ExperimentConfig, task, tokenizer) -> None:
+    """eval.method prompt: the template and label words can score this task with this tokenizer (InputError)."""
+    spec = prompt_spec(cfg.eval)
+    if spec is not None and task is not None:
+        check_prompt(spec, task.classes, tokenizer)
 
 
 def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process,
@@ -175,6 +184,7 @@ def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process
     source = resolve_model_source(cfg.model.source)
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
     task = load_eval_task(cfg)
+    check_task_prompt(cfg, task, tokenizer)
     common = dict(text_field=d.text_field, block_size=d.block_size, heldout_fraction=d.heldout_fraction,
                   heldout_blocks=d.heldout_blocks, test_blocks=d.test_blocks or d.heldout_blocks,
                   max_tokens=d.max_tokens, seed=d.seed, exclude_texts=task.heldout_texts() if task else [],
@@ -217,7 +227,7 @@ def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, prefixes: d
         e = cfg.eval
         results.update(f1_metrics(model, cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
                                   max_length=e.max_length, device=device, trust_remote_code=cfg.model.trust_remote_code,
-                                  prefixes=probe))
+                                  prefixes=probe, method=e.method, prompt=prompt_spec(e)))
     return results
 
 

@@ -1,7 +1,8 @@
 """The continued-pre-training loop: one function, top to bottom. No Ray here.
 
 `train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
-and cosine re-decay over a deterministic domain/general mixture. Every `eval_every` steps (and at the last step) it
+and a re-decay (`train.schedule`: cosine, or warmup-stable-decay; raycpt.core.schedule) over a deterministic
+domain/general mixture. Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it
 scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under
 `resources.strategy: fsdp`, see `save_checkpoint`) and calls
 `report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -54,30 +56,40 @@ from raycpt.core.parallel import (
     save_sharded,
 )
 from raycpt.core.prepare import Manifest, prepare_experiment
+from raycpt.core.prompting import prompt_spec
+from raycpt.core.schedule import lr_factor, stable_end
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 STATE_FILE = "trainer_state.pt"
 ADAMW_BETAS = (0.9, 0.95)
-"""The LLM pre-training convention (GPT-3, Llama): a shorter second-moment memory than PyTorch's 0.999."""
+"""Defaults of build_optimizer (the loop passes train.adam_beta1/2 and adam_eps, which default to these)."""
 ADAMW_EPS = 1e-8
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                    betas: tuple[float, float] = ADAMW_BETAS, eps: float = ADAMW_EPS) -> torch.optim.Optimizer:
     """AdamW; no decay on biases and norm weights (1-D params); fused kernels on CUDA and CPU (on CPU the fused
-    step measured ~5x faster per optimizer step than the default for SmolLM2-135M: benchmarks/RESULTS.md)."""
+    step is faster than the default kernel; `benchmarks/bench_loop.py` times the two side by side, no figure kept)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=device.type in ("cuda", "cpu"))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: int, min_lr_ratio: float):
-    """Linear re-warm to lr, cosine re-decay to lr * min_lr_ratio at the last step (transformers' schedule)."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: int, min_lr_ratio: float, *,
+                    schedule: str = "cosine", decay_fraction: float = 0.2, decay_shape: str = "1-sqrt"):
+    """A LambdaLR over `raycpt.core.schedule.lr_factor`: linear re-warm to lr, then `schedule` over `steps`.
+    cosine is transformers' own schedule (get_cosine_with_min_lr_schedule_with_warmup, which lr_factor equals to
+    the last bit), so cosine runs keep their numbers. The scheduler's state is its step count alone: a resumed or
+    extended run rebuilds the schedule from its config (`load_train_state`)."""
+    if schedule == "cosine":
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
-                                                       num_training_steps=steps, min_lr_rate=min_lr_ratio)
+        return get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
+                                                           num_training_steps=steps, min_lr_rate=min_lr_ratio)
+    factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=steps, schedule=schedule,
+                               decay_fraction=decay_fraction, decay_shape=decay_shape, min_lr_ratio=min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
@@ -199,7 +211,17 @@ def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         load_sharded(path, unwrap(model), optimizer)
     else:
         optimizer.load_state_dict(saved["optimizer"])
+    # The scheduler's step count alone: its peak lr and shape are this run's config (the LambdaLR state would also
+    # bring back the saved run's base lrs), and the lr of the next step is this run's schedule's, not the one saved
+    # with the optimizer. They differ when the run is longer than the one that saved or has another train.lr
+    # (raycpt extend), and are equal on a plain resume.
+    base_lrs = list(scheduler.base_lrs)
     scheduler.load_state_dict(saved["scheduler"])
+    scheduler.base_lrs = base_lrs
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs, strict=True):
+        group["lr"], group["initial_lr"] = lr, base
+    scheduler._last_lr = lrs
     if scaler is not None and scaler.is_enabled() and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
     return TrainState(**saved["state"])
@@ -233,9 +255,12 @@ def has_weights(path: str | os.PathLike) -> bool:
 
 def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
           resume_dir: str | None = None, rank: int = 0, world_size: int = 1,
-          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model
-          ) -> dict[str, Any]:
-    """Run one CPT trial on the prepared data; returns the last metrics."""
+          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model,
+          forgetting_bound: float | None = None, on_forgetting: str = "warn") -> dict[str, Any]:
+    """Run one CPT trial on the prepared data; returns the last metrics. `forgetting_bound`: a validation general
+    ppl the run must stay within (raycpt.core.extend: (1 + select.max_forgetting) x the base model's); a report
+    above it says so at once (metrics.FORGETTING) and, with on_forgetting stop, ends the run there without a
+    checkpoint, so the last one written is the last within the bound."""
     t, d = cfg.train, cfg.data
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.resources.use_gpu else "cpu"))
     amp_dtype = autocast_dtype(t.precision, device)
@@ -271,13 +296,17 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     model = wrap_model(model)  # DDP, FSDP2 (raycpt.core.parallel.apply_fsdp) or nothing
     sharded = fsdp_root(model) is not None  # every rank runs every forward: the layers all-gather their params
     loss_impl, loss_note = resolve_loss_impl(t.loss_impl, device, unwrap(model))
-    if loss_impl != t.loss_impl and t.loss_impl != "auto" and rank == 0:  # a fallback: say why
-        logging.getLogger("raycpt").warning("train.loss_impl=%s: %s", t.loss_impl, loss_note)
+    if rank == 0:  # once per trial: which loss runs, and why (a fallback is a warning)
+        fell_back = loss_impl != t.loss_impl and (t.loss_impl != "auto" or "fails to import" in loss_note)
+        logging.getLogger("raycpt").log(logging.WARNING if fell_back else logging.INFO,
+                                        "train.loss_impl=%s: running %s (%s)", t.loss_impl, loss_impl, loss_note)
     if t.compile:
         model = compile_for_loss(model, loss_impl)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, device)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, device, betas=(t.adam_beta1, t.adam_beta2),
+                                eps=t.adam_eps)
     steps = t.total_steps(d.block_size)  # train.steps, or the token budget in steps
-    scheduler = build_scheduler(optimizer, t.warmup_steps, steps, t.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, steps, t.min_lr_ratio, schedule=t.schedule,
+                                decay_fraction=t.decay_fraction, decay_shape=t.decay_shape)
     # fp16: a dynamic loss scale keeps small gradients from underflowing; disabled, each call is a pass-through
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -298,6 +327,9 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
         state.restore_rng()
         state.restarts += 1
     resumed_from_step = state.step
+    # wsd: the last stable step also evaluates and checkpoints (marked pre_decay), eval step or not: the state a
+    # longer run continues from (raycpt.core.extend)
+    pre_decay_step = stable_end(steps, t.decay_fraction) if t.schedule == "wsd" else 0
 
     def evaluate() -> dict[str, Any]:
         """Loss, ppl with its bootstrap interval, and per-block losses on the validation blocks of each corpus."""
@@ -346,7 +378,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
         steps_in_window += 1
         done = step + 1
 
-        if done % t.eval_every and done != steps:
+        if done % t.eval_every and done != steps and done != pre_decay_step:
             continue
         # --- eval, report, checkpoint: the only host syncs in the loop -------------------------------------------
         if device.type == "cuda":
@@ -370,7 +402,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             m.TOKENS_PER_S: tokens_per_s,
             m.MFU: tokens_per_s * model_flops_per_token / peak if peak else None,
             m.LR: scheduler.get_last_lr()[0], m.TRAIN_TIME_S: state.train_time_s,
-            m.RESTARTS: state.restarts, m.RESUMED_FROM_STEP: resumed_from_step,
+            m.RESTARTS: state.restarts, m.RESUMED_FROM_STEP: resumed_from_step, m.LOSS_IMPL: loss_impl,
         }
         if metrics[m.DOMAIN_PPL] < state.best_domain_ppl:
             state.best_domain_ppl, state.evals_since_best = metrics[m.DOMAIN_PPL], 0
@@ -378,7 +410,16 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             state.evals_since_best += 1
         state.step = done
         stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
-        if (done == steps or stop_early) and manifest.task and (rank == 0 or sharded):
+        general_ppl = metrics[m.GENERAL_PPL]
+        metrics[m.FORGETTING] = None
+        if forgetting_bound is not None and general_ppl is not None and not general_ppl <= forgetting_bound:
+            metrics[m.FORGETTING] = (f"general ppl {general_ppl:.2f} crossed the forgetting bound "
+                                     f"{forgetting_bound:.2f} at step {done}")
+            if rank == 0:
+                logging.getLogger("raycpt").warning("%s%s", metrics[m.FORGETTING], "; stopping" if on_forgetting
+                                                    == "stop" else "")
+        stop_forgetting = metrics[m.FORGETTING] is not None and on_forgetting == "stop"
+        if (done == steps or stop_early) and not stop_forgetting and manifest.task and (rank == 0 or sharded):
             # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
             # trials Tune stops, and this keeps the probe on the trial's own resources). Under FSDP every rank
             # runs it on the same texts (each forward all-gathers; no rank ever holds the whole model idle) and
@@ -387,17 +428,22 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             with root_unsharded(model):
                 metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds,
                                           seed=e.seed, max_length=e.max_length, device=device,
-                                          trust_remote_code=cfg.model.trust_remote_code))
-        metrics[m.FINISHED] = done == steps or stop_early
+                                          trust_remote_code=cfg.model.trust_remote_code,
+                                          method=e.method, prompt=prompt_spec(e)))
+        metrics[m.FINISHED] = (done == steps or stop_early) and not stop_forgetting
+        metrics[m.PRE_DECAY] = done == pre_decay_step
+        # Ray keeps the best-ranked checkpoint besides the latest (raycpt.edge.policy): the pre-decay one first
+        metrics[m.CHECKPOINT_SCORE] = 0.0 if metrics[m.PRE_DECAY] else metrics[m.DOMAIN_PPL]
         checkpoint_dir = None
-        if rank == 0 or cfg.resources.strategy == "fsdp":  # fsdp: every rank writes its shard
+        # fsdp: every rank writes its shard. Stopped by the forgetting bound: no checkpoint past it
+        if (rank == 0 or cfg.resources.strategy == "fsdp") and not stop_forgetting:
             checkpoint_dir = Path(checkpoint_root) / f"checkpoint_step{done:06d}"
             save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank,
                             scaler=scaler)
         report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
         loss_acc.zero_()
         steps_in_window, window_start = 0, time.perf_counter()
-        if stop_early:
+        if stop_early or stop_forgetting:
             break
     return metrics
 
@@ -419,14 +465,16 @@ def main(argv: list[str] | None = None) -> int:
 def keeping_newest_checkpoint(report: Report) -> Report:
     """`report`, after removing the previous checkpoint once a newer one is written. For runs outside Ray, where
     nothing resumes from an older one: the loop writes one per eval, each the weights plus AdamW state, which
-    would fill a disk over a long run (in Ray, the checkpoint manager keeps what `checkpoint` says)."""
+    would fill a disk over a long run (in Ray, the checkpoint manager keeps what `checkpoint` says). A wsd run's
+    pre-decay checkpoint (metrics.PRE_DECAY) is never removed."""
     newest: list[str] = []
 
     def report_and_prune(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         if checkpoint_dir:
             for old in newest:
                 shutil.rmtree(old, ignore_errors=True)
-            newest[:] = [checkpoint_dir]
+            # a wsd run's pre-decay checkpoint is kept: `raycpt extend` continues from it
+            newest[:] = [] if metrics.get(m.PRE_DECAY) else [checkpoint_dir]
         report(metrics, checkpoint_dir)
 
     return report_and_prune

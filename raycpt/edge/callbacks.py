@@ -69,6 +69,13 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         state, flat = self._state(trial), flatten_result(result)
+        # A trial that ends before ASHA's max_t returns its last metrics, which Tune reports again (a new
+        # training_iteration, the same step and training time): shown and counted once. A step trained again
+        # after a restart has another training time, so it is a new report.
+        report = (flat.get(metrics.STEP), flat.get(metrics.TRAIN_TIME_S))
+        if report == state.last_report and report[0] is not None:
+            return
+        state.last_report = report
         state.status, state.reports = "running", state.reports + 1
         state.step = flat.get(metrics.STEP, state.step)
         state.metric = num(flat.get(self.metric))

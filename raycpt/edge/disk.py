@@ -6,6 +6,9 @@ prunes what trials leave on disk while the sweep runs.
 - A trial that ended keeps none: finished and ASHA-stopped trials lose it everywhere, and stopped ones their
   weights too (keep_weights: finished; only finished trials can win). A trial that failed past its retries keeps
   its newest checkpoint whole, so `raycpt sweep --resume` can retry it from there, and loses the rest.
+- A wsd trial's pre-decay checkpoint (metrics.PRE_DECAY in its metrics.json) stays whole while the sweep runs,
+  whatever the trial's fate; once the sweep is analysed, `prune_pre_decay` keeps it for the trials
+  `checkpoint.keep_pre_decay` names (the winner by default: `raycpt extend` continues from it) and removes the rest.
 
 Both layouts: one-worker trials checkpoint into their Tune trial dir (<exp>/tune/<trial>/checkpoint_*),
 multi-worker ones through Ray Train (<exp>/trials/trial_<id>/checkpoint_*). The optimizer state is the "optimizer"
@@ -36,6 +39,7 @@ from ray.tune import Callback
 
 from raycpt.core import metrics
 from raycpt.core.config import CheckpointConfig
+from raycpt.core.extend import is_pre_decay, trial_checkpoint_dirs
 from raycpt.core.parallel import SHARDED_DIR
 from raycpt.core.train import STATE_FILE
 
@@ -176,7 +180,8 @@ def prune_running(dirs: list[Path], newest: str | Path) -> int:
     newest_step = checkpoint_step(Path(newest))
     if newest_step is None:
         return 0
-    return sum(strip_optimizer(p) for p in checkpoints(dirs) if checkpoint_step(p) < newest_step)
+    return sum(strip_optimizer(p) for p in checkpoints(dirs) if checkpoint_step(p) < newest_step
+               and not is_pre_decay(p))
 
 
 def prune_ended(dirs: list[Path], policy: CheckpointConfig, *, finished: bool, failed: bool,
@@ -185,13 +190,48 @@ def prune_ended(dirs: list[Path], policy: CheckpointConfig, *, finished: bool, f
     freed = 0
     keep = Path(newest).resolve() if failed and newest else None
     for path in checkpoints(dirs):
-        if keep is not None and path.resolve() == keep:
+        if (keep is not None and path.resolve() == keep) or is_pre_decay(path):  # pre-decay: prune_pre_decay
             continue
         if policy.keep_optimizer == "latest":
             freed += strip_optimizer(path)
         if not finished and policy.keep_weights != "all":
             freed += remove_weights(path)
     return freed
+
+
+def pre_decay_keepers(policy: CheckpointConfig, winner: str | None, order: list[str]) -> set[str]:
+    """The trial ids whose pre-decay checkpoint `checkpoint.keep_pre_decay` keeps after analysis (`order`: trial
+    ids, best first under the selection rule)."""
+    if policy.keep_pre_decay == "winner":
+        return {winner} if winner else set()
+    if policy.keep_pre_decay == "top_k":
+        return set(order[:policy.keep_pre_decay_k]) | ({winner} if winner else set())
+    return set()
+
+
+def prune_pre_decay(exp_dir: str | Path, trials: list[dict[str, Any]], policy: CheckpointConfig,
+                    winner: str | None, order: list[str]) -> dict[str, Any]:
+    """After the sweep is analysed: remove the pre-decay checkpoints of the trials `checkpoint.keep_pre_decay` does
+    not keep (`trials`: rows with trial_id and path). Returns {"kept": {trial id: path}, "removed": n, "freed":
+    bytes, "freed_by_trial": {trial id: bytes}}."""
+    keep_all = policy.keep_pre_decay == "all"
+    keepers = pre_decay_keepers(policy, winner, order)
+    kept, removed, freed_by_trial = {}, 0, {}
+    for trial in trials:
+        found = checkpoints(trial_checkpoint_dirs(exp_dir, trial["trial_id"], trial.get("path")))
+        for path in (p for p in found if is_pre_decay(p)):
+            if keep_all or trial["trial_id"] in keepers:
+                kept[trial["trial_id"]] = str(path)
+                continue
+            if path == found[-1]:  # also the trial's last checkpoint (it stopped there): only its optimizer goes
+                size = strip_optimizer(path)
+            else:
+                size = dir_bytes(path)
+                shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+            freed_by_trial[trial["trial_id"]] = freed_by_trial.get(trial["trial_id"], 0) + size
+    return {"kept": kept, "removed": removed, "freed": sum(freed_by_trial.values()),
+            "freed_by_trial": freed_by_trial}
 
 
 def _safely(job: Callable[[], int], what: str) -> None:

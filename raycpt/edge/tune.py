@@ -22,6 +22,7 @@ from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, SearchConfig, TrainConfig, config_from_dict, to_dict, with_overrides
 from raycpt.core.prepare import Manifest
 from raycpt.core.resources import trial_resources
+from raycpt.core.schedule import stable_end
 from raycpt.edge.disk import DiskPolicy
 from raycpt.edge.policy import MAX_FAILURES, checkpoint_config, failure_config
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, ray_progress_reporters
@@ -84,16 +85,65 @@ RUN_LENGTH_FIELDS = ("steps", "tokens", "batch_size", "grad_accum", "global_batc
 """The train fields a trial's number of optimizer steps depends on (`TrainConfig.total_steps`)."""
 
 
-def max_steps(cfg: ExperimentConfig) -> int:
+def max_steps(cfg: ExperimentConfig, pick=max) -> int:
     """The most optimizer steps any trial can run (ASHA's max_t): `TrainConfig.total_steps` at every combination of
-    the swept run-length fields' extremes (a token budget with the smallest global batch is the longest run)."""
+    the swept run-length fields' extremes (a token budget with the smallest global batch is the longest run).
+    `pick=min`: the fewest."""
     options = []
     for name in RUN_LENGTH_FIELDS:
         spec = cfg.search.space.get(f"train.{name}")
         values = next(iter(spec.values())) if spec else [getattr(cfg.train, name)]
         options.append([(name, int(v)) for v in values])  # a range's two ends, or every choice/grid value
-    return max(dataclasses.replace(cfg.train, **dict(combo)).total_steps(cfg.data.block_size)
-               for combo in itertools.product(*options))
+    return pick(dataclasses.replace(cfg.train, **dict(combo)).total_steps(cfg.data.block_size)
+                for combo in itertools.product(*options))
+
+
+def asha_rungs(cfg: ExperimentConfig) -> list[int]:
+    """The steps at which ASHA compares trials (one bracket: grace_period x eval_every x reduction_factor^k up to
+    max_t, as Tune's _Bracket lays them out)."""
+    min_t = cfg.search.grace_period * _extreme(cfg, "train.eval_every", cfg.train.eval_every, min)
+    max_t, rf = max_steps(cfg), cfg.search.reduction_factor
+    count = int(math.log(max_t / min_t) / math.log(rf) + 1) if max_t >= min_t else 0
+    return [min_t * rf ** k for k in range(count)]
+
+
+def rung_phases(cfg: ExperimentConfig) -> str:
+    """Whether ASHA's rungs compare trials at the same point of their lr schedules, in one line (empty without
+    ASHA). Mid-run held-out loss depends on where a trial is in its schedule: under wsd every rung before the
+    shortest trial's cool-down finds all trials at the peak lr (comparable); under cosine, trials of different
+    lengths are at different points of their decay at a rung; constant holds the peak after the warmup."""
+    if cfg.search.scheduler != "asha":
+        return ""
+    spec = cfg.search.space.get("train.schedule")
+    schedules = set(next(iter(spec.values()))) if spec else {cfg.train.schedule}
+    shortest = max_steps(cfg, min)
+    rungs = [r for r in asha_rungs(cfg) if r < shortest]  # later rungs compare trials that have ended
+    if not rungs:
+        return ""
+    at = f"ASHA rungs at step(s) {', '.join(map(str, rungs))}"
+    if len(schedules) > 1:
+        return (f"{at} compare trials under different lr schedules (train.schedule is swept): a decision there "
+                "weighs the schedule as much as the hyperparameters")
+    schedule, = schedules
+    if schedule == "wsd":
+        fraction = _extreme_float(cfg, "train.decay_fraction", cfg.train.decay_fraction)
+        stable = stable_end(shortest, fraction)
+        late = [r for r in rungs if r > stable]
+        if late:
+            return (f"{at}: step(s) {', '.join(map(str, late))} fall in the cool-down of the shortest trials (stable "
+                    f"to step {stable}), so those decisions compare different phases; lower search.grace_period or "
+                    "train.decay_fraction")
+        return f"{at} fall in every trial's stable phase (wsd): trials are compared at the same lr"
+    if schedule == "cosine" and shortest != max_steps(cfg):
+        return (f"{at}: trials of different lengths ({shortest}-{max_steps(cfg)} steps) are at different points of "
+                "their cosine decay there, so decisions compare different phases; train.schedule=wsd keeps rungs in "
+                "every trial's stable phase")
+    return f"{at} find every trial at the same point of its {schedule} schedule"
+
+
+def _extreme_float(cfg: ExperimentConfig, key: str, default: float) -> float:
+    spec = cfg.search.space.get(key)
+    return float(max(next(iter(spec.values())))) if spec else float(default)
 
 
 def max_reports(cfg: ExperimentConfig) -> int:

@@ -91,10 +91,16 @@ def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
                               and autocast_dtype(cfg.train.precision, device) == torch.bfloat16)
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_kwargs())
 
-    # [2] A checkpoint exists when Ray Train restarts workers after a failure: resume from it.
+    # [2] A checkpoint exists when Ray Train restarts workers after a failure: resume from it. Else a run may
+    # start from a given one (`raycpt extend`: a trial's pre-decay checkpoint, on storage every worker reads).
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and train_loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(train_loop_config["resume_from"])
     # [4] Every rank reports (Ray Train requires it).
-    _run_loop(cfg, train_loop_config["data"], ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint(),
-              rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model)
+    _run_loop(cfg, train_loop_config["data"], ray.train.report, ray.train.Checkpoint, checkpoint,
+              rank=rank, world_size=world_size, device=ray.train.torch.get_device(), wrap_model=wrap_model,
+              forgetting_bound=train_loop_config.get("forgetting_bound"),
+              on_forgetting=train_loop_config.get("on_forgetting", "warn"))
 
 
 def train_in_trial(cfg: ExperimentConfig, data: Manifest) -> dict[str, Any]:
@@ -107,7 +113,8 @@ def train_in_trial(cfg: ExperimentConfig, data: Manifest) -> dict[str, Any]:
 
 
 def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, checkpoint, *, rank: int,
-              world_size: int, device, wrap_model=lambda model: model) -> dict[str, Any]:
+              world_size: int, device, wrap_model=lambda model: model, forgetting_bound: float | None = None,
+              on_forgetting: str = "warn") -> dict[str, Any]:
     """The loop inside Ray (a Ray Train worker or a Tune trial; `report_fn`/`checkpoint_cls` are that API's):
     one torch thread per CPU held (oversubscription slows CPU training), resume from `checkpoint` when Ray hands
     one back, and report each checkpoint with the node that trained it; Ray's checkpoint manager copies it to
@@ -133,7 +140,8 @@ def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, 
     with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         return train(cfg, data, report, checkpoint_root=root, resume_dir=resume_dir, rank=rank,
-                     world_size=world_size, device=device, wrap_model=wrap_model)
+                     world_size=world_size, device=device, wrap_model=wrap_model, forgetting_bound=forgetting_bound,
+                     on_forgetting=on_forgetting)
 
 
 def measure_base_on_trial_resources(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any]:
@@ -167,12 +175,18 @@ def _pause_if_asked(step: int) -> None:
 
 
 def build_trainer(cfg: ExperimentConfig, data: Manifest, *, storage_path: str | Path, name: str,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """[5] A TorchTrainer for one trial, with the checkpoint and failure policy of raycpt.edge.policy."""
+                  callbacks: list | None = None, resume_from: str | Path | None = None,
+                  forgetting_bound: float | None = None, on_forgetting: str = "warn") -> TorchTrainer:
+    """[5] A TorchTrainer for one trial, with the checkpoint and failure policy of raycpt.edge.policy.
+    `resume_from`: a checkpoint dir the run starts from (`raycpt extend`: a trial's pre-decay checkpoint); once the
+    run has checkpoints of its own, Ray Train restarts it from its latest instead. `forgetting_bound`,
+    `on_forgetting`: the loop's forgetting guard (raycpt.core.train.train)."""
     r = cfg.resources
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "data": data},
+        # Train V2 has no resume_from_checkpoint: the start checkpoint travels in the loop's config
+        train_loop_config={"cfg": to_dict(cfg), "data": data, "resume_from": str(resume_from or ""),
+                           "forgetting_bound": forgetting_bound, "on_forgetting": on_forgetting},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker,
                                                                      **r.worker_resources}),

@@ -11,6 +11,7 @@ import pandas as pd
 
 from raycpt.core import metrics
 from raycpt.core.errors import InputError
+from raycpt.core.train import has_weights
 
 ERROR_LINE_CHARS = 200
 """A failed trial's last error line is cut here: enough for the exception and its message."""
@@ -21,6 +22,9 @@ TRIALS_DIR = "trials"
 """Ray Train runs of multi-worker trials inside the experiment dir (raycpt.edge.tune.TRIALS_DIR)."""
 DISK_BYTES = "disk_bytes"
 """Trial-row column: bytes the trial holds on disk (its Tune dir and, multi-worker, its Ray Train run)."""
+WEIGHTS_KEPT = "weights_kept"
+"""Trial-row column: its checkpoint still holds weights (the disk policy deletes stopped trials' weights), so it
+can be exported."""
 
 
 def dir_bytes(path: str | Path) -> int:
@@ -81,6 +85,7 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
         row.update({key: last.get(key) for key in (*metrics.FINAL, "time_total_s")})
         if not row[metrics.CHECKPOINT_PATH] and trial.checkpoint:  # a one-worker trial: its latest, via Tune
             row[metrics.CHECKPOINT_PATH] = trial.checkpoint.path
+        row[WEIGHTS_KEPT] = bool(row[metrics.CHECKPOINT_PATH]) and has_weights(row[metrics.CHECKPOINT_PATH])
         row.update({k: v for k, v in flatten_result(last).items() if k.startswith(metrics.F1_CLASS_PREFIX)})
         own = trial_dir(exp_dir, row)
         row[DISK_BYTES] = (dir_bytes(own) if own else 0) + dir_bytes(

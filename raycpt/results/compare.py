@@ -30,11 +30,11 @@ def paired_lifts(row: dict[str, Any], reference: dict[str, Any], *, row_prefix: 
         return prefix + metric.removeprefix(metrics.EVAL_PREFIX)
 
     out: dict[str, float] = {}
-    preds, ref_preds = row.get(name(row_prefix, metrics.PREDICTIONS)), reference.get(
-        name(reference_prefix, metrics.PREDICTIONS))
-    if labels and preds and ref_preds and len(preds) == len(labels) == len(ref_preds):
-        out.update(paired_f1_difference(labels, list(preds), list(ref_preds), labels=classes).to_dict(
-            name(out_prefix, metrics.F1)))
+    for f1_name, predictions in metrics.DOWNSTREAM.items():  # the probe's F1 and prompted classification's
+        preds, ref_preds = row.get(name(row_prefix, predictions)), reference.get(name(reference_prefix, predictions))
+        if labels and preds and ref_preds and len(preds) == len(labels) == len(ref_preds):
+            out.update(paired_f1_difference(labels, list(preds), list(ref_preds), labels=classes).to_dict(
+                name(out_prefix, f1_name)))
     for losses_name, ppl_name in ((metrics.DOMAIN_BLOCK_LOSSES, metrics.DOMAIN_PPL),
                                   (metrics.GENERAL_BLOCK_LOSSES, metrics.GENERAL_PPL)):
         mine, theirs = _losses(row, name(row_prefix, losses_name)), _losses(reference, name(reference_prefix,

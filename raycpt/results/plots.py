@@ -15,16 +15,20 @@ from typing import Any
 
 import pandas as pd
 
+from raycpt.core import cpt_law
+from raycpt.core.config import ExperimentConfig, load_saved_config
 from raycpt.core.files import read_json
 from raycpt.results import collect
 from raycpt.results.format import hp_labels, ppl_text, short_ids, tokens_text
 from raycpt.results.summary import Summary
-from raycpt.results.sweep_law import law_fits
+from raycpt.results.sweep_law import law_fits, trial_curves
 
 DPI = 120
 PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png")
 LAW_PLOT = "law.png"
 """Drawn only when the sweep's mixing law could be fitted (Summary.law)."""
+CPT_LAW_PLOT = "cpt_law.png"
+"""The schedule-aware CPT law: fitted vs observed curves per trial, and the recommended run's predicted curve."""
 STATUS_MARKERS = {"finished": ("o", None), "stopped": ("X", "stopped by ASHA"), "failed": ("x", "failed"),
                   "running": (">", "still running")}
 
@@ -385,7 +389,8 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
     base_general = (summary.base or {}).get("base/general_ppl")
     bound = (1 + max_forgetting) * base_general if max_forgetting is not None and base_general else None
     histories = load_histories(exp_dir, summary)
-    for name in (*PLOT_FILES, LAW_PLOT):  # a plot this sweep has no data for must not survive from an earlier one
+    # a plot this sweep has no data for must not survive from an earlier one
+    for name in (*PLOT_FILES, LAW_PLOT, CPT_LAW_PLOT):
         (out / name).unlink(missing_ok=True)
     written = [
         plot_curves(out / "domain_ppl_vs_tokens.png", summary, histories, "eval/domain_ppl",
@@ -396,6 +401,61 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
         plot_ppl_vs_f1(out / "ppl_vs_f1.png", summary),
         plot_hyperparameters(out / "hyperparameters.png", summary, metric),
         plot_law(out / LAW_PLOT, summary, histories, float(cfg.get("train", {}).get("mix_ratio", 1.0))),
+        plot_cpt_law(out / CPT_LAW_PLOT, summary, histories, load_saved_config(exp_dir)) if cfg else None,
     ]
     return [p for p in written if p is not None]
 
+
+
+def plot_cpt_law(path: Path, summary: Summary, histories: dict[str, pd.DataFrame], cfg: ExperimentConfig
+                 ) -> Path | None:
+    """Per target (domain, general): every trial's observed evals (points) and the CPT law's fitted curve for it
+    (line), from the base model at step 0; the recommended run's predicted curve (black) with its 95% interval at
+    its end when the law made the pick, or a note that the recommendation is the fallback."""
+    import numpy as np
+
+    rec = summary.recommendation or {}
+    fits = {name: cpt_law.CptLawFit.from_dict(raw) for name, raw in (rec.get("fits") or {}).items()}
+    curves = trial_curves(summary.trials, histories, cfg)
+    if not fits or not curves:
+        return None
+    styles = _style(summary.trials, summary.winner)
+    fig, axes = _figure(width=12.0, height=5.0, ncols=len(fits))
+    axes = np.atleast_1d(axes)
+    law_pick = rec.get("source") == "law"
+    for ax, (name, fit) in zip(axes, fits.items(), strict=True):
+        for curve in curves:
+            observed = curve.loss(name)
+            if observed is None:
+                continue
+            s = styles.get(curve.trial_id, {"color": "gray", "label": curve.trial_id})
+            steps = np.arange(curve.run.total_steps + 1)
+            seen = int(max(curve.steps)) + 1
+            ax.plot(steps[:seen], np.exp(fit.curve(curve.run, curve.mix_ratio))[:seen], color=s["color"],
+                    linewidth=1.2, label=s["label"])
+            ax.scatter(curve.steps, np.exp(observed), color=s["color"], s=22, zorder=3)
+        if law_pick:
+            ref = next((c for c in curves if c.trial_id == rec.get("reference_trial")), curves[0])
+            run = cpt_law.RunSchedule(rec["peak_lr"], rec["total_steps"], round(
+                ref.run.warmup_steps * rec["total_steps"] / max(1, ref.run.total_steps)), rec["schedule"],
+                ref.run.decay_fraction, ref.run.decay_shape, ref.run.min_lr_ratio)
+            ax.plot(np.arange(run.total_steps + 1), np.exp(fit.curve(run, rec["mix_ratio"])), color="black",
+                    linestyle="--", linewidth=2, label=f"recommended: lr {rec['peak_lr']:.2g}, mix "
+                                                       f"{rec['mix_ratio']:.2f}, {rec['schedule']}")
+            ci = rec.get(f"{name}_loss_ci")
+            if ci:
+                ax.errorbar([run.total_steps], [math.exp(rec[f"predicted_{name}_loss"])],
+                            yerr=[[math.exp(rec[f"predicted_{name}_loss"]) - math.exp(ci[0])],
+                                  [math.exp(ci[1]) - math.exp(rec[f"predicted_{name}_loss"])]],
+                            color="black", capsize=4, zorder=4)
+        ax.axhline(math.exp(fit.base_loss), color="gray", linestyle=":", linewidth=1)
+        loo = f"{fit.loo_error:.1%}" if fit.loo_error is not None else "n/a"
+        ax.set_title(f"{name} held-out ppl: CPT law (leave-one-trial-out error {loo})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(f"{name} ppl")
+        _ppl_axis(ax.yaxis)
+        ax.legend(fontsize=7)
+    if not law_pick:
+        fig.suptitle("recommendation: fallback (" + "; ".join(rec.get("reasons") or [])[:150] + ")", fontsize=8)
+    fig.savefig(path)
+    return path

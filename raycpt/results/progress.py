@@ -32,6 +32,9 @@ class TrialProgress:
     mfu: float = math.nan
     report_seconds: float = 0.0
     """Wall time of all its reports, trial start-up included (Tune's time_this_iter_s)."""
+    last_report: tuple[Any, Any] | None = None
+    """(step, training seconds) of its last report: Tune hands a trainable's return value over as one more result,
+    which repeats the last report; that one is not shown or counted again."""
     error: str = ""
 
 

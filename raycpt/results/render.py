@@ -49,7 +49,7 @@ from raycpt.results.format import (
     tokens_text,
 )
 from raycpt.results.summary import Summary, analyze
-from raycpt.results.sweep_law import describe_law
+from raycpt.results.sweep_law import describe_law, describe_recommendation
 
 REPORT_SCHEMA_VERSION = 1
 INTERVAL_METRICS = (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1)
@@ -74,6 +74,10 @@ REPORT_SCHEMA = {
            "best_mix_ratio, best_mix_ratio_ci: [low, high] | null, target_tokens, predicted_domain_ppl, "
            "predicted_general_ppl, predicted_general_change, feasible, scope, trials, lr_reference, lr_region, "
            "describe, ... (raycpt.core.law.LawSummary.to_dict without 'law.')} | {error: str} | null",
+    "recommendation": "the final run the sweep recommends (raycpt.results.sweep_law.sweep_recommendation): "
+                      "{source: law | fallback, peak_lr, mix_ratio, schedule, total_steps, target_tokens, reasons, "
+                      "predicted_domain_loss, predicted_general_loss (nats, null for a fallback), domain_loss_ci, "
+                      "general_loss_ci, extrapolation, flags, fits: {domain, general}} | {error: str} | null",
     "compute": "sweep totals (raycpt.results.accounting): {trials, complete, tokens_trained, tokens_full_budget, "
                "tokens_saved_by_scheduler, tokens_not_run, saved_by_scheduler_fraction, largest_trial_budget, "
                "trial_seconds, resources_per_trial, resource_seconds, resource_seconds_full_budget, "
@@ -390,7 +394,8 @@ def _winner_lines(summary: Summary) -> list[str]:
     moves = []
     for name, label, fmt, lift_fmt in ((metrics.DOMAIN_PPL, "domain ppl", ppl_text, _percent),
                                        (metrics.GENERAL_PPL, "general ppl", ppl_text, _percent),
-                                       (metrics.F1, "F1", lambda v: fixed(v, 4), _signed(3))):
+                                       (metrics.F1, "F1", lambda v: fixed(v, 4), _signed(3)),
+                                       (metrics.PROMPT_F1, "prompt F1", lambda v: fixed(v, 4), _signed(3))):
         b, v = base.get(metrics.base_name(name)), w.get(name)
         if b is None or v is None:
             continue
@@ -408,7 +413,8 @@ def _winner_lines(summary: Summary) -> list[str]:
                  f"{interval_text(test, metrics.test_name(name), fmt)}"
                  for name, label, fmt in ((metrics.DOMAIN_PPL, "domain ppl", ppl_text),
                                           (metrics.GENERAL_PPL, "general ppl", ppl_text),
-                                          (metrics.F1, "F1", lambda v: fixed(v, 3)))
+                                          (metrics.F1, "F1", lambda v: fixed(v, 3)),
+                                          (metrics.PROMPT_F1, "prompt F1", lambda v: fixed(v, 3)))
                  if test.get(metrics.test_name(name)) is not None]
         lines.append("test (base → winner): " + ", ".join(parts))
     if summary.test_verdict:
@@ -449,6 +455,8 @@ def sweep_lines(summary: Summary) -> list[str]:
     lines = []
     if summary.law:
         lines.append(f"Mixing law: {describe_law(summary.law)}")
+    if summary.recommendation:
+        lines.append(f"Final run: {describe_recommendation(summary.recommendation)}")
     if summary.compute:
         lines.append(f"Compute: {describe_compute(summary.compute)}")
     return lines
@@ -561,6 +569,7 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
                  "trials_bytes": sum(row["disk_bytes"] or 0 for row in rows)},
         "trials": rows,
         "law": {k.removeprefix("law."): v for k, v in summary.law.items()} or None,
+        "recommendation": summary.recommendation or None,
         "compute": {k.removeprefix(COMPUTE_KEY): v for k, v in summary.compute.items()} or None,
     }
 

@@ -20,7 +20,7 @@ from raycpt.results.compare import VS_BEST_PREFIX, paired_lifts
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, export_winner
 from raycpt.results.select import select_winner
 from raycpt.results.sweep_law import ERROR as LAW_ERROR
-from raycpt.results.sweep_law import sweep_law
+from raycpt.results.sweep_law import sweep_law, sweep_recommendation
 
 SUMMARY_FILE = "summary.json"
 
@@ -58,6 +58,9 @@ class Summary:
     """Tokens, trial time, resource-seconds and what the scheduler saved (raycpt.results.accounting): `compute.*`."""
     rule: dict[str, Any] = field(default_factory=dict)
     """The selection rule (the `select` section) this summary was made under."""
+    recommendation: dict[str, Any] = field(default_factory=dict)
+    """The final run the sweep recommends (raycpt.results.sweep_law.sweep_recommendation): the schedule-aware CPT
+    law's pick with its predicted losses, or the fallback with its reasons; {"error": ...} when none was made."""
 
     def trial(self, trial_id: str) -> dict[str, Any]:
         return next(t for t in self.trials if t["trial_id"] == trial_id)
@@ -110,6 +113,11 @@ def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, export: bool 
         summary.law = sweep_law(rows, histories, cfg, base, selection.trial_id, selection.order)
     except Exception as err:  # a law that cannot be fitted is not worth losing the summary and export over
         summary.law = {LAW_ERROR: f"the fit failed ({type(err).__name__}: {err})"}
+    try:
+        summary.recommendation = sweep_recommendation(rows, histories, cfg, base, selection.trial_id,
+                                                      selection.order)
+    except Exception as err:  # likewise
+        summary.recommendation = {"error": f"the CPT law failed ({type(err).__name__}: {err})"}
     if winner_row is not None:
         card_path = exp_dir / EXPORT_DIR / CARD_FILE
         card = export_winner(exp_dir, cfg, winner_row, base, selection, force=force,
