@@ -138,3 +138,27 @@ def test_fallback_when_too_few_trials_or_the_run_reaches_beyond_the_data():
 def test_horizon_rule():
     assert horizon_lr(1e-3, 1000, 1000) == pytest.approx(1e-3)
     assert horizon_lr(1e-3, 1000, 10_000) == pytest.approx(1e-3 * 10 ** -0.3)
+
+
+def test_a_continuation_is_predicted_only_inside_the_laws_support():
+    from raycpt.core.cpt_law import predict_run
+
+    rng = np.random.default_rng(7)
+    curves = [generated(*spec, rng) for spec in SPECS]
+    fits = {t: fit_cpt_law(curves, t, BASE[t]) for t in ("domain", "general")}
+    # a wsd trial of 24 steps continued to 48: the same wsd run, longer (inside 4x the data's forward area)
+    predicted, said = predict_run(fits, run(3e-4, 48, "wsd"), 0.6)
+    truth = {t: CptLawFit(t, BASE[t], TRUE[t], UNIT).curve(run(3e-4, 48, "wsd"), 0.6)[-1] for t in BASE}
+    assert predicted["domain_loss"] == pytest.approx(truth["domain"], rel=0.01)
+    assert predicted["general_loss"] == pytest.approx(truth["general"], rel=0.01)
+    assert "predicts" in said
+    far, said = predict_run(fits, run(1e-3, 400, "wsd"), 0.6)
+    assert far is None and "beyond the 4x" in said
+    bad = {t: dataclasses_replace(f, loo_error=0.2) for t, f in fits.items()}
+    assert predict_run(bad, run(3e-4, 48, "wsd"), 0.6)[0] is None
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

@@ -438,3 +438,24 @@ def _check_forgetting(rec: Recommendation, curves: Sequence[Curve], base_general
         rec.flags.append(f"predicted forgetting ({math.expm1(predicted):+.1%} general ppl) is lower than any of "
                          f"{len(near)} trial(s) near this lr and mix showed at their end "
                          f"({math.expm1(observed):+.1%}); the law may under-predict forgetting")
+
+
+def predict_run(fits: dict[str, CptLawFit], run: RunSchedule, mix_ratio: float, *,
+                max_loo_error: float = MAX_LOO_ERROR, max_extrapolation: float = MAX_EXTRAPOLATION
+                ) -> tuple[dict[str, float] | None, str]:
+    """The law's final {domain_loss, general_loss} of `run` at `mix_ratio` (a continuation of a trial included:
+    a wsd trial extended is a wsd run of the longer length), or None with the reason it says nothing: no fit, a
+    fit over `max_loo_error`, or a run beyond `max_extrapolation` x the data's forward area."""
+    if "domain" not in fits:
+        return None, "the sweep has no CPT law fit"
+    for name, fit in fits.items():
+        if fit.loo_error is None or fit.loo_error > max_loo_error:
+            error = "unknown" if fit.loo_error is None else f"{fit.loo_error:.1%}"
+            return None, f"the {name} law's leave-one-trial-out error is {error} (over {max_loo_error:.0%})"
+    s1, s2 = areas(run.lrs())
+    reach = float(s1[-1]) / fits["domain"].max_s1
+    if reach > max_extrapolation:
+        return None, (f"the run moves the weights {reach:.1f}x as far as any trial did, beyond the "
+                      f"{max_extrapolation:g}x the law is checked for")
+    predicted = {f"{name}_loss": float(fit.predict(s1[-1:], s2[-1:], mix_ratio)[0]) for name, fit in fits.items()}
+    return predicted, f"the CPT law predicts it ({reach:.1f}x the trials' forward area)"

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raycpt.core import cpt_law
 from raycpt.core import metrics as m
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, apply_overrides, config_from_dict, parse_override
 from raycpt.core.errors import InputError
@@ -110,6 +111,8 @@ class Extension:
     forgetting_bound: float | None = None
     """(1 + select.max_forgetting) x the base model's validation general ppl: the guard's bound (None: no base
     general ppl measured)."""
+    predicted: dict[str, float] | None = None
+    """The sweep's CPT law on this run: {domain_ppl, general_ppl} at its end, when the law can carry it."""
 
     @property
     def out_dir(self) -> Path:
@@ -127,7 +130,8 @@ class Extension:
                              "min_lr_ratio": t.min_lr_ratio, "stable_end_step": stable_end(self.steps,
                                                                                           t.decay_fraction)},
                 "mix_ratio": t.mix_ratio, "why": self.why, "experiment_dir": str(self.exp_dir),
-                "forgetting_bound": self.forgetting_bound, "on_forgetting": self.cfg.extend.on_forgetting}
+                "forgetting_bound": self.forgetting_bound, "on_forgetting": self.cfg.extend.on_forgetting,
+                "predicted_by_law": self.predicted}
 
 
 def _no_pre_decay(trial_id: str, row: dict[str, Any], sweep_cfg: ExperimentConfig) -> str:
@@ -202,16 +206,34 @@ def plan_extension(exp_dir: str | os.PathLike, tokens: int, trial_id: str | None
     t, was = cfg.train, trial_cfg.train
     source = f"trial {trial_id}" + (" (the winner)" if trial_id == winner else "")
     if (t.lr, t.mix_ratio) == (was.lr, was.mix_ratio):
-        why = f"lr {t.lr:g} and mix {t.mix_ratio:g} from {source}; raycpt extend does not take them from a law yet"
+        why = (f"lr {t.lr:g} and mix {t.mix_ratio:g} from {source} (a continuation keeps the trial's lr and stream; "
+               "the final-run recommendation is in `raycpt analyze --suggest`)")
     else:
         why = (f"lr {t.lr:g} and mix {t.mix_ratio:g} from --set ({source} ran lr {was.lr:g}, mix {was.mix_ratio:g})"
                + ("; another mix draws another stream, so blocks the trial saw may come again"
                   if t.mix_ratio != was.mix_ratio else ""))
+    prediction, said = _law_prediction(summary, cfg)
+    why += "; " + said
     base = read_json(exp_dir / BASE_METRICS_FILE) if (exp_dir / BASE_METRICS_FILE).is_file() else {}
     base_general = base.get(m.base_name(m.GENERAL_PPL))
     bound = (1 + cfg.select.max_forgetting) * base_general if base_general else None
     return Extension(exp_dir, trial_id, checkpoint, cfg, tokens_before, int(at.get(m.TOKENS) or 0),
-                     steps * per_step, steps_before, steps, trial_id == winner, why, bound)
+                     steps * per_step, steps_before, steps, trial_id == winner, why, bound, prediction)
+
+
+def _law_prediction(summary: dict[str, Any], cfg: ExperimentConfig) -> tuple[dict[str, float] | None, str]:
+    """The sweep's CPT law on the extended run (its final domain and general ppl), or why it says nothing."""
+    fits = {name: cpt_law.CptLawFit.from_dict(raw)
+            for name, raw in ((summary.get("recommendation") or {}).get("fits") or {}).items()}
+    t = cfg.train
+    run = cpt_law.RunSchedule(t.lr, t.total_steps(cfg.data.block_size), t.warmup_steps, t.schedule, t.decay_fraction,
+                              t.decay_shape, t.min_lr_ratio)
+    predicted, said = cpt_law.predict_run(fits, run, t.mix_ratio, max_loo_error=cfg.law.max_loo_error,
+                                          max_extrapolation=cfg.law.max_extrapolation)
+    if predicted is None:
+        return None, f"no prediction: {said}"
+    ppl = {name.replace("_loss", "_ppl"): math.exp(value) for name, value in predicted.items()}
+    return ppl, f"{said}: " + ", ".join(f"{name.replace('_', ' ')} {value:.2f}" for name, value in ppl.items())
 
 
 def check_fingerprint(manifest: Manifest, exp_dir: Path) -> None:
