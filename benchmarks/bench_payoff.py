@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from raycpt.core import metrics
+from raycpt.core.checkpoint import keeping_newest_checkpoint
 from raycpt.core.config import load_config, load_saved_config, with_overrides
 from raycpt.core.files import read_json
 from raycpt.core.models import load_model
 from raycpt.core.prepare import Manifest, measure_base, score_model
-from raycpt.core.train import keeping_newest_checkpoint, train
+from raycpt.core.train import train
 from raycpt.results.compare import paired_lifts
 from raycpt.results.export import EXPORT_DIR
 from raycpt.results.suggest import FINAL_FILE

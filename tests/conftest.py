@@ -34,17 +34,50 @@ def tokenizer(tiny_gpt2_dir):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer) -> str:
     """A 2-layer Llama (the SmolLM2 architecture) from a config, with the GPT-2 tokenizer."""
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer))
+
+
+def save_tiny_llama(path: Path, tokenizer, dtype: torch.dtype = torch.float32) -> Path:
+    """Save a seeded 2-layer Llama with `tokenizer` in `dtype` to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return str(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray cluster (2 CPUs, dashboard on), shut down after the module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def finished_trial(cfg):
+    """Prepare `cfg`'s experiment and train it in-process: its directory, manifest and last report as a trial
+    row (trial id 't1')."""
+    from raycpt.core import metrics
+    from raycpt.core.prepare import prepare_experiment
+    from raycpt.core.train import train
+
+    exp_dir = cfg.experiment_dir()
+    manifest = prepare_experiment(cfg)
+    exp_dir.mkdir(parents=True)
+    manifest.save(exp_dir)
+    reports = []
+    train(cfg, manifest, lambda m, c: reports.append((m, c)), checkpoint_root=exp_dir / "ckpt")
+    last, checkpoint = reports[-1]
+    return exp_dir, manifest, {"trial_id": "t1", metrics.CHECKPOINT_PATH: checkpoint, **last}
 
 
 DOMAIN_SENTENCES = [

@@ -60,17 +60,6 @@ def run_reports(raw: dict[str, Any], storage: Path) -> list[list[dict[str, Any]]
     return [json.loads(line) for line in log.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.e2e
 def test_two_workers_match_one_worker_with_same_global_batch(corpora, tmp_path, local_ray):
     # 5 held-out blocks: rank 0 scores 3 of them (2 batches), rank 1 scores 2 (1 batch); the sums must still agree

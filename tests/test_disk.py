@@ -10,26 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycpt.core.config import CheckpointConfig, config_from_dict
-from raycpt.core.models import load_model
-from raycpt.core.train import (
+from raycpt.core.checkpoint import (
     STATE_FILE,
     TrainState,
-    build_optimizer,
-    build_scheduler,
+    dir_bytes,
+    has_optimizer,
     has_weights,
     load_checkpoint_model,
     save_checkpoint,
-)
-from raycpt.edge.disk import (
-    checkpoints,
-    dir_bytes,
-    has_optimizer,
-    prune_ended,
-    prune_running,
     strip_optimizer,
-    trial_dirs,
 )
+from raycpt.core.config import CheckpointConfig, config_from_dict
+from raycpt.core.models import load_model
+from raycpt.core.train import build_optimizer, build_scheduler
+from raycpt.edge.disk import checkpoints, prune_ended, prune_running, trial_dirs
 from raycpt.edge.policy import CHECKPOINTS_KEPT
 
 
@@ -90,7 +84,6 @@ def test_ended_trial_keeps_no_optimizer_and_stopped_ones_no_weights(tiny_gpt2_di
 
 @pytest.mark.e2e
 def test_smoke_sweep_disk_is_bounded(smoke_sweep):
-    from raycpt.core.train import has_weights
     from raycpt.results.render import report_json
 
     cfg, summary = smoke_sweep

@@ -124,7 +124,7 @@ def test_a_bound_no_trial_meets_exports_a_flagged_winner_that_has_weights(smoke_
     import shutil
 
     from raycpt.cli import main
-    from raycpt.core.train import has_weights
+    from raycpt.core.checkpoint import has_weights
 
     cfg, _ = smoke_sweep
     copy = tmp_path / "smoke"

@@ -13,15 +13,15 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from raycpt.core import metrics
+from raycpt.core.checkpoint import load_checkpoint_model
 from raycpt.core.config import config_from_dict, load_config, to_dict, with_overrides
 from raycpt.core.data import load_blocks
 from raycpt.core.errors import ConfigError
 from raycpt.core.evaluate import heldout_loss
 from raycpt.core.models import load_model
-from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import load_checkpoint_model, train
 from raycpt.results.export import CARD_TAGS, base_model_metadata, card_metadata, export_winner, write_weights
 from raycpt.results.select import Selection
+from tests.conftest import finished_trial, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,16 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bf16_base(tmp_path_factory, tokenizer) -> Path:
     """A 2-layer Llama saved in bfloat16 (as most hub models are), with a card naming its license."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("bf16-llama")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path = save_tiny_llama(tmp_path_factory.mktemp("bf16-llama"), tokenizer, torch.bfloat16)
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# a tiny bf16 Llama\n")
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     return path
@@ -58,14 +49,7 @@ def exported(bf16_base, tmp_path_factory):
                  "heldout_blocks": 4},
         "train": {"lr": 3e-3, "steps": 2, "batch_size": 4, "eval_every": 2, "warmup_steps": 1, "mix_ratio": 0.75},
     })
-    exp_dir = cfg.experiment_dir()
-    manifest = prepare_experiment(cfg)
-    exp_dir.mkdir(parents=True)
-    manifest.save(exp_dir)
-    reports = []
-    train(cfg, manifest, lambda m, c: reports.append((m, c)), checkpoint_root=exp_dir / "ckpt")
-    last, checkpoint = reports[-1]
-    row = {"trial_id": "t1", metrics.CHECKPOINT_PATH: checkpoint, **last}
+    exp_dir, manifest, row = finished_trial(cfg)
     card = export_winner(exp_dir, cfg, row, {}, Selection("t1"))
     return cfg, manifest, row, card, exp_dir / "export"
 

@@ -10,20 +10,13 @@ import pytest
 import torch
 
 from raycpt.core import metrics as m
+from raycpt.core.checkpoint import checkpoints_in, is_pre_decay, is_sharded_checkpoint, keeping_newest_checkpoint
 from raycpt.core.config import CONFIG_FILE, config_from_dict, to_dict
 from raycpt.core.errors import InputError
-from raycpt.core.extend import (
-    SUMMARY_FILE,
-    TUNE_DIR,
-    checkpoints_in,
-    extend_local,
-    is_pre_decay,
-    plan_extension,
-)
+from raycpt.core.extend import SUMMARY_FILE, TUNE_DIR, extend_local, plan_extension
 from raycpt.core.files import write_json
-from raycpt.core.parallel import is_sharded_checkpoint
 from raycpt.core.prepare import measure_base, prepare_experiment
-from raycpt.core.train import keeping_newest_checkpoint, train
+from raycpt.core.train import train
 
 
 def _raw(corpora, model_dir, tmp_path, **train) -> dict:
@@ -93,8 +86,9 @@ def test_extending_the_pre_decay_checkpoint_equals_one_uninterrupted_run(corpora
 
 def _checkpoints(tiny_gpt2_dir: str, root: Path, steps: list[int], pre_decay: int | None) -> list[Path]:
     """Real checkpoints (weights + AdamW state) as the loop saves them, one marked pre-decay."""
+    from raycpt.core.checkpoint import TrainState, save_checkpoint
     from raycpt.core.models import load_model
-    from raycpt.core.train import TrainState, build_optimizer, build_scheduler, save_checkpoint
+    from raycpt.core.train import build_optimizer, build_scheduler
 
     cfg = config_from_dict({"model": {"source": tiny_gpt2_dir}, "data": {"domain": "x"}, "train": {"mix_ratio": 1}})
     model = load_model(tiny_gpt2_dir)
@@ -112,9 +106,9 @@ def _checkpoints(tiny_gpt2_dir: str, root: Path, steps: list[int], pre_decay: in
 
 
 def test_disk_policy_keeps_pre_decay_checkpoints_whole_until_analysis_then_for_the_winner(tiny_gpt2_dir, tmp_path):
+    from raycpt.core.checkpoint import has_optimizer, has_weights
     from raycpt.core.config import CheckpointConfig
-    from raycpt.core.train import has_weights
-    from raycpt.edge.disk import has_optimizer, prune_ended, prune_pre_decay, prune_running, trial_dirs
+    from raycpt.edge.disk import prune_ended, prune_pre_decay, prune_running, trial_dirs
 
     trials = {}
     for trial_id, finished in (("a", True), ("b", True), ("c", False)):
@@ -259,17 +253,6 @@ def test_an_extension_killed_midway_resumes_from_its_own_checkpoint_to_the_same_
     uninterrupted = _run(ext.cfg, prepare_experiment(ext.cfg), tmp_path / "whole")
     torch.testing.assert_close(last[m.DOMAIN_LOSS], uninterrupted[-1][0][m.DOMAIN_LOSS], rtol=1e-5, atol=0)
     torch.testing.assert_close(last[m.TRAIN_LOSS], uninterrupted[-1][0][m.TRAIN_LOSS], rtol=1e-5, atol=0)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.e2e

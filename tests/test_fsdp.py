@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from raycpt.core import metrics as m
+from raycpt.core.checkpoint import SHARDED_DIR, is_sharded_checkpoint
 from raycpt.core.config import config_from_dict
-from raycpt.core.parallel import SHARDED_DIR, is_sharded_checkpoint
 from raycpt.core.prepare import prepare_experiment
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, fit_or_fail, write_jsonl
 from tests.test_ddp import EVAL_EVERY, RTOL, STEPS, experiment

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from raycpt.core.adapters import apply_lora, trainable_params
+from raycpt.core.checkpoint import STATE_FILE
 from raycpt.core.config import ExperimentConfig, config_from_dict, with_overrides
 from raycpt.core.data import load_blocks
 from raycpt.core.errors import ConfigError
@@ -22,7 +23,7 @@ from raycpt.core.evaluate import heldout_loss
 from raycpt.core.models import load_model
 from raycpt.core.plan import plan
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import STATE_FILE, flops_per_token, train
+from raycpt.core.train import flops_per_token, train
 from raycpt.results.export import ADAPTER_DIR, write_weights
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, ROOT, write_jsonl
 

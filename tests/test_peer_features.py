@@ -12,14 +12,15 @@ import yaml
 
 from raycpt.cli import main
 from raycpt.core import metrics
+from raycpt.core.checkpoint import STATE_FILE
 from raycpt.core.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict, with_overrides
 from raycpt.core.errors import ConfigError, ExportCheckError, InputError
 from raycpt.core.evaluate import autocast_dtype
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import STATE_FILE, train
+from raycpt.core.train import train
 from raycpt.results.accounting import trial_steps
 from raycpt.results.select import Selection
-from tests.conftest import SECRETS
+from tests.conftest import SECRETS, finished_trial
 
 
 def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train) -> ExperimentConfig:
@@ -155,14 +156,8 @@ def winner(corpora, tiny_gpt2_dir, tmp_path):
     """A finished 2-step trial of a sweep with export.push_to_hub set, as export_winner sees it."""
     cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, steps=2, eval_every=2)
     cfg = with_overrides(cfg, {"export.push_to_hub": "someone/cpt-winner"})
-    exp_dir = cfg.experiment_dir()
-    manifest = prepare_experiment(cfg)
-    exp_dir.mkdir(parents=True)
-    manifest.save(exp_dir)
-    reports = []
-    train(cfg, manifest, lambda m, c: reports.append((m, c)), checkpoint_root=exp_dir / "ckpt")
-    last, checkpoint = reports[-1]
-    return cfg, exp_dir, {"trial_id": "t1", metrics.CHECKPOINT_PATH: checkpoint, **last}
+    exp_dir, _, row = finished_trial(cfg)
+    return cfg, exp_dir, row
 
 
 def test_the_verified_export_is_pushed_with_the_token_from_the_environment(winner, fake_hub, monkeypatch):

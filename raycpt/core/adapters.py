@@ -1,31 +1,27 @@
-"""LoRA / DoRA continued pre-training with PEFT (`train.method: lora`): wrap, save, reload, merge.
+"""LoRA / DoRA continued pre-training with PEFT (`train.method: lora`): wrap, unwrap, merge.
 
 The loop calls `apply_lora` after loading the weights and setting dropout, before DDP / compile wrap the model:
 the released weights are frozen and PEFT injects adapters into the decoder's linear layers (optionally training the
 embeddings and LM head fully too, `train.lora_train_embeddings`), so only the adapter's params reach the optimizer
 (`build_optimizer` keeps params that require grad).
 
-Checkpoints of a LoRA run hold the adapter only, in PEFT's own format (`adapter_model.safetensors` +
-`adapter_config.json`, `save_adapter`), next to the run's config, whose `model.source` names the frozen base.
-Resume rebuilds base + `apply_lora` from the config and loads the adapter's weights into it (`load_adapter_weights`),
-so the optimizer's params line up with the saved state. The export (`load_merged`, `merge_for_export`) merges the
-adapter into the base weights: a plain HF model that loads without PEFT. `export.adapter` also copies the adapter
-as saved: `PeftModel.from_pretrained(base, "export/adapter")` loads it onto the base.
+Checkpoints of a LoRA run hold the adapter only, in PEFT's own format, next to the run's config, whose
+`model.source` names the frozen base (saved, loaded and merged by raycpt.core.checkpoint: `save_adapter`,
+`load_adapter_weights`, `load_merged`). Resume rebuilds base + `apply_lora` from the config and loads the adapter's
+weights into it, so the optimizer's params line up with the saved state. The export merges the adapter into the
+base weights (`merge_for_export`): a plain HF model that loads without PEFT. `export.adapter` also copies the
+adapter as saved: `PeftModel.from_pretrained(base, "export/adapter")` loads it onto the base.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 from torch import nn
 
 from raycpt.core.config import TrainConfig
 from raycpt.core.errors import InputError
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 """PEFT's shorthand: every linear layer but the output head."""
 _PEFT_NOISE = (".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*")
@@ -80,6 +76,15 @@ def peft_model_of(model: nn.Module) -> nn.Module | None:
     return model if callable(getattr(type(model), "get_base_model", None)) and hasattr(model, "peft_config") else None
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside DDP / torch.compile / PEFT wrappers (FSDP2 shards the HF model in place: no wrapper;
+    PEFT injects its adapter layers into the HF model in place, so this one computes with them)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    peft_model = peft_model_of(model)
+    return peft_model.get_base_model() if peft_model is not None else model
+
+
 def trainable_params(model: nn.Module) -> int:
     """Parameters that train (and take gradients and optimizer state)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -90,39 +95,6 @@ def shadowed_params(model: nn.Module) -> set[int]:
     copies of `modules_to_save` (the embeddings and head under lora_train_embeddings)."""
     return {id(p) for module in model.modules() if hasattr(module, "original_module")
             and hasattr(module, "modules_to_save") for p in module.original_module.parameters()}
-
-
-def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a LoRA run's checkpoint (a PEFT adapter, its base named in the run's config)."""
-    return (Path(path) / ADAPTER_WEIGHTS).is_file()
-
-
-def save_adapter(model: nn.Module, path: Path) -> None:
-    """The adapter's weights and config in PEFT's format (a tied head trained with the embeddings is saved once)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*")  # PEFT warns about saving without a hub base; nothing to do
-        peft_model_of(model).save_pretrained(path, safe_serialization=True)
-    (Path(path) / "README.md").unlink(missing_ok=True)  # PEFT's empty model card; the export writes the real one
-
-
-def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a checkpoint's adapter into a model `apply_lora` built from the same config (resume)."""
-    from peft import set_peft_model_state_dict  # deferred: only LoRA runs pay PEFT's import
-    from safetensors.torch import load_file
-
-    result = set_peft_model_state_dict(peft_model_of(model), load_file(Path(path) / ADAPTER_WEIGHTS))
-    if result.unexpected_keys:
-        raise InputError(f"checkpoint {path}: its adapter does not match train.lora_* of this run (unexpected "
-                         f"{result.unexpected_keys[0]}); resume with the config it was trained with")
-
-
-def load_merged(base: nn.Module, path: str | os.PathLike, t: TrainConfig) -> nn.Module:
-    """`base` (the released model) with a checkpoint's adapter merged into its weights. The adapter goes on the way
-    it trained (`apply_lora` with the run's `train` section, then its weights), not through
-    PeftModel.from_pretrained: PEFT's saved config does not record which modules it tied to the embeddings."""
-    model = apply_lora(base, t)
-    load_adapter_weights(model, path)
-    return merge_for_export(model)
 
 
 def merge_for_export(model: nn.Module) -> nn.Module:

@@ -13,7 +13,6 @@ process; the Ray path is raycpt.pipeline.extend_on_ray. Output goes to <exp>/ext
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -23,12 +22,13 @@ from typing import Any
 
 from raycpt.core import cpt_law
 from raycpt.core import metrics as m
+from raycpt.core.checkpoint import checkpoint_metrics, checkpoints_in, keeping_newest_checkpoint, pre_decay_checkpoint
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, apply_overrides, config_from_dict, parse_override
 from raycpt.core.errors import InputError
 from raycpt.core.files import read_json, write_json
 from raycpt.core.prepare import BASE_METRICS_FILE, MANIFEST_FILE, Manifest, prepare_experiment
 from raycpt.core.schedule import stable_end
-from raycpt.core.train import keeping_newest_checkpoint, train
+from raycpt.core.train import train
 
 SUMMARY_FILE = "summary.json"
 """The analysed sweep (raycpt.results.summary.SUMMARY_FILE): its winner and trial rows."""
@@ -37,6 +37,8 @@ TUNE_DIR, TRIALS_DIR = "tune", "trials"
 ones in their Ray Train run."""
 EXTENSION_FILE = "extension.json"
 """The extension's lineage, written into its dir before it runs."""
+EXTENSION_GLOB = "extend-*"
+"""Every extension's dir inside the experiment dir (`extension_dir`)."""
 LOCAL_DIR = "local"
 """`--no-ray` checkpoints, inside the extension's dir."""
 RAY_RUN_DIR = "run"
@@ -47,28 +49,6 @@ def extension_dir(exp_dir: str | os.PathLike, trial_id: str, tokens: int) -> Pat
     return Path(exp_dir) / f"extend-{trial_id}-{tokens}"
 
 
-def checkpoint_metrics(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A checkpoint's metrics.json (None while it is being written, or not a checkpoint)."""
-    try:
-        found = json.loads((Path(path) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) and m.STEP in found else None
-
-
-def is_pre_decay(path: str | os.PathLike) -> bool:
-    """Whether a checkpoint is a wsd run's pre-decay one (its metrics.json says so)."""
-    return bool((checkpoint_metrics(path) or {}).get(m.PRE_DECAY))
-
-
-def checkpoints_in(dirs: list[Path]) -> list[Path]:
-    """Every complete checkpoint (checkpoint_* with its metrics.json) in `dirs`, oldest step first."""
-    found = {p.resolve() for d in dirs if d.is_dir() for p in d.glob("checkpoint_*") if p.is_dir()}
-    stepped = [(checkpoint_metrics(p), p) for p in found]
-    return [p for mt, p in sorted(((mt, p) for mt, p in stepped if mt), key=lambda item: (item[0][m.STEP],
-                                                                                             str(item[1])))]
-
-
 def trial_checkpoint_dirs(exp_dir: str | os.PathLike, trial_id: str, recorded: str | None = None) -> list[Path]:
     """The dirs a sweep trial checkpoints into, found from the experiment dir (which may have moved since)."""
     exp_dir = Path(exp_dir)
@@ -76,12 +56,6 @@ def trial_checkpoint_dirs(exp_dir: str | os.PathLike, trial_id: str, recorded: s
     dirs += sorted((exp_dir / TUNE_DIR).glob(f"*_{trial_id}_*")) if (exp_dir / TUNE_DIR).is_dir() else []
     dirs.append(exp_dir / TRIALS_DIR / f"trial_{trial_id}")
     return list({d.resolve(): d for d in dirs}.values())  # each once
-
-
-def pre_decay_checkpoint(dirs: list[Path]) -> Path | None:
-    """The pre-decay checkpoint among `dirs`' checkpoints (the newest, should a retried trial have two)."""
-    found = [p for p in checkpoints_in(dirs) if is_pre_decay(p)]
-    return found[-1] if found else None
 
 
 def tokens_per_step(cfg: ExperimentConfig) -> int:

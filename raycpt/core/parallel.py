@@ -1,33 +1,22 @@
-"""FSDP2 (`resources.strategy: fsdp`) and sharded checkpoints (torch.distributed.checkpoint), no Ray.
+"""FSDP2 (`resources.strategy: fsdp`), no Ray.
 
 `apply_fsdp` shards each decoder layer, then the root (embeddings, final norm and the head: tied embeddings stay in
 one unit), as torchtitan does. The loop drives a sharded model like a DDP one; the differences live here:
-`no_gradient_sync` for the micro-batches of a step but the last, `root_unsharded` for code that calls a submodule
-directly (the probe's decoder-only forward), and `save_sharded` / `load_sharded`: every rank writes its own shard of
-the model and optimizer into one DCP directory, and loading reshards onto any number of workers (one included, with
-no process group).
+`no_gradient_sync` for the micro-batches of a step but the last, and `root_unsharded` for code that calls a
+submodule directly (the probe's decoder-only forward). Sharded checkpoints (torch.distributed.checkpoint: every rank
+writes its own shard of the model and optimizer into one DCP directory, and loading reshards onto any number of
+workers) are raycpt.core.checkpoint's `save_sharded` / `load_sharded`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
-
-SHARDED_DIR = "sharded"
-"""A sharded checkpoint's DCP directory (`.metadata` + one `__<rank>_0.distcp` per rank), inside the checkpoint."""
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -96,31 +85,3 @@ def root_unsharded(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         root.reshard()
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
-
-
-def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model + optimizer into `<path>/sharded` with DCP, keyed by parameter name: every rank writes its shard (a
-    collective: all ranks call it), rank 0 the metadata. Works with no process group (one plain model)."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=Path(path) / SHARDED_DIR,
-             no_dist=not dist.is_initialized())
-
-
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Load what `save_sharded` wrote into `model` (and `optimizer`), resharding to this run's layout: FSDP on any
-    number of ranks, DDP, or one plain model without a process group."""
-    if optimizer is None:
-        state = {"model": get_model_state_dict(model)}
-    else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=Path(path) / SHARDED_DIR, no_dist=not dist.is_initialized())
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-

@@ -100,7 +100,7 @@ def _clip(tokenizer, text: str, max_length: int) -> str:
     return text if len(ids) <= max_length else tokenizer.decode(ids[:max_length])
 
 
-def _padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [B, T] ids and attention mask."""
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
@@ -132,7 +132,7 @@ def label_logprobs(model: nn.Module, tokenizer, contexts: list[str], continuatio
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # long first: batches pad little
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = _padded([encoded[i][0] for i in rows], pad)
+            ids, mask = right_padded([encoded[i][0] for i in rows], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             last = torch.log_softmax(logits[torch.arange(len(rows)), (mask.sum(1) - 1).to(logits.device)], -1)
             for row, i in enumerate(rows):
@@ -142,7 +142,7 @@ def label_logprobs(model: nn.Module, tokenizer, contexts: list[str], continuatio
         pairs.sort(key=lambda p: -(len(p[2]) + len(p[3])))
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
-            ids, mask = _padded([ctx + cont for _, _, ctx, cont in batch], pad)
+            ids, mask = right_padded([ctx + cont for _, _, ctx, cont in batch], pad)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(),
                                      -1).cpu()
             for row, (i, j, ctx, cont) in enumerate(batch):

@@ -4,7 +4,7 @@
 and a re-decay (`train.schedule`: cosine, or warmup-stable-decay; raycpt.core.schedule) over a deterministic
 domain/general mixture. Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it
 scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under
-`resources.strategy: fsdp`, see `save_checkpoint`) and calls
+`resources.strategy: fsdp`; raycpt.core.checkpoint says what one holds) and calls
 `report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
 `python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray. `train.method: lora` trains PEFT
 adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16` adds a GradScaler.
@@ -13,16 +13,12 @@ adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
-import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +27,29 @@ import torch
 from torch import nn
 
 from raycpt.core import metrics as m
-from raycpt.core.adapters import (
-    apply_lora,
+from raycpt.core.adapters import apply_lora, shadowed_params, unwrap
+from raycpt.core.checkpoint import (
+    TrainState,
+    checkpoint_name,
     is_adapter_checkpoint,
+    is_sharded_checkpoint,
+    keeping_newest_checkpoint,
     load_adapter_weights,
-    load_merged,
-    peft_model_of,
-    save_adapter,
-    shadowed_params,
+    load_train_state,
+    save_checkpoint,
 )
-from raycpt.core.config import CONFIG_FILE, ExperimentConfig, config_from_dict, load_config, to_dict
+from raycpt.core.config import ExperimentConfig, load_config
 from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
-from raycpt.core.files import read_json, write_json
 from raycpt.core.loss import causal_lm_loss, compile_for_loss, resolve_loss_impl
 from raycpt.core.models import apply_dropout, load_model
-from raycpt.core.parallel import (
-    fsdp_root,
-    is_sharded_checkpoint,
-    load_sharded,
-    no_gradient_sync,
-    root_unsharded,
-    save_sharded,
-)
+from raycpt.core.parallel import fsdp_root, no_gradient_sync, root_unsharded
 from raycpt.core.prepare import Manifest, prepare_experiment
 from raycpt.core.prompting import prompt_spec
 from raycpt.core.schedule import lr_factor, stable_end
 
 Report = Callable[[dict[str, Any], "str | None"], None]
-STATE_FILE = "trainer_state.pt"
 ADAMW_BETAS = (0.9, 0.95)
 """Defaults of build_optimizer (the loop passes train.adam_beta1/2 and adam_eps, which default to these)."""
 ADAMW_EPS = 1e-8
@@ -81,7 +70,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: 
     """A LambdaLR over `raycpt.core.schedule.lr_factor`: linear re-warm to lr, then `schedule` over `steps`.
     cosine is transformers' own schedule (get_cosine_with_min_lr_schedule_with_warmup, which lr_factor equals to
     the last bit), so cosine runs keep their numbers. The scheduler's state is its step count alone: a resumed or
-    extended run rebuilds the schedule from its config (`load_train_state`)."""
+    extended run rebuilds the schedule from its config (raycpt.core.checkpoint.load_train_state)."""
     if schedule == "cosine":
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -120,137 +109,6 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
         params.pop(shadowed, None)
     layers, hidden = hf.config.num_hidden_layers, hf.config.hidden_size
     return float(sum(params.values())) + 12.0 * layers * hidden * seq_len
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / torch.compile / PEFT wrappers (FSDP2 shards the HF model in place: no wrapper;
-    PEFT injects its adapter layers into the HF model in place, so this one computes with them)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    peft_model = peft_model_of(model)
-    return peft_model.get_base_model() if peft_model is not None else model
-
-
-@dataclass
-class TrainState:
-    """What a resumed run needs besides the weights, the optimizer and the scheduler: saved and restored as one
-    unit with them (`trainer_state.pt`, loaded with weights_only=True). The mixture and the data position are
-    functions of the config and `step`; numpy draws are all from seeded generators, so no numpy state."""
-
-    step: int = 0
-    train_time_s: float = 0.0
-    best_domain_ppl: float = math.inf
-    evals_since_best: int = 0
-    restarts: int = 0
-    torch_rng: torch.Tensor | None = None
-    python_rng: tuple | None = None
-    cuda_rng: list[torch.Tensor] | None = None
-
-    def capture_rng(self) -> None:
-        self.torch_rng, self.python_rng = torch.get_rng_state(), random.getstate()
-        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore_rng(self) -> None:
-        if self.torch_rng is not None:
-            torch.set_rng_state(self.torch_rng)
-        if self.python_rng is not None:
-            random.setstate(_as_tuples(self.python_rng))
-        if self.cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.cuda_rng)
-
-
-def _as_tuples(value: Any) -> Any:
-    """random.setstate wants the nested tuples getstate gave (a round trip through torch.save may give lists)."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def save_checkpoint(path: Path, model: nn.Module, state: TrainState, optimizer: torch.optim.Optimizer, scheduler,
-                    cfg: ExperimentConfig, metrics: dict[str, Any], *, rank: int = 0,
-                    scaler: torch.amp.GradScaler | None = None) -> None:
-    """One unit: weights, the train state with optimizer, scheduler and fp16 loss scaler, the config, the metrics.
-    train.method lora: the weights are the PEFT adapter alone (`raycpt.core.adapters.save_adapter`); the frozen
-    base is the config's model.source.
-
-    strategy ddp (rank 0 alone calls it): HF `save_pretrained` safetensors, and `trainer_state.pt` with the
-    optimizer. strategy fsdp (every rank calls it, into its own local dir; Ray merges them into one): each rank
-    writes its shard of the weights and optimizer (torch DCP, `sharded/`), rank 0 the HF config.json and
-    `trainer_state.pt` without the optimizer. `results.export` gathers the shards into HF safetensors."""
-    path.mkdir(parents=True, exist_ok=True)
-    hf = unwrap(model)
-    sharded = cfg.resources.strategy == "fsdp"
-    if sharded:
-        save_sharded(path, hf, optimizer)  # a collective: every rank
-    if rank != 0:
-        return
-    if sharded:
-        hf.config.save_pretrained(path)
-        if getattr(hf, "generation_config", None) is not None:
-            hf.generation_config.save_pretrained(path)
-    elif peft_model_of(model) is not None:
-        save_adapter(model, path)
-    else:
-        hf.save_pretrained(path, safe_serialization=True)
-    state.capture_rng()
-    saved = {"state": dataclasses.asdict(state), "scheduler": scheduler.state_dict(),
-             # the dynamic loss scale fp16 reached ({} when disabled): a resume must not restart it at 2**16
-             "scaler": scaler.state_dict() if scaler is not None else {}}
-    if not sharded:
-        saved["optimizer"] = optimizer.state_dict()
-    torch.save(saved, path / STATE_FILE)
-    write_json(path / CONFIG_FILE, to_dict(cfg))
-    write_json(path / "metrics.json", metrics)
-
-
-def load_train_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                     scaler: torch.amp.GradScaler | None = None) -> TrainState:
-    """Optimizer, scheduler, loss scaler and TrainState from a checkpoint; a sharded one also loads the weights into
-    `model` (resharded onto this run's workers: a collective under FSDP). The RNG state is rank 0's, on every
-    rank."""
-    saved = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-    if is_sharded_checkpoint(path):
-        load_sharded(path, unwrap(model), optimizer)
-    else:
-        optimizer.load_state_dict(saved["optimizer"])
-    # The scheduler's step count alone: its peak lr and shape are this run's config (the LambdaLR state would also
-    # bring back the saved run's base lrs), and the lr of the next step is this run's schedule's, not the one saved
-    # with the optimizer. They differ when the run is longer than the one that saved or has another train.lr
-    # (raycpt extend), and are equal on a plain resume.
-    base_lrs = list(scheduler.base_lrs)
-    scheduler.load_state_dict(saved["scheduler"])
-    scheduler.base_lrs = base_lrs
-    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas, strict=True)]
-    for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs, strict=True):
-        group["lr"], group["initial_lr"] = lr, base
-    scheduler._last_lr = lrs
-    if scaler is not None and scaler.is_enabled() and saved.get("scaler"):
-        scaler.load_state_dict(saved["scaler"])
-    return TrainState(**saved["state"])
-
-
-def load_checkpoint_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False
-                          ) -> nn.Module:
-    """The HF model of a checkpoint of any format, whole, on CPU (no process group needed): a sharded one is
-    built from its config.json and filled from the DCP shards; a LoRA one is its base (the run's model.source) with
-    the adapter merged in (a plain HF model, no PEFT wrapper)."""
-    if is_adapter_checkpoint(path):
-        run = config_from_dict(read_json(Path(path) / CONFIG_FILE))
-        return load_merged(load_model(run.model.source, dtype, trust_remote_code), path, run.train).train()
-    if not is_sharded_checkpoint(path):
-        return load_model(str(path), dtype, trust_remote_code)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    load_sharded(path, model)
-    return model.train()
-
-
-def has_weights(path: str | os.PathLike) -> bool:
-    """Whether `path` is a checkpoint with weights: HF safetensors (one file or an index of shards), DCP, or a
-    LoRA adapter."""
-    path = Path(path)
-    return ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-            or is_sharded_checkpoint(path) or is_adapter_checkpoint(path))
 
 
 def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
@@ -437,7 +295,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
         checkpoint_dir = None
         # fsdp: every rank writes its shard. Stopped by the forgetting bound: no checkpoint past it
         if (rank == 0 or cfg.resources.strategy == "fsdp") and not stop_forgetting:
-            checkpoint_dir = Path(checkpoint_root) / f"checkpoint_step{done:06d}"
+            checkpoint_dir = Path(checkpoint_root) / checkpoint_name(done)
             save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank,
                             scaler=scaler)
         report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
@@ -460,24 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
     return 0 if run_local(cfg, print) else 1
-
-
-def keeping_newest_checkpoint(report: Report) -> Report:
-    """`report`, after removing the previous checkpoint once a newer one is written. For runs outside Ray, where
-    nothing resumes from an older one: the loop writes one per eval, each the weights plus AdamW state, which
-    would fill a disk over a long run (in Ray, the checkpoint manager keeps what `checkpoint` says). A wsd run's
-    pre-decay checkpoint (metrics.PRE_DECAY) is never removed."""
-    newest: list[str] = []
-
-    def report_and_prune(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir:
-            for old in newest:
-                shutil.rmtree(old, ignore_errors=True)
-            # a wsd run's pre-decay checkpoint is kept: `raycpt extend` continues from it
-            newest[:] = [] if metrics.get(m.PRE_DECAY) else [checkpoint_dir]
-        report(metrics, checkpoint_dir)
-
-    return report_and_prune
 
 
 def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:

@@ -11,9 +11,8 @@ prunes what trials leave on disk while the sweep runs.
   `checkpoint.keep_pre_decay` names (the winner by default: `raycpt extend` continues from it) and removes the rest.
 
 Both layouts: one-worker trials checkpoint into their Tune trial dir (<exp>/tune/<trial>/checkpoint_*),
-multi-worker ones through Ray Train (<exp>/trials/trial_<id>/checkpoint_*). The optimizer state is the "optimizer"
-entry of `trainer_state.pt` (ddp), or the "optim." entries of the DCP dir `sharded/` (fsdp), which is rewritten
-without them (the weights' bytes are copied once; the optimizer's are never read).
+multi-worker ones through Ray Train (<exp>/trials/trial_<id>/checkpoint_*). What is removed from a checkpoint,
+and how, is raycpt.core.checkpoint's (`strip_optimizer`, `remove_weights`): this module decides when and where.
 
 A change waits for Tune's next experiment-state snapshot (Tune calls `get_state` while saving it): a driver killed
 before then resumes its trials from the checkpoints that snapshot lists, which still hold their optimizer state.
@@ -22,11 +21,8 @@ The file work runs on one background thread, so the Tune loop never waits on a l
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import logging
-import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -34,25 +30,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
 from ray.tune import Callback
 
 from raycpt.core import metrics
+from raycpt.core.checkpoint import (
+    CHECKPOINT_GLOB,
+    checkpoint_step,
+    dir_bytes,
+    is_pre_decay,
+    remove_weights,
+    strip_optimizer,
+)
 from raycpt.core.config import CheckpointConfig
-from raycpt.core.extend import is_pre_decay, trial_checkpoint_dirs
-from raycpt.core.parallel import SHARDED_DIR
-from raycpt.core.train import STATE_FILE
+from raycpt.core.extend import trial_checkpoint_dirs
 
 TRIALS_DIR = "trials"
 """Ray Train runs of multi-worker trials inside the experiment dir (raycpt.edge.tune.TRIALS_DIR)."""
-CHECKPOINT_GLOB = "checkpoint_*"
-WEIGHT_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
-                "pytorch_model*.bin", "adapter_model.safetensors")  # the last: a LoRA run's (raycpt.core.adapters)
-OPTIMIZER_KEY = "optimizer"
-"""The optimizer's entry in trainer_state.pt (raycpt.core.train.save_checkpoint)."""
-OPTIM_PREFIX = "optim"
-"""The optimizer's entries in a sharded checkpoint's DCP dir (raycpt.core.parallel.save_sharded)."""
-_CHUNK = 64 * 2**20
 
 log = logging.getLogger("raycpt")
 
@@ -63,115 +56,11 @@ def trial_dirs(exp_dir: str | Path, trial_id: str, trial_path: str | None) -> li
     return [*dirs, Path(exp_dir) / TRIALS_DIR / f"trial_{trial_id}"]
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint was saved at (its metrics.json); None while it is still being written."""
-    try:
-        return int(json.loads((path / "metrics.json").read_text())[metrics.STEP])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def checkpoints(dirs: list[Path]) -> list[Path]:
     """Every complete checkpoint (one with its metrics.json) in `dirs`, oldest first."""
     found = [p for d in dirs if d.is_dir() for p in d.glob(CHECKPOINT_GLOB) if p.is_dir()]
     stepped = [(checkpoint_step(p), p) for p in found]
     return [p for step, p in sorted((s, p) for s, p in stepped if s is not None)]
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
-
-
-def _is_optim(fqn: str) -> bool:
-    return fqn == OPTIM_PREFIX or fqn.startswith(OPTIM_PREFIX + ".")
-
-
-def _read_dcp_metadata(dcp: Path):
-    with (dcp / ".metadata").open("rb") as fh:
-        return pickle.load(fh)  # DCP's own format, written by this sweep's trials
-
-
-def has_optimizer(path: Path) -> bool:
-    """Whether a checkpoint holds optimizer state (in trainer_state.pt or its DCP dir)."""
-    state = Path(path) / STATE_FILE
-    if state.is_file() and OPTIMIZER_KEY in torch.load(state, map_location="cpu", weights_only=True, mmap=True):
-        return True
-    dcp = Path(path) / SHARDED_DIR
-    return (dcp / ".metadata").is_file() and any(_is_optim(k) for k in _read_dcp_metadata(dcp).state_dict_metadata)
-
-
-def _strip_state_file(path: Path) -> int:
-    if not path.is_file():
-        return 0
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the optimizer is never read
-    if OPTIMIZER_KEY not in saved:
-        return 0
-    before = path.stat().st_size
-    del saved[OPTIMIZER_KEY]
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(saved, tmp)
-    del saved  # unmap the old file before it is replaced
-    os.replace(tmp, path)
-    return before - path.stat().st_size
-
-
-def _strip_dcp(dcp: Path) -> int:
-    """Rewrite a DCP dir without its optimizer entries: new data files holding only the model's byte ranges, then
-    the metadata pointing at them is swapped in atomically, then the old files go. A crash at any point leaves a
-    loadable checkpoint (the old one, or the new one plus orphaned old files)."""
-    if not (dcp / ".metadata").is_file():
-        return 0
-    meta = _read_dcp_metadata(dcp)
-    if not any(_is_optim(k) for k in meta.state_dict_metadata):
-        return 0
-    before = dir_bytes(dcp)
-    by_file: dict[str, list] = {}
-    for index, info in meta.storage_data.items():
-        if not _is_optim(index.fqn):
-            by_file.setdefault(info.relative_path, []).append((index, info))
-    storage, old_files = {}, {info.relative_path for info in meta.storage_data.values()}
-    for relative, items in by_file.items():
-        new_name = f"{Path(relative).stem}.model{Path(relative).suffix}"
-        with (dcp / relative).open("rb") as src, (dcp / new_name).open("wb") as dst:
-            for index, info in sorted(items, key=lambda item: item[1].offset):
-                src.seek(info.offset)
-                storage[index] = dataclasses.replace(info, relative_path=new_name, offset=dst.tell())
-                left = info.length
-                while left:
-                    chunk = src.read(min(left, _CHUNK))
-                    if not chunk:
-                        raise OSError(f"{dcp / relative}: shorter than its metadata says")
-                    dst.write(chunk)
-                    left -= len(chunk)
-    meta.state_dict_metadata = {k: v for k, v in meta.state_dict_metadata.items() if not _is_optim(k)}
-    meta.storage_data = storage
-    if isinstance(meta.planner_data, dict):
-        meta.planner_data = {k: v for k, v in meta.planner_data.items() if not _is_optim(k)}
-    tmp = dcp / ".metadata.tmp"
-    with tmp.open("wb") as fh:
-        pickle.dump(meta, fh)
-    os.replace(tmp, dcp / ".metadata")
-    for relative in old_files - {info.relative_path for info in storage.values()}:
-        (dcp / relative).unlink(missing_ok=True)
-    return before - dir_bytes(dcp)
-
-
-def strip_optimizer(path: Path) -> int:
-    """Remove a checkpoint's optimizer state, keep everything else; returns the bytes freed."""
-    return _strip_state_file(Path(path) / STATE_FILE) + _strip_dcp(Path(path) / SHARDED_DIR)
-
-
-def remove_weights(path: Path) -> int:
-    """Remove a checkpoint's weights (safetensors, or the DCP dir, optimizer included); metrics and configs stay."""
-    path, freed = Path(path), 0
-    for pattern in WEIGHT_GLOBS:
-        for file in path.glob(pattern):
-            freed += file.stat().st_size
-            file.unlink(missing_ok=True)
-    if (path / SHARDED_DIR).is_dir():
-        freed += dir_bytes(path / SHARDED_DIR)
-        shutil.rmtree(path / SHARDED_DIR, ignore_errors=True)
-    return freed
 
 
 def prune_running(dirs: list[Path], newest: str | Path) -> int:

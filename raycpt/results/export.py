@@ -20,14 +20,13 @@ import pandas as pd
 import torch
 
 from raycpt.core import metrics
-from raycpt.core.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_checkpoint
+from raycpt.core.checkpoint import has_weights, write_hf_weights
 from raycpt.core.config import CONFIG_FILE, DTYPES, ExperimentConfig, config_from_dict, to_dict
 from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.files import read_json, write_json
 from raycpt.core.models import load_model, load_tokenizer, resolve_model_source
 from raycpt.core.prepare import Manifest, score_model
 from raycpt.core.sources import _is_local
-from raycpt.core.train import has_weights, load_checkpoint_model
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.compare import paired_lifts
 from raycpt.results.format import fixed, interval_text, num
@@ -65,18 +64,14 @@ def export_dtype(cfg: ExperimentConfig) -> str:
 def write_weights(checkpoint: Path, export: Path, cfg: ExperimentConfig) -> None:
     """The checkpoint's model as HF safetensors in `export`, in `export.dtype` (auto: the base model's) and in files
     of at most `export.max_shard_size` (model.safetensors, or model-0000k-of-0000n.safetensors +
-    model.safetensors.index.json), with config.json (naming that dtype) and generation_config.json. Either
-    checkpoint format: a ddp save_pretrained dir, or an fsdp checkpoint's DCP shards gathered here on CPU (no
-    process group; needs the whole model's memory), or a LoRA adapter merged into its base (merged in the run's
-    model.dtype, then cast). With `export.adapter`, a LoRA checkpoint's adapter is also copied to
-    `export/adapter/`."""
-    model = load_checkpoint_model(checkpoint, cfg.model.dtype, cfg.model.trust_remote_code)
-    model.to(getattr(torch, export_dtype(cfg)))
-    model.save_pretrained(export, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
-    if cfg.export.adapter and is_adapter_checkpoint(checkpoint):
-        (export / ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copy2(checkpoint / name, export / ADAPTER_DIR / name)
+    model.safetensors.index.json), with config.json (naming that dtype) and generation_config.json. Any checkpoint
+    format, gathered by raycpt.core.checkpoint.write_hf_weights: a ddp save_pretrained dir, an fsdp checkpoint's DCP
+    shards (on CPU, no process group; needs the whole model's memory), or a LoRA adapter merged into its base
+    (merged in the run's model.dtype, then cast). With `export.adapter`, a LoRA checkpoint's adapter is also copied
+    to `export/adapter/`."""
+    write_hf_weights(checkpoint, export, load_dtype=cfg.model.dtype, dtype=export_dtype(cfg),
+                     max_shard_size=cfg.export.max_shard_size, trust_remote_code=cfg.model.trust_remote_code,
+                     adapter_dir=export / ADAPTER_DIR if cfg.export.adapter else None)
 
 
 def hub_token(cfg: ExperimentConfig) -> str | None:

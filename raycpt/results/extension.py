@@ -1,6 +1,7 @@
 """Score and export an extended run (`raycpt extend`) the way the sweep's winner is: validation and test, intervals,
 paired lifts against the base model and against the trial it continued, into <exp>/extend-<trial>-<tokens>/export
-with a card whose lineage records the trial, the tokens before and after, and the schedule."""
+with a card whose lineage records the trial, the tokens before and after, and the schedule. `raycpt report` reads
+that card back (raycpt.results.summary.collect_extensions) and shows the extension as a row below its trial."""
 
 from __future__ import annotations
 

@@ -86,6 +86,17 @@ REPORT_SCHEMA = {
     "disk": "{experiment_bytes, trials_bytes}: the experiment dir on disk, and the part its trials hold "
             "(checkpoints, logs; bounded by the config's checkpoint: policy)",
     "trials": "[trial], best first under the selection rule",
+    "extensions": "[extension]: the continuations `raycpt extend` wrote into the experiment dir "
+                  "(<exp>/extend-<trial>-<tokens>/), by trial and tokens: {trial_id (the trial it continued), "
+                  "trial_winner: bool, status (\"extended from <trial_id> (<tokens_before> → <tokens_after> "
+                  "tokens)\"), dir, export (its export dir | null: not exported yet), tokens_before, tokens_after, "
+                  "steps_before, steps_after, schedule: {schedule, lr, warmup_steps, decay_fraction, decay_shape, "
+                  "min_lr_ratio, stable_end_step}, stopped (the forgetting guard's word | null), step, tokens, "
+                  "domain_ppl, general_ppl, forgetting, domain_ppl_change, f1, f1_sd, accuracy, domain_ppl_ci_low, "
+                  "domain_ppl_ci_high, general_ppl_ci_low, general_ppl_ci_high, f1_ci_low, f1_ci_high (95% bootstrap "
+                  "on the validation split, from its export's card), lift: {paired vs the base model}, vs_trial: "
+                  "{paired vs the trial it continued}, test: {test/... on the test split} | null, test_verdict: str "
+                  "| null, verified: bool | null (the export reproduced its numbers on reload)}",
     "trial": "{rank, trial_id, winner: bool, status, excluded: str | null, error: str | null, hyperparameters: "
              "{dotted field: value}, step, tokens, time_s, domain_ppl, general_ppl, forgetting (relative change of "
              "general ppl vs base), domain_ppl_change (relative change vs base), f1, f1_sd (only with eval.seeds > 1), "
@@ -128,7 +139,7 @@ def print_base(console: Console, base: dict[str, Any]) -> None:
 class DisplayRow:
     cells: list[str]
     kind: str
-    """base | winner | trial | excluded (by the rule) | failed"""
+    """base | winner | trial | excluded (by the rule) | failed | extension (`raycpt extend`, below its trial)"""
 
 
 @dataclass(frozen=True)
@@ -188,10 +199,38 @@ def _ppl_ci(value: float) -> str:
     return ppl_text(value).replace(",", "")  # no thousands comma inside '[low, high]'
 
 
+def _count(value: Any) -> str:
+    value = as_int(value)
+    return f"{value:,}" if value is not None else "?"
+
+
+def extension_status(ext: dict[str, Any], trial: str, layout: Layout = LAYOUTS[0]) -> str:
+    """'extended from <trial> (<tokens before> → <tokens after> tokens)', and what else its row must say: the
+    forgetting guard stopped it, or it has no export yet (its numbers come from the export's card)."""
+    short = layout.status == "short"
+    tokens = (f"{tokens_text(ext.get('tokens_before'))} → {tokens_text(ext.get('tokens_after'))}" if short
+              else f"{_count(ext.get('tokens_before'))} → {_count(ext.get('tokens_after'))}")
+    text = f"extended from {trial} ({tokens} tokens)"
+    if ext.get("stopped"):
+        text += "; stopped (forgetting)" if short else "; stopped by the forgetting guard"
+    if not ext.get("export"):
+        text += "; not exported" if short else "; not exported yet"
+    return text
+
+
+def _extensions_by_trial(summary: Summary, order: list[str]) -> dict[str | None, list[dict[str, Any]]]:
+    """summary.extensions under the trial each continued (None: a trial the summary does not list)."""
+    found: dict[str | None, list[dict[str, Any]]] = {}
+    for ext in summary.extensions or []:
+        found.setdefault(ext.get("trial_id") if ext.get("trial_id") in order else None, []).append(ext)
+    return found
+
+
 def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str], list[DisplayRow]]:
-    """Headers and rows of the trials table: the base model first, then every trial best first under the rule.
-    Swept hyperparameters share one column (`lr=3.08e-4 steps=12`), each value with enough significant digits to
-    tell the trials apart. The F1 column is left out when neither the base model nor any trial measured F1."""
+    """Headers and rows of the trials table: the base model first, then every trial best first under the rule, each
+    followed by its extensions (`raycpt extend`, summary.extensions). Swept hyperparameters share one column
+    (`lr=3.08e-4 steps=12`), each value with enough significant digits to tell the trials apart. The F1 column is
+    left out when neither the base model nor any trial or extension measured F1."""
     base = summary.base or {}
     trials = {t["trial_id"]: t for t in summary.trials}
     order = _ordered_ids(summary)
@@ -201,7 +240,8 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
     values = {k: dict(zip(order, distinct_texts([trials[tid].get(k) for tid in order]), strict=True))
               for k in hp_cols}
     has_f1 = (base.get(metrics.base_name(metrics.F1)) is not None
-              or any(t.get(metrics.F1) is not None for t in trials.values()))
+              or any(t.get(metrics.F1) is not None for t in trials.values())
+              or any((ext.get("metrics") or {}).get(metrics.F1) is not None for ext in summary.extensions or []))
     f1 = ["F1"] if has_f1 else []
     hp_header = [HP_HEADERS[layout.names]] if hp_cols else []
     extras = ["tokens", "time"] if layout.extras else []
@@ -211,15 +251,31 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
     def f1_text(row: dict[str, Any], name: str) -> list[str]:
         return [_with_ci(fixed(row.get(name), 4), row, name, lambda v: fixed(v, 3), layout)] if has_f1 else []
 
+    def general_text(row: dict[str, Any]) -> str:
+        change = relative_change(row.get(metrics.GENERAL_PPL), base_general)
+        return ppl_text(row.get(metrics.GENERAL_PPL)) + (f" ({change:+.1%})" if change is not None else "")
+
+    def extension_row(ext: dict[str, Any]) -> DisplayRow:
+        """A continuation of trial `ext["trial_id"]`, its numbers from its export's card."""
+        tid = ext.get("trial_id")
+        got = ext.get("metrics") or {}
+        steps = as_int(ext.get("steps_after"))
+        return DisplayRow(["", f"↳ {ids.get(tid, tid)}", *([f"steps={steps}" if steps else "-"] if hp_header else []),
+                           extension_status(ext, ids.get(tid, tid), layout),
+                           _with_ci(ppl_text(got.get(metrics.DOMAIN_PPL)), got, metrics.DOMAIN_PPL, _ppl_ci, layout),
+                           general_text(got), *f1_text(got, metrics.F1),
+                           *([tokens_text(got.get(metrics.TOKENS) or ext.get("tokens_after")), "-"] if extras
+                             else [])], "extension")
+
     domain = metrics.base_name(metrics.DOMAIN_PPL)
     rows = [DisplayRow(["", "base", *("-" for _ in hp_header), "base model",
                         _with_ci(ppl_text(base.get(domain)), base, domain, _ppl_ci, layout), ppl_text(base_general),
                         *f1_text(base, metrics.base_name(metrics.F1)), *(["0", "-"] if extras else [])], "base")]
     excluded = summary.excluded or {}
+    extensions = _extensions_by_trial(summary, order)
     for tid in order:
         t = trials[tid]
-        change = relative_change(t.get(metrics.GENERAL_PPL), base_general)
-        general = ppl_text(t.get(metrics.GENERAL_PPL)) + (f" ({change:+.1%})" if change is not None else "")
+        general = general_text(t)
         kind = ("winner" if tid == summary.winner else "failed" if t.get("status") == "failed"
                 else "excluded" if tid in excluded else "trial")
         hps = " ".join(f"{names[k]}={values[k][tid]}" for k in hp_cols if values[k][tid] != "-") or "-"
@@ -229,6 +285,8 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
                                 general, *f1_text(t, metrics.F1),
                                 *([tokens_text(t.get(metrics.TOKENS)), duration(t.get("time_total_s"))]
                                   if extras else [])], kind))
+        rows += [extension_row(ext) for ext in extensions.get(tid, [])]
+    rows += [extension_row(ext) for ext in extensions.get(None, [])]
     return headers, rows
 
 
@@ -246,7 +304,9 @@ def _table_notes(summary: Summary, layout: Layout = LAYOUTS[0]) -> list[str]:
     if ids and short_ids(ids)[ids[0]] != ids[0]:
         note = f"trial ids are {ids[0].rsplit('_', 1)[0]}_<trial>; " + note
     notes = [note]
-    rows = [summary.base or {}, *summary.trials]
+    if summary.extensions:
+        notes.append("↳: the trial above continued by `raycpt extend` (numbers from its export's card)")
+    rows = [summary.base or {}, *summary.trials, *((ext.get("metrics") or {}) for ext in summary.extensions or [])]
     if any(not math.isnan(num(row.get(name))) for row in rows for name in TABLE_INTERVALS):
         notes.append("[low, high]: confidence interval" if layout.ci == "interval"
                      else "±: half the width of the confidence interval")
@@ -329,7 +389,8 @@ def _rich_table(headers: list[str], rows: list[DisplayRow], widths: list[int] | 
         left = i < 2 or header in (*HP_HEADERS.values(), "status")
         table.add_column(header, justify="left" if left else "right", overflow="fold",
                          width=widths[i] if widths else None)
-    styles = {"base": "dim", "winner": "bold green", "excluded": "dim", "failed": "red", "trial": None}
+    styles = {"base": "dim", "winner": "bold green", "excluded": "dim", "failed": "red", "trial": None,
+              "extension": "cyan"}
     for row in rows:
         table.add_row(*(escape(c) for c in row.cells), style=styles[row.kind])
     return table
@@ -516,6 +577,19 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
     def clean(value: Any) -> Any:
         return None if isinstance(value, float) and math.isnan(value) else value
 
+    def scores(row: dict[str, Any]) -> dict[str, Any]:
+        """The held-out numbers a trial row and an extension row share."""
+        return {
+            "domain_ppl": clean(row.get(metrics.DOMAIN_PPL)), "general_ppl": clean(row.get(metrics.GENERAL_PPL)),
+            "forgetting": relative_change(row.get(metrics.GENERAL_PPL), base_general),
+            "domain_ppl_change": relative_change(row.get(metrics.DOMAIN_PPL),
+                                                 base.get(metrics.base_name(metrics.DOMAIN_PPL))),
+            "f1": clean(row.get(metrics.F1)), "f1_sd": clean(row.get(metrics.F1_SD)),
+            "accuracy": clean(row.get(metrics.ACCURACY)),
+            **{metrics.short_name(name) + suffix: clean(row.get(name + suffix)) for name in INTERVAL_METRICS
+               for suffix in (metrics.CI_LOW, metrics.CI_HIGH)},
+        }
+
     rows = []
     for rank, tid in enumerate(order, 1):
         t = trials[tid]
@@ -526,19 +600,30 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
                                 if k.startswith(HP_PREFIX)},
             "step": as_int(t.get(metrics.STEP)), "tokens": as_int(t.get(metrics.TOKENS)),
             "time_s": clean(t.get("time_total_s")),
-            "domain_ppl": clean(t.get(metrics.DOMAIN_PPL)), "general_ppl": clean(t.get(metrics.GENERAL_PPL)),
-            "forgetting": relative_change(t.get(metrics.GENERAL_PPL), base_general),
-            "domain_ppl_change": relative_change(t.get(metrics.DOMAIN_PPL),
-                                                 base.get(metrics.base_name(metrics.DOMAIN_PPL))),
-            "f1": clean(t.get(metrics.F1)), "f1_sd": clean(t.get(metrics.F1_SD)),
-            "accuracy": clean(t.get(metrics.ACCURACY)),
-            **{metrics.short_name(name) + suffix: clean(t.get(name + suffix)) for name in INTERVAL_METRICS
-               for suffix in (metrics.CI_LOW, metrics.CI_HIGH)},
+            **scores(t),
             "lift": {k.removeprefix(metrics.LIFT_PREFIX): clean(v) for k, v in t.items()
                      if k.startswith(metrics.LIFT_PREFIX)},
             "vs_best": {k.removeprefix(VS_BEST_PREFIX): clean(v) for k, v in t.items()
                         if k.startswith(VS_BEST_PREFIX)},
         })
+    extensions = []
+    for ext in summary.extensions or []:  # in the table's order: under their trial's rank
+        got = ext.get("metrics") or {}
+        extensions.append({
+            "trial_id": ext.get("trial_id"), "trial_winner": ext.get("trial_id") == summary.winner,
+            "status": extension_status(ext, ext.get("trial_id")), "dir": ext.get("dir"), "export": ext.get("export"),
+            **{k: ext.get(k) for k in ("tokens_before", "tokens_after", "steps_before", "steps_after", "schedule",
+                                       "stopped")},
+            "step": as_int(got.get(metrics.STEP)), "tokens": as_int(got.get(metrics.TOKENS)),
+            **scores(got),
+            "lift": {k.removeprefix(metrics.LIFT_PREFIX): clean(v) for k, v in (ext.get("lift") or {}).items()},
+            "vs_trial": {k: clean(v) for k, v in (ext.get("vs_trial") or {}).items()},
+            "test": {k: clean(v) for k, v in (ext.get("test") or {}).items()
+                     if not isinstance(v, (list, dict))} or None,
+            "test_verdict": ext.get("test_verdict") or None, "verified": ext.get("verified"),
+        })
+    rank = {tid: i for i, tid in enumerate(order)}
+    extensions.sort(key=lambda ext: (rank.get(ext["trial_id"], len(order)), ext["tokens_after"] or 0))
     for row in rows:  # the trial's compute accounting (raycpt.results.accounting)
         row["compute"] = {k.removeprefix(COMPUTE_PREFIX): clean(v) for k, v in trials[row["trial_id"]].items()
                           if k.startswith(COMPUTE_PREFIX)}
@@ -568,6 +653,7 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
         "disk": {"experiment_bytes": summary.experiment_dir_bytes,
                  "trials_bytes": sum(row["disk_bytes"] or 0 for row in rows)},
         "trials": rows,
+        "extensions": extensions,
         "law": {k.removeprefix("law."): v for k, v in summary.law.items()} or None,
         "recommendation": summary.recommendation or None,
         "compute": {k.removeprefix(COMPUTE_KEY): v for k, v in summary.compute.items()} or None,

@@ -1,5 +1,6 @@
-"""A sweep's summary: collect the trials from disk, apply the selection rule, optionally export the winner. The
-`Summary` is what every renderer (terminal, markdown, JSON, plots) and `summary.json` read."""
+"""A sweep's summary: collect the trials from disk, apply the selection rule, optionally export the winner, and
+find the extensions `raycpt extend` made of its trials. The `Summary` is what every renderer (terminal, markdown,
+JSON, plots) and `summary.json` read."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, load_saved_config
+from raycpt.core.extend import EXTENSION_FILE, EXTENSION_GLOB
 from raycpt.core.files import read_json, write_json
 from raycpt.core.prepare import BASE_METRICS_FILE, MANIFEST_FILE, Manifest
 from raycpt.results.accounting import sweep_compute
@@ -61,6 +63,8 @@ class Summary:
     recommendation: dict[str, Any] = field(default_factory=dict)
     """The final run the sweep recommends (raycpt.results.sweep_law.sweep_recommendation): the schedule-aware CPT
     law's pick with its predicted losses, or the fallback with its reasons; {"error": ...} when none was made."""
+    extensions: list[dict[str, Any]] = field(default_factory=list)
+    """The continuations `raycpt extend` wrote into the experiment dir (`collect_extensions`), by trial and tokens."""
 
     def trial(self, trial_id: str) -> dict[str, Any]:
         return next(t for t in self.trials if t["trial_id"] == trial_id)
@@ -79,6 +83,43 @@ class Summary:
 
 def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _read_dict(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; {} when it is missing, half-written or not an object."""
+    try:
+        found = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def collect_extensions(exp_dir: Path) -> list[dict[str, Any]]:
+    """The extensions `raycpt extend` wrote into the experiment dir (<exp>/extend-<trial>-<tokens>/), one dict each,
+    by trial and tokens: {dir, trial_id (the trial it continued), winner (that trial was the sweep's winner),
+    tokens_before, tokens_after, steps_before, steps_after, schedule, stopped (the forgetting guard's word, or
+    None), export (its export dir, or None), metrics (the card's validation metrics: `eval/...` with intervals,
+    step, tokens), lift (vs the base model), vs_trial (vs the trial it continued), test, test_verdict, verified}.
+    The lineage and numbers are the export's card (raycpt.results.extension); an extension not exported yet
+    (running, killed, failed) has its lineage from its extension.json and no numbers."""
+    found = []
+    for path in sorted(Path(exp_dir).glob(EXTENSION_GLOB)):
+        card = _read_dict(path / EXPORT_DIR / CARD_FILE)
+        lineage = card.get("lineage") or {}
+        extension = lineage.get("extension") or _read_dict(path / EXTENSION_FILE)
+        if not path.is_dir() or not extension.get("trial_id"):
+            continue
+        found.append({
+            "dir": str(path), "trial_id": extension["trial_id"], "winner": bool(extension.get("winner")),
+            **{key: extension.get(key) for key in ("tokens_before", "tokens_after", "steps_before", "steps_after")},
+            "schedule": extension.get("schedule") or {}, "stopped": extension.get("stopped"),
+            "export": str(path / EXPORT_DIR) if card else None,
+            "metrics": {k: v for k, v in (card.get("metrics") or {}).items() if not isinstance(v, (list, dict))},
+            "lift": card.get("lift") or {}, "vs_trial": lineage.get("vs_trial") or {},
+            "test": card.get("test") or {}, "test_verdict": card.get("test_verdict") or "",
+            "verified": (card.get("verification") or {}).get("ok"),
+        })
+    return sorted(found, key=lambda ext: (ext["trial_id"], ext["tokens_after"] or 0))
 
 
 def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, export: bool = True,
@@ -126,6 +167,7 @@ def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, export: bool 
         if card.get("trial_id") == selection.trial_id:
             summary.export, summary.verification = str(exp_dir / EXPORT_DIR), card.get("verification")
             summary.test, summary.test_verdict = card.get("test") or {}, card.get("test_verdict") or ""
+    summary.extensions = collect_extensions(exp_dir)
     summary.experiment_dir_bytes = dir_bytes(exp_dir)
     summary.rule = dataclasses.asdict(cfg.select)
     return summary
