@@ -25,10 +25,11 @@ Same work on both sides: fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95, 
 + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, `--threads` torch threads, back to back in
 one process (`--rounds` repeats them, alternating the order). The Trainer keeps its default optimizer
 (adamw_torch_fused for torch >= 2.8, also on CPU); raycpt uses its own (fused on CUDA and CPU). On CPU a third side,
-"unfused", runs raycpt with torch's default AdamW kernel (raycpt's CPU optimizer before 2026-11-26), and
-`optimizer.step()` alone is timed fused vs unfused, interleaved: whole steps on a shared machine are too noisy to
-resolve that difference. Losses are a sanity check only: the Trainer may normalise its training_loss differently
-(num_items_in_batch counts every label; the model predicts T-1 per block).
+"unfused", runs raycpt's step (`raycpt.core.train.train_step`) on the loop's batches with torch's default AdamW
+kernel (raycpt's CPU optimizer before 2026-11-26), and `optimizer.step()` alone is timed fused vs unfused,
+interleaved: whole steps on a shared machine are too noisy to resolve that difference. Losses are a sanity check
+only: the Trainer may normalise its training_loss differently (num_items_in_batch counts every label; the model
+predicts T-1 per block).
 """
 
 from __future__ import annotations
@@ -208,9 +209,11 @@ def prepare_workload(name: str, args: argparse.Namespace, scratch: Path) -> Work
     return Workload(name=name, source=str(model_dir), corpora=None, data=data, **common)
 
 
-def planned_blocks(workload: Workload) -> np.ndarray:
-    """The blocks raycpt's loop draws, in its order (one worker), so the Trainer sees exactly the same data."""
-    from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
+def loop_batches(workload: Workload, device: str):
+    """The micro-batches raycpt's loop takes, in its order (one worker, one micro-batch per step): its own batch
+    source, raycpt.core.batches.Batches, over the plan `train` builds from the config."""
+    from raycpt.core.batches import Batches
+    from raycpt.core.data import load_blocks, mixture_plan, mixture_seed
 
     cfg = workload.raycpt_config()
     t = cfg.train
@@ -218,12 +221,14 @@ def planned_blocks(workload: Workload) -> np.ndarray:
     general = load_blocks(workload.data.general.train) if workload.data.general else domain[:0]
     is_domain, index = mixture_plan(t.steps * t.global_batch(), t.mix_ratio, len(domain), len(general),
                                     seed=mixture_seed(cfg.data.seed, t.seed), window=t.global_batch())
-    rows = []
-    for step in range(t.steps):
-        pos = worker_positions(step, 0, rank=0, world_size=1, batch_size=t.batch_size, grad_accum=1)
-        rows += [(domain if from_domain else general)[i] for from_domain, i in zip(is_domain[pos], index[pos],
-                                                                                 strict=True)]
-    return np.stack(rows).astype(np.int64)
+    return Batches(domain, general, is_domain, index, start_step=0, steps=t.steps, rank=0, world_size=1,
+                   micro_batch=t.batch_size, grad_accum=1, device=device)
+
+
+def planned_blocks(workload: Workload) -> np.ndarray:
+    """The blocks raycpt's loop draws, in its order, so the Trainer sees exactly the same data."""
+    with loop_batches(workload, "cpu") as batches:
+        return torch.cat(list(batches)).numpy()
 
 
 def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
@@ -259,19 +264,14 @@ def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def run_raycpt(workload: Workload, unfused: bool = False) -> dict[str, float]:
-    from unittest import mock
-
-    import raycpt.core.train
+def run_raycpt(workload: Workload) -> dict[str, float]:
     from raycpt.core.train import train
 
     cfg = workload.raycpt_config()
     clock = StepClock(stop_after=workload.steps if workload.skip_final_eval else 0)
     reports: list[dict[str, Any]] = [{}]
-    optimizer = build_optimizer_unfused if unfused else raycpt.core.train.build_optimizer
     try:
-        with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints, \
-                mock.patch.object(raycpt.core.train, "build_optimizer", optimizer):
+        with tempfile.TemporaryDirectory(dir=workload.scratch) as checkpoints:
             train(cfg, workload.data, lambda metrics, checkpoint: reports.append(metrics),
                   checkpoint_root=checkpoints, device=workload.device,
                   wrap_model=clock.watch_forward if workload.warmup == 0 else (lambda m: m))
@@ -282,6 +282,39 @@ def run_raycpt(workload: Workload, unfused: bool = False) -> dict[str, float]:
     last = reports[-1]
     return {**clock.window(workload.warmup), "own_tokens_per_s": last.get("perf/tokens_per_s", float("nan")),
             "own_train_s": last.get("time/train_s", float("nan")), "loss": last.get("train/loss", float("nan"))}
+
+
+def run_unfused(workload: Workload) -> dict[str, float]:
+    """raycpt's step (raycpt.core.train.train_step) on the loop's batches, as `train` runs them, with torch's
+    default AdamW kernel: the work of the raycpt side's timed window, the optimizer aside (CPU, fp32)."""
+    from raycpt.core.loss import resolve_loss_impl
+    from raycpt.core.models import apply_dropout, load_model
+    from raycpt.core.train import build_scheduler, train_step
+
+    t = workload.raycpt_config().train
+    device = torch.device(workload.device)
+    torch.manual_seed(t.seed)
+    model = load_model(workload.source)
+    apply_dropout(model, t.dropout)
+    model.config.use_cache = False
+    model.to(device).train()
+    loss_impl, _ = resolve_loss_impl(t.loss_impl, device, model)  # what train() runs
+    optimizer = build_optimizer_unfused(model, t.lr, t.weight_decay, device)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    clock = StepClock()
+    if workload.warmup == 0:
+        clock.watch_forward(model)
+    loss_sum = torch.zeros((), device=device)
+    try:
+        with loop_batches(workload, workload.device) as batches:
+            for input_ids in batches:
+                train_step(model, [input_ids], optimizer, scheduler, scaler, loss_impl=loss_impl,
+                           grad_clip=t.grad_clip, loss_sum=loss_sum)
+    finally:
+        clock.close()
+    return {**clock.window(workload.warmup), "own_tokens_per_s": float("nan"), "own_train_s": float("nan"),
+            "loss": float(loss_sum) / t.steps}
 
 
 def run_trainer(workload: Workload) -> dict[str, float]:
@@ -356,9 +389,11 @@ def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_
         for i, r in enumerate(runs):
             mean_step = r["seconds"] / r["steps"]
             best[side] = max(best.get(side, 0.0), tokens_per_step / r["median_step"])
-            if side in ("raycpt", "unfused"):
+            if side == "raycpt":
                 check = (f"own perf/tokens_per_s {r['own_tokens_per_s']:.0f} over all {workload.steps} steps "
                          f"(time/train_s {r['own_train_s']:.1f})")
+            elif side == "unfused":
+                check = "train_step on the loop's batches"
             else:
                 check = f"on_step_end window {r['callback_s']:.2f} s, {r['optimizer']}"
             print(f"{side:9s} {i + 1:5d} {r['steps']:5d} {mean_step:7.3f} {r['median_step']:8.3f} {r['min_step']:7.3f} "
@@ -433,7 +468,7 @@ def main() -> None:
             workload = prepare_workload(name, args, Path(scratch))
             sides = {"raycpt": run_raycpt, "trainer": run_trainer}
             if args.unfused and args.device == "cpu":  # on CUDA raycpt has always used fused AdamW
-                sides["unfused"] = lambda w: run_raycpt(w, unfused=True)
+                sides["unfused"] = run_unfused
             results: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
             for round_index in range(args.rounds):
                 # A B C, then C B A: a drift in the machine's load hits every side alike

@@ -101,8 +101,9 @@ def cmd_extend(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Re-apply the selection rule to a finished or interrupted sweep (no retraining), e.g. with --set
     select.max_forgetting=0.05; --export re-exports. Writes summary.json and plots/ anew and keeps the earlier ones
-    as summary-<time>.json and plots-<time>/. --suggest also writes final.yaml (one run at law.target_tokens with
-    the mixing law's best mix, for `raycpt train`) and next.yaml (the sweep narrowed around it, for `raycpt sweep`)."""
+    as summary-<time>.json and plots-<time>/. --suggest also writes final.yaml (one run at law.target_tokens as the
+    sweep recommends it: the CPT law's lr, mix and schedule, or the fallback, for `raycpt train`) and next.yaml (the
+    sweep narrowed around it, for `raycpt sweep`)."""
     exp_dir = Path(args.experiment_dir)
     cfg = load_saved_config(exp_dir, args.set)
     summary = analyze(exp_dir, cfg, export=args.export, force=args.force)
@@ -195,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("config", help="experiment YAML, e.g. experiments/laptop.yaml")
         if name == "analyze":
             p.add_argument("--export", action="store_true", help="export the winner (again)")
-            p.add_argument("--suggest", action="store_true", help="write final.yaml (one run at law.target_tokens at "
-                           "the mixing law's best mix) and next.yaml (the sweep narrowed around it) into the dir")
+            p.add_argument("--suggest", action="store_true", help="write final.yaml (one run at law.target_tokens as "
+                           "the sweep recommends it) and next.yaml (the sweep narrowed around it) into the dir")
         if name == "report":
             p.add_argument("--format", choices=["table", "json", "markdown"], default="table",
                            help="json: stable keys, see raycpt.results.render.REPORT_SCHEMA; markdown: for "

@@ -251,7 +251,8 @@ def _yaml(value: Any) -> str:
     if isinstance(value, str):
         return f"`{value}`" if re.fullmatch(r"[\w./:+-]+", value) else _code(json.dumps(value))
     if isinstance(value, (list, dict)):
-        return _code(yaml.safe_dump(value, default_flow_style=True, width=1000).strip())
+        text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+        return _code(json.dumps(value) if "\n" in text else text)  # a line break inside: JSON, which YAML reads too
     return _code(str(value))
 
 

@@ -18,17 +18,17 @@ from tests.conftest import ROOT
 
 GPU_8B = str(ROOT / "experiments" / "gpu-8b.yaml")
 
-# The loop's own step (raycpt.core.train: build_optimizer, causal_lm_loss, grad clipping, fused AdamW) in a fresh
-# process. Peak RSS is read from VmHWM after resetting it (clear_refs 5) once the model is loaded, its weights
-# resident and the kernels initialised: the increase, plus the weights, is what training adds. Three steps: the
-# first allocates the AdamW state, the later ones hold it together with gradients and activations.
+# The loop's own step (raycpt.core.train.train_step with build_optimizer: forward, backward, grad clipping, fused
+# AdamW) in a fresh process. Peak RSS is read from VmHWM after resetting it (clear_refs 5) once the model is loaded,
+# its weights resident and the kernels initialised: the increase, plus the weights, is what training adds. Three
+# steps: the first allocates the AdamW state, the later ones hold it together with gradients and activations.
 MEASURE = r"""
 import ctypes, gc, json, sys
 import torch
 from raycpt.core.config import load_config
-from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
+from raycpt.core.loss import resolve_loss_impl
 from raycpt.core.models import load_model
-from raycpt.core.train import build_optimizer
+from raycpt.core.train import build_optimizer, build_scheduler, train_step
 
 def status(key):
     with open("/proc/self/status") as fh:
@@ -42,6 +42,9 @@ if cfg.model.gradient_checkpointing:
 model.config.use_cache = False
 impl, _ = resolve_loss_impl(cfg.train.loss_impl, "cpu", model)
 optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, torch.device("cpu"))
+scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, cfg.train.total_steps(cfg.data.block_size),
+                            cfg.train.min_lr_ratio)
+scaler = torch.amp.GradScaler("cpu", enabled=False)
 weights = sum(p.numel() * p.element_size() for p in model.parameters())
 with torch.no_grad():  # safetensors weights are mmapped: make them resident, and initialise the kernels
     for p in model.parameters():
@@ -56,10 +59,7 @@ micro, _ = cfg.train.micro_batching(cfg.resources.num_workers)
 generator = torch.Generator().manual_seed(0)
 for _ in range(3):
     ids = torch.randint(0, model.config.vocab_size, (micro, cfg.data.block_size), generator=generator)
-    causal_lm_loss(model, ids, impl).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_step(model, [ids], optimizer, scheduler, scaler, loss_impl=impl, grad_clip=cfg.train.grad_clip)
 print(json.dumps({"peak": status("VmHWM") - base}))
 """
 

@@ -193,6 +193,49 @@ def test_report_without_export_says_how_to_export(summary):
     assert "Not exported yet" in text and "--export" in text
 
 
+RETIRED_LAW = {"law.form": "power", "law.loo_error": 0.02, "law.best_mix_ratio": 1.0,
+               "law.best_mix_ratio_ci": [1.0, 1.0], "law.target_tokens": 61440, "law.lr_region": [1.03e-4, 9.23e-4],
+               "law.scope": "lr region 0.000103-0.000923 (3 of 4 trials)",
+               "law.describe": "fit from 7 reports of 3 trials (domain law: power, leave-one-trial-out error 2.0%)"}
+"""What summary.json held under `law` while raycpt fitted the mixing law (removed for the CPT law's recommendation)."""
+
+
+@pytest.mark.parametrize("with_recommendation", [True, False], ids=["mixing-and-cpt-law", "mixing-law-only"])
+def test_a_summary_json_with_the_retired_mixing_law_still_loads_and_renders(sweep_dir, summary, tmp_path, capsys,
+                                                                             with_recommendation):
+    """summary.json from earlier raycpt versions (a `law` key; the oldest also without `recommendation` and
+    `extensions`): Summary.from_dict drops the key, every renderer works on it, `raycpt report` on the old dir works
+    in every format, and `raycpt analyze` writes a summary without it (keeping the old one)."""
+    from raycpt import cli
+
+    old_dir = tmp_path / "smoke"
+    shutil.copytree(sweep_dir, old_dir)
+    raw = {**json.loads(json.dumps(summary.to_dict())), "experiment_dir": str(old_dir), "law": RETIRED_LAW}
+    if not with_recommendation:
+        del raw["recommendation"], raw["extensions"]
+    (old_dir / "summary.json").write_text(json.dumps(raw))
+
+    old = Summary.from_dict(json.loads((old_dir / "summary.json").read_text()))
+    assert not hasattr(old, "law") and old.winner == summary.winner
+    assert bool(old.recommendation) == with_recommendation
+    console = Console(width=160, record=True, file=io.StringIO(), highlight=False)
+    render.print_summary(console, old)
+    text = console.export_text() + render.summary_markdown(old)
+    assert "Winner:" in text and "Mixing law" not in text
+    assert ("Final run:" in text) == with_recommendation
+    data = render.report_json(old)
+    assert set(data) == set(render.REPORT_SCHEMA) - {"trial"} and "law" not in data
+    assert data["recommendation"] == (summary.recommendation if with_recommendation else None)
+
+    for form in ("table", "json", "markdown"):
+        assert cli.main(["report", str(old_dir), "--format", form]) == 0, form
+    out = capsys.readouterr().out
+    assert "Mixing law" not in out and '"law"' not in out and "Final run:" in out
+    assert cli.main(["analyze", str(old_dir), "--set", "report.plots=false"]) == 0
+    assert "law" not in json.loads((old_dir / "summary.json").read_text())
+    assert [json.loads(p.read_text())["law"] for p in old_dir.glob("summary-*.json")] == [RETIRED_LAW]
+
+
 # -- rows for states the recorded sweep does not have -------------------------------------------------------------
 
 
@@ -501,7 +544,7 @@ def test_each_plot_is_written_and_has_content(sweep_dir, summary):
     from raycpt.results.plots import CPT_LAW_PLOT, PLOT_FILES, write_plots
 
     paths = write_plots(sweep_dir, summary)
-    # the mixing law needs 2+ mix ratios with reports; the CPT law's fits are drawn even when it falls back
+    # the CPT law's fits are drawn even when it falls back
     assert sorted(p.name for p in paths) == sorted([*PLOT_FILES, CPT_LAW_PLOT])
     for path in paths:
         assert path.parent == sweep_dir / "plots" and path.stat().st_size > 20_000, path.name
@@ -518,8 +561,11 @@ def test_plots_skip_what_the_sweep_has_no_data_for(sweep_dir, summary, tmp_path)
     no_f1 = Summary.from_dict(json.loads(json.dumps(summary.to_dict())))
     for t in no_f1.trials:
         t["eval/f1"] = None
+    (sweep_dir / "plots").mkdir(exist_ok=True)
+    (sweep_dir / "plots" / "law.png").write_bytes(b"an earlier version's mixing-law plot")
     written = {p.name for p in write_plots(sweep_dir, no_f1)}
     assert "ppl_vs_f1.png" not in written and not (sweep_dir / "plots" / "ppl_vs_f1.png").exists()
+    assert not (sweep_dir / "plots" / "law.png").exists(), "a plot this version does not draw is removed"
     assert "domain_ppl_vs_tokens.png" in written
     write_plots(sweep_dir, summary)  # leave the full set for other tests
 

@@ -1,6 +1,6 @@
-"""Issue #14, "Sweep smarter": optuna search (seeded, resumable), the mixing law fitted per sweep, compute
-accounting, and `raycpt analyze --suggest`. Fast: no Ray trials; the recorded smoke sweep (tests/fixtures/smoke_sweep,
-see tests/test_report.py) and synthetic reports from a known law."""
+"""Issue #14, "Sweep smarter": optuna search (seeded, resumable), compute accounting, and `raycpt analyze --suggest`
+(final.yaml and next.yaml from the CPT law's recommendation; the law itself: tests/test_cpt_law.py). Fast: no Ray
+trials; the recorded smoke sweep (tests/fixtures/smoke_sweep, see tests/test_report.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 from rich.console import Console
 
 from raycpt import cli
-from raycpt.core import law
 from raycpt.core.config import ExperimentConfig, SearchConfig, config_from_dict, load_config, load_saved_config
 from raycpt.core.errors import ConfigError
-from raycpt.results import render, suggest, sweep_law
+from raycpt.results import render, suggest
 from raycpt.results.accounting import describe_compute
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_sweep"
@@ -131,108 +128,40 @@ def test_trained_plus_saved_is_the_full_budget_exactly(summary):
     assert 0 < c["compute.resource_saved_by_scheduler_fraction"] < 1
 
 
-def test_compute_and_law_are_in_every_report_format(summary, sweep_dir, capsys):
+def test_compute_and_recommendation_are_in_every_report_format(summary, sweep_dir, capsys):
     data = render.report_json(summary)
     assert data["compute"]["tokens_trained"] == summary.compute["compute.tokens_trained"]
-    assert data["law"] == {"error": summary.law["law.error"]}
+    assert data["recommendation"] == summary.recommendation and "law" not in data  # the mixing law is gone
     assert all(row["compute"]["tokens_full_budget"] == 12288 for row in data["trials"])
-    assert {"law", "compute"} <= set(render.REPORT_SCHEMA) and "compute: {tokens," in render.REPORT_SCHEMA["trial"]
+    assert {"recommendation", "compute"} <= set(render.REPORT_SCHEMA)
+    assert "compute: {tokens," in render.REPORT_SCHEMA["trial"]
     console = Console(width=120, record=True, file=io.StringIO())
     render.print_summary(console, summary)
     text = console.export_text()
     assert f"Compute: {describe_compute(summary.compute)}"[:60] in text.replace("\n", " ")
     assert "ASHA saved 15.4k tokens (42%)" in describe_compute(summary.compute)
-    assert "Mixing law: not fitted:" in text
+    assert "Final run: 240 steps" in text and "Mixing law" not in text
     assert render.report_command(sweep_dir, "markdown", console) == 0
-    assert "\nCompute: " in capsys.readouterr().out
-
-
-# -- the law per sweep -----------------------------------------------------------------------------------------------
-
-
-def test_fixture_law_is_a_plain_error(summary):
-    assert set(summary.law) == {"law.error"}
-    assert "reports" in summary.law["law.error"] and "all 3 trials" in summary.law["law.error"]
-
-
-DOMAIN = law.LawFit("power", {"E": 2.0, "A": 3.0, "alpha": 0.3, "d0": 1000.0}, 0.0, "domain")
-GENERAL = law.LawFit("dcpt", {"E": 2.5, "A": 3.0, "alpha": 0.3, "d0": 1000.0, "C": 0.05, "gamma": 1.0}, 0.0,
-                     "general")
-
-
-def synthetic_sweep() -> tuple[list[dict], dict[str, pd.DataFrame]]:
-    """Six trials at lr 1e-3/2e-3 over three mixes following DOMAIN/GENERAL (0.1% noise), and two at lr 1e-5 that
-    barely moved: those must stay out of the fit (outside the best lr region)."""
-    rng = np.random.default_rng(0)
-    trials, histories = [], {}
-    setups = [(m, lr) for lr in (2e-3, 1e-3) for m in (0.3, 0.6, 0.9)] + [(0.3, 1e-5), (0.9, 1e-5)]
-    for i, (mix, lr) in enumerate(setups):
-        tid = f"t{i}"
-        rows = []
-        for step in (6, 12, 18, 24):
-            tokens = 512 * step
-            dom, gen = (float(f.predict(tokens if lr > 1e-4 else 1, mix)) * (1 + 1e-3 * rng.standard_normal())
-                        for f in (DOMAIN, GENERAL))
-            rows.append({"step": step, "tokens": tokens, "eval/domain_loss": dom, "eval/general_loss": gen,
-                         "time_total_s": 10.0 + step})
-        histories[tid] = pd.DataFrame(rows)
-        trials.append({"trial_id": tid, "status": "finished", "hp/train.lr": lr, "hp/train.mix_ratio": mix,
-                       "step": 24, "tokens": 12288, "eval/domain_ppl": math.exp(rows[-1]["eval/domain_loss"])})
-    return trials, histories
+    out = capsys.readouterr().out
+    assert "\nCompute: " in out and "\nFinal run: " in out
 
 
 def _smoke_cfg() -> ExperimentConfig:
     return load_saved_config(FIXTURE)
 
 
-@pytest.fixture(scope="module")
-def synthetic_law() -> dict:
-    trials, histories = synthetic_sweep()
-    base = {"base/general_loss": float(GENERAL.predict(0.0, 0.0))}
-    sweep_law.BOOTSTRAP, saved = 30, sweep_law.BOOTSTRAP  # the interval needs >= 10 resamples; 30 keeps it fast
-    try:
-        return sweep_law.sweep_law(trials, histories, _smoke_cfg(), base, winner="t1", order=["t1"])
-    finally:
-        sweep_law.BOOTSTRAP = saved
-
-
-def test_law_is_fitted_on_every_report_of_the_best_lr_region(synthetic_law):
-    fitted = synthetic_law
-    assert fitted["law.trials"] == [f"t{i}" for i in range(6)], "the lr=1e-5 trials are outside the region"
-    assert fitted["law.lr_region"] == pytest.approx([2e-3 / 3, 2e-3 * 3])
-    assert fitted["law.n_reports"] == 24  # every report, not only the last
-    assert fitted["law.target_tokens"] == 10 * 24 * 8 * 64  # law.target_tokens 0: 10 x the largest trial budget
-    truth = law.best_mix_ratio(DOMAIN, GENERAL, fitted["law.target_tokens"], fitted["law.general_loss_bound"])
-    assert fitted["law.best_mix_ratio"] == pytest.approx(truth.mix_ratio, abs=0.03)
-    low, high = fitted["law.best_mix_ratio_ci"]
-    assert low <= fitted["law.best_mix_ratio"] <= high
-    assert "best mix is" in sweep_law.describe_law(fitted) and "lr region" in sweep_law.describe_law(fitted)
-
-
-def test_law_plot_is_drawn(synthetic_law, tmp_path):
-    from raycpt.results.plots import plot_law
-    from raycpt.results.summary import Summary
-
-    trials, histories = synthetic_sweep()
-    summary = Summary(str(tmp_path), {}, trials, winner="t1", law=synthetic_law)
-    path = plot_law(tmp_path / "law.png", summary, histories, default_mix=0.7)
-    assert path is not None and path.stat().st_size > 10_000
-    assert plot_law(tmp_path / "none.png", Summary(str(tmp_path), {}, trials, law={"law.error": "x"}), histories,
-                    0.7) is None
-
-
 # -- analyze --suggest -----------------------------------------------------------------------------------------------
 
 
-def test_suggest_writes_a_final_run_and_a_narrowed_sweep_that_validate(summary, sweep_dir, synthetic_law, capsys):
+def test_suggest_writes_a_final_run_and_a_narrowed_sweep_that_validate(summary, sweep_dir, capsys):
     """The recorded smoke sweep's curves (a tiny random model) are too noisy for the CPT law (leave-one-trial-out
-    error over 5%): final.yaml is the fallback, says so, and carries no prediction."""
+    error over 5%): final.yaml is the fallback, says so, and carries no prediction; next.yaml is narrowed around the
+    same recommendation."""
     winner = summary.trial(summary.winner)
-    assert summary.recommendation["source"] == "fallback"
-    assert "leave-one-trial-out error" in summary.recommendation["reasons"][0]
-    law_dict = {**synthetic_law, "law.lr_reference_trial": summary.winner}
-    with_law = dataclasses.replace(summary, law=law_dict)
-    final_path, next_path = suggest.write_suggestions(sweep_dir, _smoke_cfg(), with_law)
+    rec = summary.recommendation
+    assert rec["source"] == "fallback"
+    assert "leave-one-trial-out error" in rec["reasons"][0]
+    final_path, next_path = suggest.write_suggestions(sweep_dir, _smoke_cfg(), summary)
     final, nxt = load_config(final_path), load_config(next_path)
 
     target = 10 * 24 * 8 * 64  # law.target_tokens 0: 10 x the largest trial budget
@@ -247,12 +176,17 @@ def test_suggest_writes_a_final_run_and_a_narrowed_sweep_that_validate(summary, 
     assert "fallback" in header and "NOT the law's pick" in header and "predicts" not in header
 
     assert nxt.name == "smoke-next" and nxt.search.num_samples == 3  # the sweep's 3 trials (lr was a grid of 3)
+    assert nxt.law.target_tokens == target
+    # at the sweep's budget: the winner's own lr (the fallback's, before its horizon scaling) / 3 to x 3
     lo, hi = nxt.search.space["train.lr"]["loguniform"]
-    assert law_dict["law.lr_region"][0] == pytest.approx(lo, rel=1e-2)
-    assert law_dict["law.lr_region"][1] == pytest.approx(hi, rel=1e-2)
-    low, high = nxt.search.space["train.mix_ratio"]["uniform"]
-    ci = law_dict["law.best_mix_ratio_ci"]
-    assert low == pytest.approx(ci[0], abs=1e-3) and high == pytest.approx(ci[1], abs=1e-3)
+    assert lo == pytest.approx(winner["hp/train.lr"] / 3, rel=1e-2)
+    assert hi == pytest.approx(winner["hp/train.lr"] * 3, rel=1e-2)
+    low, high = nxt.search.space["train.mix_ratio"]["uniform"]  # the recommended mix +- 0.1, within [0, 1]
+    assert low == pytest.approx(max(0.0, rec["mix_ratio"] - suggest.MIX_HALF_WIDTH), abs=1e-3)
+    assert high == pytest.approx(min(1.0, rec["mix_ratio"] + suggest.MIX_HALF_WIDTH), abs=1e-3)
+    header = next_path.read_text().split("\nmodel:")[0]
+    assert "narrowed around the recommendation" in " ".join(header.replace("# ", "").split())
+    assert "mixing law" not in header
     for path in (final_path, next_path):
         assert cli.main(["validate", str(path), "--config-only"]) == 0
     assert "OK:" in capsys.readouterr().out
@@ -263,10 +197,14 @@ def test_suggest_writes_the_laws_pick_with_its_prediction(summary, sweep_dir):
            "reasons": ["lowest predicted domain loss"], "predicted_domain_loss": math.log(40.0),
            "predicted_general_loss": math.log(30.0), "domain_loss_ci": [math.log(38.0), math.log(42.0)],
            "fits": {"domain": {"loo_error": 0.01}, "general": {"loo_error": 0.02}}}
-    final_path, _ = suggest.write_suggestions(sweep_dir, _smoke_cfg(), dataclasses.replace(summary,
-                                                                                             recommendation=rec))
-    final = load_config(final_path)
+    final_path, next_path = suggest.write_suggestions(sweep_dir, _smoke_cfg(),
+                                                      dataclasses.replace(summary, recommendation=rec))
+    final, nxt = load_config(final_path), load_config(next_path)
     assert final.train.lr == 1.234e-3 and final.train.mix_ratio == 0.8 and final.train.schedule == "wsd"
+    # the law's lr for 10x the reference trial's tokens, brought back to its tokens: 1.234e-3 x 10**0.3 = 2.462e-3;
+    # / 3 to x 3, 3 digits
+    assert nxt.search.space["train.lr"]["loguniform"] == [0.000821, 0.00739]
+    assert nxt.search.space["train.mix_ratio"]["uniform"] == [0.7, 0.9]
     header = final_path.read_text().split("\nmodel:")[0]
     assert "predicts domain ppl 40.00 [38.00, 42.00], general ppl 30.00" in " ".join(header.replace("# ", "").split())
     assert "the CPT law's pick" in header

@@ -8,7 +8,7 @@ from raycpt.core.config import config_from_dict
 from raycpt.core.evaluate import heldout_loss, perplexity
 from raycpt.core.models import apply_dropout, load_model
 from raycpt.core.prepare import measure_base, prepare_experiment
-from raycpt.core.train import build_scheduler, train
+from raycpt.core.train import build_optimizer, build_scheduler, train, train_step
 
 
 def test_lr_schedule_rewarms_then_cosine_decays_to_the_floor():
@@ -60,6 +60,49 @@ def test_perplexity_matches_a_hand_computed_value(tiny_gpt2_dir):
     assert loss == pytest.approx(expected, rel=1e-5)
     assert perplexity(loss) == pytest.approx(math.exp(expected), rel=1e-5)
     assert model.training  # train mode restored
+
+
+def test_train_step_is_the_loops_step_written_out(tiny_gpt2_dir):
+    """Two micro-batches: the forward and backward of each at half weight, clip, AdamW, the schedule, zero_grad.
+    The same losses, weights and learning rate, bit for bit; the loss comes back detached, on the device, and is
+    added to a running sum in place when one is given."""
+    ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    micro_batches = [ids[:2], ids[2:]]
+
+    def setup():
+        model = load_model(tiny_gpt2_dir)
+        apply_dropout(model, 0.0)
+        model.config.use_cache = False
+        model.train()
+        optimizer = build_optimizer(model, 1e-3, 0.01, torch.device("cpu"))
+        return model, optimizer, build_scheduler(optimizer, 1, 4, 0.1)
+
+    model, optimizer, scheduler = setup()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    window = torch.zeros(())
+    losses = [train_step(model, micro_batches, optimizer, scheduler, scaler, grad_clip=1.0) for _ in range(2)]
+    assert train_step(model, micro_batches, optimizer, scheduler, scaler, grad_clip=1.0, loss_sum=window) is window
+
+    by_hand, optimizer_by_hand, scheduler_by_hand = setup()
+    losses_by_hand = []
+    for _ in range(3):
+        total = torch.zeros(())
+        for batch in micro_batches:
+            loss = by_hand(input_ids=batch, labels=batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(by_hand.parameters(), 1.0)
+        optimizer_by_hand.step()
+        scheduler_by_hand.step()
+        optimizer_by_hand.zero_grad(set_to_none=True)
+        losses_by_hand.append(total)
+
+    assert all(not loss.requires_grad and loss.shape == () for loss in losses)
+    assert [float(x) for x in [*losses, window]] == [float(x) for x in losses_by_hand]
+    for (name, param), param_by_hand in zip(model.named_parameters(), by_hand.parameters(), strict=True):
+        assert torch.equal(param, param_by_hand), name
+        assert param.grad is None  # zero_grad(set_to_none=True)
+    assert scheduler.get_last_lr() == scheduler_by_hand.get_last_lr()
 
 
 def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train):

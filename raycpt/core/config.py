@@ -227,6 +227,33 @@ class EvalConfig:
     label_words: dict[str, str] = field(default_factory=dict)
     """eval.method prompt: the word scored for each label, e.g. {fresh: good, rotten: bad}; a label not named is
     scored as itself."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks (or groups) scored on the in-memory model at every finished trial's end, for the
+    base model once and for the winner on test: `lm_eval/<task>/<metric>` with a 95% interval (± 1.96 x lm-eval's
+    standard error); empty = off. lm-eval's own names (hellaswag, arc_easy: their data come from the hub) or your
+    task YAMLs' in `lm_eval_include_path`. Needs `pip install 'raycpt[lm-eval]'`; checked by `raycpt validate`."""
+    lm_eval_include_path: str = ""
+    """A directory of your own lm-eval task YAMLs (lm-eval's --include_path), e.g. experiments/lm_eval_tasks; a
+    relative path is read from where raycpt runs. Relative `data_files` in those YAMLs are read from this directory
+    (so trials find them whatever their working directory)."""
+    lm_eval_num_fewshot: int = -1
+    """lm-eval: in-context examples per question; -1 = each task's own default (its YAML's num_fewshot, else 0)."""
+    lm_eval_limit: int = 0
+    """lm-eval: score only the first N examples of each task (0 = all); quick looks, not numbers to publish."""
+    lm_eval_batch_size: int = 8
+    """lm-eval: requests per forward pass."""
+    generate_path: str = ""
+    """A jsonl file of {"input": ..., "target": ...} pairs: each input is continued greedily (HF generate on the
+    in-memory model) and scored against its target: corpus BLEU and chrF (sacrebleu, 0-100) and ROUGE-L F (rouge-score,
+    0-1), `gen/bleu`, `gen/chrf`, `gen/rougeL`, each with a 95% bootstrap interval over examples; at every finished
+    trial's end, for the base model once and the winner on test; empty = off. Needs `pip install
+    'raycpt[generate]'`."""
+    generate_max_new_tokens: int = 64
+    """Generation: tokens generated per input at most."""
+    generate_stop: list[str] = field(default_factory=lambda: ["\n"])
+    """Generation: it ends at the first of these strings (cut from the prediction), else after max_new_tokens."""
+    generate_limit: int = 0
+    """Generation: score only the first N pairs of the file (0 = all)."""
 
 
 @dataclass
@@ -330,8 +357,9 @@ class ExportConfig:
 @dataclass
 class LawConfig:
     target_tokens: int = 0
-    """Training tokens the fitted mixing law plans for (the best mix at that budget, `raycpt analyze --suggest`);
-    0 = 10 x the largest budget (train.steps x tokens per step) of any trial in the sweep."""
+    """Training tokens of the final run the sweep recommends (the CPT law's lr, mix and schedule at that budget, or
+    the fallback; final.yaml of `raycpt analyze --suggest`); 0 = 10 x the largest budget (train.steps x tokens per
+    step) of any trial in the sweep."""
     max_loo_error: float = 0.05
     """The schedule-aware CPT law (raycpt.core.cpt_law) recommends the final run only when its leave-one-trial-out
     error on the trials' curves is at most this; otherwise the recommendation falls back (and says so)."""
@@ -494,6 +522,9 @@ def _coerce(value: Any, target: Any, where: str, problems: list[str]) -> Any:
     return value
 
 
+PATH_FIELDS = ("eval.lm_eval_include_path", "eval.generate_path")
+"""Local paths trials read themselves (not the driver, as it does the corpora and the task): made absolute when the
+config is loaded, so a trial finds them whatever its working directory."""
 SOURCE_FIELDS = ("data.domain", "data.general", "eval.task", "eval.test_task")
 """Fields naming a corpus or task: a string, or a mapping with SOURCE_KEYS."""
 SOURCE_KEYS = ("path", "name", "split", "revision", "text_field")
@@ -549,7 +580,10 @@ def _build(raw: dict[str, Any], problems: list[str]) -> ExperimentConfig:
                 if f"{key}.{sub}" in SOURCE_FIELDS:
                     setattr(section, sub, _coerce_source(subvalue, f"{key}.{sub}", problems))
                     continue
-                setattr(section, sub, _coerce(subvalue, getattr(section, sub), f"{key}.{sub}", problems))
+                value = _coerce(subvalue, getattr(section, sub), f"{key}.{sub}", problems)
+                if f"{key}.{sub}" in PATH_FIELDS and value:
+                    value = str(Path(value).expanduser().absolute())
+                setattr(section, sub, value)
         elif key in ("name", "storage_path"):
             setattr(cfg, key, _coerce(value, getattr(cfg, key), key, problems))
         else:
@@ -824,6 +858,16 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     elif cfg.select.metric == metrics.F1 and e.method == "prompt" and e.task:
         p.append("select.metric: eval/f1 is the probe's, but eval.method is prompt; set select.metric=eval/prompt_f1 "
                  "or eval.method=both")
+    if any(not name.strip() for name in e.lm_eval_tasks):
+        p.append("eval.lm_eval_tasks: an empty task name; list lm-eval task names, e.g. [hellaswag, arc_easy]")
+    _check_range(p, "eval.lm_eval_num_fewshot", e.lm_eval_num_fewshot, -1)
+    _check_range(p, "eval.lm_eval_limit", e.lm_eval_limit, 0)
+    _check_range(p, "eval.lm_eval_batch_size", e.lm_eval_batch_size, 1)
+    _check_range(p, "eval.generate_max_new_tokens", e.generate_max_new_tokens, 1)
+    _check_range(p, "eval.generate_limit", e.generate_limit, 0)
+    if "" in e.generate_stop:
+        p.append("eval.generate_stop: an empty stop string would end every generation before its first token; "
+                 "remove it")
     _check_range(p, "resources.num_workers", r.num_workers, 1)
     _check_range(p, "resources.cpus_per_worker", r.cpus_per_worker, 0, lo_open=True)
     _check_range(p, "resources.trial_cpus", r.trial_cpus, 0)

@@ -263,8 +263,9 @@ def _mean_rel_error(fit: CptLawFit, curves: Sequence[Curve]) -> float:
 MAX_LOO_ERROR = 0.05
 """A fit whose leave-one-trial-out error on curves exceeds this does not recommend (the fallback does)."""
 MAX_EXTRAPOLATION = 4.0
-"""The law predicts runs whose forward area is at most this multiple of the largest a trial reached: the study in
-benchmarks/ (bench_law: short runs predicting 4x longer ones) supports no more yet."""
+"""The law predicts runs whose forward area is at most this multiple of the largest a trial reached: no study here
+has checked a law further than short runs predicting 4x longer ones yet (the retired mixing law's bench_law);
+benchmarks/bench_payoff.py prints this law's error and reach on held-out longer runs."""
 LR_HORIZON_EXPONENT = 0.3
 """The fallback's lr rule, LR*(D) proportional to D**-beta (Bjorck et al. 2025, "Scaling Optimal LR Across Token
 Horizons"): a run of k times the tokens gets k**-0.3 times the lr."""

@@ -1,5 +1,6 @@
 """Scoring, plain PyTorch + scikit-learn: held-out perplexity on fixed blocks and downstream F1 of a linear probe
-on frozen features. `@torch.no_grad()` functions of (model, data) that restore train mode."""
+on frozen features (and, through `f1_metrics`, prompted classification, lm-eval tasks and generation).
+`@torch.no_grad()` functions of (model, data) that restore train mode."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from torch import nn
 
 from raycpt.core import metrics
 from raycpt.core.data import Task
+from raycpt.core.generation import generation_scores
+from raycpt.core.harness import harness_scores
 from raycpt.core.models import load_tokenizer
 from raycpt.core.prompting import PromptSpec, prompt_scores, right_padded
 from raycpt.core.stats import f1_interval, ppl_interval
@@ -171,22 +174,36 @@ def downstream_f1(model: nn.Module, tokenizer, task: Task, *, splits: tuple[str,
     return scores
 
 
-def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, seed: int, max_length: int,
+def splitless_scores(model: nn.Module, tokenizer, spec: PromptSpec, *,
+                     device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The scores a model gets once, whatever the split: the spec's lm-eval tasks (`lm_eval/<task>/<metric>`) and
+    generation (`gen/bleu`, `gen/chrf`, `gen/rougeL`), each with its interval; {} when it has neither."""
+    scores: dict[str, Any] = {}
+    if spec.harness is not None:
+        scores.update(harness_scores(model, tokenizer, spec.harness))
+    if spec.generation is not None:
+        scores.update(generation_scores(model, tokenizer, spec.generation, device=device))
+    return scores
+
+
+def f1_metrics(model: nn.Module, model_source: str, task: Task | None, *, seeds: int, seed: int, max_length: int,
                device: torch.device | str, trust_remote_code: bool = False,
                prefixes: dict[str, str] | None = None, method: str = "probe", prompt: PromptSpec | None = None
                ) -> dict[str, Any]:
     """The downstream scores as flat metrics, for each split in `prefixes` ({split: metric prefix}, default
-    {"val": "eval/"}). method probe (or both): the probe's `eval/f1` (macro) with `eval/f1_ci_low|high`,
+    {"val": "eval/"}). With a task, method probe (or both): the probe's `eval/f1` (macro) with `eval/f1_ci_low|high`,
     `eval/f1_sd` (seeds > 1), `eval/accuracy`, `eval/f1_class/<label>` and `eval/predictions`; method prompt (or
     both), with `prompt`: the same as `eval/prompt_f1`, `eval/prompt_accuracy`, `eval/prompt_f1_class/<label>`,
-    `eval/prompt_predictions` (`base/...`, `test/...` under other prefixes)."""
+    `eval/prompt_predictions` (`base/...`, `test/...` under other prefixes). With or without a task, when `prompt`
+    carries lm-eval tasks or generation pairs (`splitless_scores`): those once, under every prefix
+    (metrics.prefixed: `lm_eval/...` and `gen/...` for trials, `base/gen/...`, `test/gen/...`)."""
     prefixes = prefixes or {"val": metrics.EVAL_PREFIX}
     tokenizer = load_tokenizer(model_source, trust_remote_code)
     by_method: dict[str, dict[str, dict]] = {}
-    if method in ("probe", "both"):
+    if task is not None and method in ("probe", "both"):
         by_method["probe"] = downstream_f1(model, tokenizer, task, splits=tuple(prefixes), seeds=seeds, seed=seed,
                                            max_length=max_length, device=device)
-    if method in ("prompt", "both"):
+    if task is not None and method in ("prompt", "both"):
         if prompt is None:
             raise ValueError("eval.method prompt needs a PromptSpec")
         parts = {"val": (task.val_texts, task.val_labels), "test": (task.test_texts, task.test_labels)}
@@ -209,4 +226,8 @@ def f1_metrics(model: nn.Module, model_source: str, task: Task, *, seeds: int, s
             if sd_name and scores.get("f1_sd") is not None:
                 flat[name(sd_name)] = scores["f1_sd"]
             flat.update({name(class_prefix) + label: v for label, v in scores["per_class_f1"].items()})
+    if prompt is not None:
+        once = splitless_scores(model, tokenizer, prompt, device=device)  # the same model scores the same: once
+        for prefix in dict.fromkeys(prefixes.values()):
+            flat.update({metrics.prefixed(prefix, name): value for name, value in once.items()})
     return flat

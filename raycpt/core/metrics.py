@@ -28,6 +28,21 @@ PROMPT_F1_CLASS_PREFIX = "eval/prompt_f1_class/"
 PROMPT_PREDICTIONS = "eval/prompt_predictions"
 DOWNSTREAM = {F1: PREDICTIONS, PROMPT_F1: PROMPT_PREDICTIONS}
 """Each downstream metric `select.metric` may name -> the per-text predictions its paired intervals use."""
+LM_EVAL_PREFIX = "lm_eval/"
+"""lm-evaluation-harness scores (eval.lm_eval_tasks; raycpt.core.harness): 'lm_eval/<task>/<metric>', or
+'lm_eval/<task>/<filter>/<metric>' for a filter other than lm-eval's 'none', each with a 95% interval (CI_LOW,
+CI_HIGH) from lm-eval's standard error. Split-less: a model is scored once on each task's own evaluation split."""
+GEN_PREFIX = "gen/"
+GEN_BLEU = "gen/bleu"
+"""Corpus BLEU (sacrebleu, 0-100) of greedy generations against the references of eval.generate_path."""
+GEN_CHRF = "gen/chrf"
+"""Corpus chrF (sacrebleu, 0-100) of the same generations."""
+GEN_ROUGE_L = "gen/rougeL"
+"""ROUGE-L F-measure (rouge-score, 0-1), the mean over examples, of the same generations."""
+GENERATION = (GEN_BLEU, GEN_CHRF, GEN_ROUGE_L)
+SPLITLESS_PREFIXES = (LM_EVAL_PREFIX, GEN_PREFIX)
+"""Downstream scores a model gets once, whatever the split (`prefixed` names them for the base model and the test
+split); analysis collects every trial metric that starts with one of these."""
 DOMAIN_BLOCK_LOSSES = "eval/domain_block_losses"
 GENERAL_BLOCK_LOSSES = "eval/general_block_losses"
 """Mean loss of every held-out validation block, in order (bootstrap and paired intervals resample them)."""
@@ -88,6 +103,18 @@ def test_name(metric: str) -> str:
 def lift_name(metric: str) -> str:
     """'eval/f1' -> 'lift/f1'."""
     return LIFT_PREFIX + metric.removeprefix(EVAL_PREFIX)
+
+
+def lm_eval_name(task: str, metric: str, filter_name: str = "none") -> str:
+    """'lm_eval/hellaswag/acc_norm'; a filter other than lm-eval's 'none' goes between: 'lm_eval/gsm8k/strict-match/
+    exact_match'."""
+    return LM_EVAL_PREFIX + task + "/" + (metric if filter_name == "none" else f"{filter_name}/{metric}")
+
+
+def prefixed(prefix: str, metric: str) -> str:
+    """A split-less metric (SPLITLESS_PREFIXES) under a split's prefix: 'eval/' keeps it as trials report it
+    ('gen/bleu'), 'base/' gives 'base/gen/bleu', 'test/' 'test/gen/bleu', 'base/test/' 'base/test/gen/bleu'."""
+    return metric if prefix == EVAL_PREFIX else prefix + metric
 
 
 def short_name(metric: str) -> str:

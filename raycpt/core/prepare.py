@@ -34,8 +34,10 @@ from raycpt.core.data import (
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.files import read_json, write_json
+from raycpt.core.generation import generation_spec, read_pairs, require_scorers
+from raycpt.core.harness import check_tasks, harness_spec
 from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
-from raycpt.core.prompting import check_prompt, prompt_spec
+from raycpt.core.prompting import check_prompt, prompt_spec, scores_without_task
 from raycpt.core.resources import trial_concurrency
 from raycpt.core.shards import Mapper, UnitResult, map_in_process
 from raycpt.core.sources import corpus_units, source_text, unit_bytes
@@ -152,6 +154,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     task = load_eval_task(cfg)
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
     check_task_prompt(cfg, task, tokenizer)
+    check_splitless(cfg)
     found = {}
     d = cfg.data
     for field, source in (("data.domain", d.domain), ("data.general", d.general)):
@@ -168,8 +171,19 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
 def check_task_prompt(cfg: ExperimentConfig, task, tokenizer) -> None:
     """eval.method prompt: the template and label words can score this task with this tokenizer (InputError)."""
     spec = prompt_spec(cfg.eval)
-    if spec is not None and task is not None:
+    if spec is not None and task is not None and cfg.eval.method in ("prompt", "both"):
         check_prompt(spec, task.classes, tokenizer)
+
+
+def check_splitless(cfg: ExperimentConfig) -> None:
+    """eval.lm_eval_tasks: lm-eval installed and every task known, its local data present; eval.generate_path:
+    sacrebleu and rouge-score installed, every line a {input, target} pair (InputError, one line)."""
+    harness, generation = harness_spec(cfg.eval), generation_spec(cfg.eval)
+    if harness is not None:
+        check_tasks(harness)
+    if generation is not None:
+        require_scorers()
+        read_pairs(generation.path)
 
 
 def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process,
@@ -185,6 +199,7 @@ def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process
     tokenizer = load_tokenizer(cfg.model.source, cfg.model.trust_remote_code)
     task = load_eval_task(cfg)
     check_task_prompt(cfg, task, tokenizer)
+    check_splitless(cfg)
     common = dict(text_field=d.text_field, block_size=d.block_size, heldout_fraction=d.heldout_fraction,
                   heldout_blocks=d.heldout_blocks, test_blocks=d.test_blocks or d.heldout_blocks,
                   max_tokens=d.max_tokens, seed=d.seed, exclude_texts=task.heldout_texts() if task else [],
@@ -207,7 +222,8 @@ def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, prefixes: d
     """Held-out ppl (with intervals and per-block losses) and probe F1 (with interval and predictions) of a model
     on the validation and/or test parts, as flat metrics: `prefixes` maps each split ("val", "test") to the prefix
     of its names ('base/', 'test/', 'base/test/'). The probe is fitted once and scored on `probe_splits` (default:
-    every split in `prefixes`). Runs in the precision trials use on this device."""
+    every split in `prefixes`); lm-eval tasks and generation (split-less) run once and are named under each of
+    those splits' prefixes. Runs in the precision trials use on this device."""
     device = torch.device(device)
     amp = autocast_dtype(cfg.train.precision, device)
     model.to(device)
@@ -223,7 +239,7 @@ def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, prefixes: d
                                            prefix + loss_name.removeprefix(metrics.EVAL_PREFIX),
                                            prefix + ppl_name.removeprefix(metrics.EVAL_PREFIX), seed=cfg.data.seed))
     probe = {split: prefixes[split] for split in (prefixes if probe_splits is None else probe_splits)}
-    if manifest.task and probe:
+    if (manifest.task or scores_without_task(cfg.eval)) and probe:
         e = cfg.eval
         results.update(f1_metrics(model, cfg.model.source, manifest.task, seeds=e.seeds, seed=e.seed,
                                   max_length=e.max_length, device=device, trust_remote_code=cfg.model.trust_remote_code,
@@ -232,10 +248,22 @@ def score_model(model, cfg: ExperimentConfig, manifest: Manifest, *, prefixes: d
 
 
 def base_cache_key(cfg: ExperimentConfig, manifest: Manifest) -> str:
-    """What the base measurement depends on: the data, the task, the model and how it is run."""
+    """What the base measurement depends on: the data, the task, the model and how it is run, and the files the
+    lm-eval tasks and generation read (each file's path, size and modification time)."""
     return hashlib.sha256(json.dumps([manifest.fingerprint, dataclasses.asdict(cfg.eval), cfg.model.source,
-                                      cfg.model.dtype, cfg.train.precision, cfg.resources.use_gpu],
+                                      cfg.model.dtype, cfg.train.precision, cfg.resources.use_gpu,
+                                      *splitless_files(cfg)],
                                      sort_keys=True).encode()).hexdigest()[:16]
+
+
+def splitless_files(cfg: ExperimentConfig) -> list[list]:
+    """[path, bytes, mtime_ns] of eval.generate_path and of every file under eval.lm_eval_include_path (their
+    contents change the base model's scores without changing the config)."""
+    e = cfg.eval
+    paths = [Path(e.generate_path)] if e.generate_path else []
+    if e.lm_eval_tasks and e.lm_eval_include_path and Path(e.lm_eval_include_path).is_dir():
+        paths += sorted(p for p in Path(e.lm_eval_include_path).rglob("*") if p.is_file())
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths if p.is_file()]
 
 
 def cached_base(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path) -> dict[str, Any] | None:

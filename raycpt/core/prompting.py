@@ -8,6 +8,10 @@ template's text after the slot. The prediction is the label whose continuation h
 log-probability. Context and continuation are tokenised apart and joined (lm-eval's convention): the space before the
 slot moves into the continuation, so a label word tokenises as it would mid-sentence. Scores are macro-F1 with its
 bootstrap interval, accuracy, per-class F1 and the predictions (for paired intervals), like the probe's.
+
+The PromptSpec also carries the section's other ways of prompting the model, lm-evaluation-harness tasks
+(raycpt.core.harness) and generation against references (raycpt.core.generation), so every place that scores a
+model's downstream task (a trial's end, the base model, the winner on test) runs them with it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import nn
 
 from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
+from raycpt.core.generation import GenerationSpec, generation_spec
+from raycpt.core.harness import HarnessSpec, harness_spec
 from raycpt.core.stats import f1_interval
 
 TEXT_SLOT, LABEL_SLOT = "{text}", "{label}"
@@ -37,13 +43,26 @@ class PromptSpec:
     seed: int
     max_length: int
     """Tokens kept of each text (its start), as the probe does."""
+    harness: HarnessSpec | None = None
+    """lm-evaluation-harness tasks scored on the same model (eval.lm_eval_tasks; raycpt.core.harness), or None."""
+    generation: GenerationSpec | None = None
+    """Generation scored against references (eval.generate_path; raycpt.core.generation), or None."""
 
 
 def prompt_spec(e: EvalConfig) -> PromptSpec | None:
-    """The PromptSpec of the `eval` section, or None when eval.method scores no prompt."""
-    if e.method not in ("prompt", "both"):
+    """How the `eval` section prompts the model: the prompted classification of eval.method prompt (or both), the
+    lm-eval tasks and the generation pairs. None when it prompts it for nothing (eval.method probe alone). Whoever
+    scores a model's downstream task passes this on (`evaluate.f1_metrics(prompt=...)`), which runs all three."""
+    harness, generation = harness_spec(e), generation_spec(e)
+    if e.method not in ("prompt", "both") and harness is None and generation is None:
         return None
-    return PromptSpec(e.template, e.shots, dict(e.label_words), e.seed, e.max_length)
+    return PromptSpec(e.template, e.shots, dict(e.label_words), e.seed, e.max_length, harness, generation)
+
+
+def scores_without_task(e: EvalConfig) -> bool:
+    """Whether the `eval` section scores a model even without a labelled task (eval.lm_eval_tasks or
+    eval.generate_path): the trial's end then scores it although `eval.task` is empty."""
+    return bool(e.lm_eval_tasks or e.generate_path)
 
 
 def check_prompt(spec: PromptSpec, classes: list[str], tokenizer) -> None:

@@ -22,7 +22,7 @@ interval, bit for bit. Resamples are drawn and scored in chunks so memory stays 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,3 +337,30 @@ def paired_ppl_change(loss_sums_a: Sequence[float] | np.ndarray, counts_a: Seque
                                    _resampled_sums(lb, idx), _resampled_sums(cb, idx))
                             for idx in _index_chunks(la.size, samples, seed)])
     return _percentile_interval(float(change(la.sum(), ca.sum(), lb.sum(), cb.sum())), stats, confidence)
+
+
+# ---------------------------------------------------------------------------------------------------- corpus scores
+
+
+def corpus_interval(unit_stats: Sequence[Sequence[float]] | np.ndarray, score: Callable[[np.ndarray], float], *,
+                    seed: int = 0, samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE) -> Interval:
+    """A corpus-level score with a percentile-bootstrap interval over units (examples).
+
+    `unit_stats[i]` is unit i's sufficient statistics (BLEU's n-gram matches and lengths, chrF's character n-gram
+    counts, or a per-example score) and `score(sums)` the metric of a set of units from their column sums: the value
+    is `score` of every unit's sums, each resample's the sums of n units drawn with replacement (sacrebleu's own
+    bootstrap does the same)."""
+    _check_options(samples, confidence)
+    units = np.asarray(unit_stats, dtype=np.float64)
+    if units.ndim != 2 or units.shape[0] == 0:
+        raise ValueError(f"unit_stats must be [units, statistics] with at least one unit, got shape {units.shape}")
+    if not np.isfinite(units).all():
+        raise ValueError("unit_stats contains NaN or infinite values")
+    n = units.shape[0]
+    stats = []
+    for idx in _index_chunks(n, samples, seed):
+        # how often each resample drew each unit ([rows, n]), so the sums are one matmul, not a [rows, n, k] copy
+        rows = np.arange(idx.shape[0])[:, None] * n
+        counts = np.bincount((rows + idx).ravel(), minlength=idx.size).reshape(idx.shape).astype(np.float64)
+        stats += [score(sums) for sums in counts @ units]
+    return _percentile_interval(score(units.sum(axis=0)), np.asarray(stats), confidence)

@@ -1,13 +1,15 @@
-"""The continued-pre-training loop: one function, top to bottom. No Ray here.
+"""The continued-pre-training loop, top to bottom: setup, then `train_step` per step, then eval and report. No Ray.
 
 `train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
 and a re-decay (`train.schedule`: cosine, or warmup-stable-decay; raycpt.core.schedule) over a deterministic
-domain/general mixture. Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it
-scores the fixed held-out blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under
-`resources.strategy: fsdp`; raycpt.core.checkpoint says what one holds) and calls
-`report(metrics, checkpoint_dir)`. The Ray edge calls it from `raycpt.edge.worker`; tests call it directly, and
-`python -m raycpt.core.train CONFIG` runs one trial on a machine without Ray. `train.method: lora` trains PEFT
-adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16` adds a GradScaler.
+domain/general mixture, whose micro-batches a background thread gathers ahead of the step (raycpt.core.batches).
+Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it scores the fixed held-out
+blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under `resources.strategy: fsdp`;
+raycpt.core.checkpoint says what one holds) and calls `report(metrics, checkpoint_dir)`. The Ray edge calls it from
+`raycpt.edge.worker`; `raycpt train CONFIG --no-ray` (`run_local`) runs one trial on a machine without Ray; tests
+call it directly. `train_step` is one optimizer step, what benchmarks and the memory test run too.
+`train.method: lora` trains PEFT adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16`
+adds a GradScaler.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from raycpt.core import metrics as m
 from raycpt.core.adapters import apply_lora, shadowed_params, unwrap
+from raycpt.core.batches import Batches
 from raycpt.core.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -38,15 +40,15 @@ from raycpt.core.checkpoint import (
     load_train_state,
     save_checkpoint,
 )
-from raycpt.core.config import ExperimentConfig, load_config
-from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
+from raycpt.core.config import ExperimentConfig
+from raycpt.core.data import load_blocks, mixture_plan, mixture_seed
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
 from raycpt.core.loss import causal_lm_loss, compile_for_loss, resolve_loss_impl
 from raycpt.core.models import apply_dropout, load_model
 from raycpt.core.parallel import fsdp_root, no_gradient_sync, root_unsharded
 from raycpt.core.prepare import Manifest, prepare_experiment
-from raycpt.core.prompting import prompt_spec
+from raycpt.core.prompting import prompt_spec, scores_without_task
 from raycpt.core.schedule import lr_factor, stable_end
 
 Report = Callable[[dict[str, Any], "str | None"], None]
@@ -111,28 +113,48 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return float(sum(params.values())) + 12.0 * layers * hidden * seq_len
 
 
-def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
-          resume_dir: str | None = None, rank: int = 0, world_size: int = 1,
-          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model,
-          forgetting_bound: float | None = None, on_forgetting: str = "warn") -> dict[str, Any]:
-    """Run one CPT trial on the prepared data; returns the last metrics. `forgetting_bound`: a validation general
-    ppl the run must stay within (raycpt.core.extend: (1 + select.max_forgetting) x the base model's); a report
-    above it says so at once (metrics.FORGETTING) and, with on_forgetting stop, ends the run there without a
-    checkpoint, so the last one written is the last within the bound."""
-    t, d = cfg.train, cfg.data
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.resources.use_gpu else "cpu"))
-    amp_dtype = autocast_dtype(t.precision, device)
-    torch.manual_seed(t.seed + rank)
-    random.seed(t.seed + rank)
+def train_step(model: nn.Module, micro_batches: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *, loss_impl: str = "hf",
+               amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0, distributed: bool = False,
+               loss_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step over `micro_batches` (token ids [B, T] on the model's device; the step's gradient is
+    their mean): forward under autocast and backward for each, then unscale + clip, the optimizer step, the
+    scaler's and the scheduler's updates, zero_grad. `distributed` (DDP / FSDP over several workers): gradients
+    are all-reduced (reduce-scattered) on the last micro-batch only. Returns the micro-batches' losses, each
+    divided by their number, summed: detached and on the device (no host sync). `loss_sum`: a running sum (the
+    loop's, over a report window) to add them to in place, one by one, and return instead."""
+    grad_accum = len(micro_batches)
+    device_type = micro_batches[0].device.type
+    if loss_sum is None:
+        loss_sum = torch.zeros((), device=micro_batches[0].device)
+    for micro, input_ids in enumerate(micro_batches):
+        skip_sync = distributed and micro < grad_accum - 1
+        with no_gradient_sync(model) if skip_sync else contextlib.nullcontext():
+            with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum
 
-    # --- model: released weights (init) or a checkpoint (resume) -------------------------------------------------
-    # A sharded (fsdp) checkpoint is loaded after wrapping, with the optimizer (load_train_state): start from the
-    # released weights' architecture. HF weights + a whole optimizer cannot be spread over FSDP shards.
+
+def load_trial_model(cfg: ExperimentConfig, resume_dir: str | None, world_size: int) -> nn.Module:
+    """The model a trial starts from, on the CPU: the released weights (init), or a checkpoint's (resume), with
+    dropout, gradient checkpointing and LoRA adapters applied. A sharded (fsdp) checkpoint is loaded after wrapping,
+    with the optimizer (load_train_state): its trial starts from the released weights' architecture (HF weights + a
+    whole optimizer cannot be spread over FSDP shards). LoRA: a checkpoint holds the adapter alone; the base is the
+    released weights."""
+    t = cfg.train
     resume_sharded = bool(resume_dir) and is_sharded_checkpoint(resume_dir)
     if resume_dir and not resume_sharded and cfg.resources.strategy == "fsdp" and world_size > 1:
         raise InputError(f"resources.strategy=fsdp: checkpoint {resume_dir} was saved under ddp; resume it with "
                          "--set resources.strategy=ddp, or start a new run with --set name=<new name>")
-    # LoRA: the checkpoint holds the adapter alone; the base is the released weights, the adapter goes on below.
     lora = t.method == "lora"
     if resume_dir and not resume_sharded and lora != is_adapter_checkpoint(resume_dir):
         raise InputError(f"train.method={t.method}: checkpoint {resume_dir} was saved by a "
@@ -148,6 +170,25 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
         model = apply_lora(model, t)
         if resume_dir:
             load_adapter_weights(model, resume_dir)
+    return model
+
+
+def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoint_root: str | os.PathLike,
+          resume_dir: str | None = None, rank: int = 0, world_size: int = 1,
+          device: torch.device | str | None = None, wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model,
+          forgetting_bound: float | None = None, on_forgetting: str = "warn") -> dict[str, Any]:
+    """Run one CPT trial on the prepared data; returns the last metrics. `forgetting_bound`: a validation general
+    ppl the run must stay within (raycpt.core.extend: (1 + select.max_forgetting) x the base model's); a report
+    above it says so at once (metrics.FORGETTING) and, with on_forgetting stop, ends the run there without a
+    checkpoint, so the last one written is the last within the bound."""
+    t, d = cfg.train, cfg.data
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.resources.use_gpu else "cpu"))
+    amp_dtype = autocast_dtype(t.precision, device)
+    torch.manual_seed(t.seed + rank)
+    random.seed(t.seed + rank)
+
+    # --- model, optimizer, schedule ------------------------------------------------------------------------------
+    model = load_trial_model(cfg, resume_dir, world_size)
     model_flops_per_token = flops_per_token(model, d.block_size)
     peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
     model.to(device)
@@ -202,122 +243,89 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             scores.update({m.GENERAL_LOSS: None, m.GENERAL_PPL: None})
         return scores
 
-    # --- loop ----------------------------------------------------------------------------------------------------
+    # --- loop: this worker's micro-batches are gathered in the background (raycpt.core.batches) ------------------
     model.train()
     loss_acc = torch.zeros((), device=device)
-    domain_drawn = 0  # blocks this worker actually drew from the domain corpus
     steps_in_window, window_start = 0, time.perf_counter()
     metrics: dict[str, Any] = {}
-    for step in range(state.step, steps):
-        for micro in range(grad_accum):
-            pos = worker_positions(step, micro, rank=rank, world_size=world_size, batch_size=micro_batch,
-                                   grad_accum=grad_accum)
-            domain_drawn += int(is_domain[pos].sum())
-            batch = torch.from_numpy(np.stack([(domain_train if from_domain else general_train)[i]
-                                               for from_domain, i in zip(is_domain[pos], index[pos], strict=True)]))
-            if device.type == "cuda":  # pinned host memory: the copy runs async, the loop never waits on it
-                batch = batch.pin_memory()
-            input_ids = batch.to(device, dtype=torch.long, non_blocking=True)
-            last_micro = micro == grad_accum - 1
-            # DDP / FSDP: all-reduce (reduce-scatter) gradients only on the last micro-batch of a step
-            skip_sync = world_size > 1 and not last_micro
-            with no_gradient_sync(model) if skip_sync else contextlib.nullcontext():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
-                scaler.scale(loss).backward()
-            loss_acc += loss.detach()
-        if t.grad_clip > 0:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        scaler.step(optimizer)  # skipped (and the scale lowered) when fp16 gradients overflowed
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps_in_window += 1
-        done = step + 1
+    with Batches(domain_train, general_train, is_domain, index, start_step=state.step, steps=steps, rank=rank,
+                 world_size=world_size, micro_batch=micro_batch, grad_accum=grad_accum, device=device) as batches:
+        for step in range(state.step, steps):
+            train_step(model, [next(batches) for _ in range(grad_accum)], optimizer, scheduler, scaler,
+                       loss_impl=loss_impl, amp_dtype=amp_dtype, grad_clip=t.grad_clip, distributed=world_size > 1,
+                       loss_sum=loss_acc)  # adds the step's loss to the window's
+            steps_in_window += 1
+            done = step + 1
+            if done % t.eval_every and done != steps and done != pre_decay_step:
+                continue
 
-        if done % t.eval_every and done != steps and done != pre_decay_step:
-            continue
-        # --- eval, report, checkpoint: the only host syncs in the loop -------------------------------------------
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        window_time = time.perf_counter() - window_start
-        state.train_time_s += window_time
-        train_loss = loss_acc / steps_in_window
-        drawn = torch.tensor([domain_drawn, (done - resumed_from_step) * blocks_per_step // world_size],
-                             dtype=torch.float64, device=device)
-        if world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(train_loss)  # sync point: mean train loss across workers
-            train_loss /= world_size
-            torch.distributed.all_reduce(drawn)  # sync point: blocks drawn by every worker
-        heldout = evaluate()
-        tokens = done * blocks_per_step * d.block_size
-        tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
-        metrics = {
-            m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss), **heldout,
-            # what the loop consumed since this run (re)started, not the plan: a resumed run counts its own draws
-            m.DOMAIN_FRACTION: float(drawn[0] / drawn[1]),
-            m.TOKENS_PER_S: tokens_per_s,
-            m.MFU: tokens_per_s * model_flops_per_token / peak if peak else None,
-            m.LR: scheduler.get_last_lr()[0], m.TRAIN_TIME_S: state.train_time_s,
-            m.RESTARTS: state.restarts, m.RESUMED_FROM_STEP: resumed_from_step, m.LOSS_IMPL: loss_impl,
-        }
-        if metrics[m.DOMAIN_PPL] < state.best_domain_ppl:
-            state.best_domain_ppl, state.evals_since_best = metrics[m.DOMAIN_PPL], 0
-        else:
-            state.evals_since_best += 1
-        state.step = done
-        stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
-        general_ppl = metrics[m.GENERAL_PPL]
-        metrics[m.FORGETTING] = None
-        if forgetting_bound is not None and general_ppl is not None and not general_ppl <= forgetting_bound:
-            metrics[m.FORGETTING] = (f"general ppl {general_ppl:.2f} crossed the forgetting bound "
-                                     f"{forgetting_bound:.2f} at step {done}")
-            if rank == 0:
-                logging.getLogger("raycpt").warning("%s%s", metrics[m.FORGETTING], "; stopping" if on_forgetting
-                                                    == "stop" else "")
-        stop_forgetting = metrics[m.FORGETTING] is not None and on_forgetting == "stop"
-        if (done == steps or stop_early) and not stop_forgetting and manifest.task and (rank == 0 or sharded):
-            # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
-            # trials Tune stops, and this keeps the probe on the trial's own resources). Under FSDP every rank
-            # runs it on the same texts (each forward all-gathers; no rank ever holds the whole model idle) and
-            # gets the same scores; root_unsharded: the probe calls the decoder without the root's hooks.
-            e = cfg.eval
-            with root_unsharded(model):
-                metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds,
-                                          seed=e.seed, max_length=e.max_length, device=device,
-                                          trust_remote_code=cfg.model.trust_remote_code,
-                                          method=e.method, prompt=prompt_spec(e)))
-        metrics[m.FINISHED] = (done == steps or stop_early) and not stop_forgetting
-        metrics[m.PRE_DECAY] = done == pre_decay_step
-        # Ray keeps the best-ranked checkpoint besides the latest (raycpt.edge.policy): the pre-decay one first
-        metrics[m.CHECKPOINT_SCORE] = 0.0 if metrics[m.PRE_DECAY] else metrics[m.DOMAIN_PPL]
-        checkpoint_dir = None
-        # fsdp: every rank writes its shard. Stopped by the forgetting bound: no checkpoint past it
-        if (rank == 0 or cfg.resources.strategy == "fsdp") and not stop_forgetting:
-            checkpoint_dir = Path(checkpoint_root) / checkpoint_name(done)
-            save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank,
-                            scaler=scaler)
-        report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
-        loss_acc.zero_()
-        steps_in_window, window_start = 0, time.perf_counter()
-        if stop_early or stop_forgetting:
-            break
+            # --- eval, report, checkpoint: the only host syncs in the loop ---------------------------------------
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            window_time = time.perf_counter() - window_start
+            state.train_time_s += window_time
+            train_loss = loss_acc / steps_in_window
+            drawn = torch.tensor([batches.domain_blocks, (done - resumed_from_step) * blocks_per_step // world_size],
+                                 dtype=torch.float64, device=device)
+            if world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(train_loss)  # sync point: mean train loss across workers
+                train_loss /= world_size
+                torch.distributed.all_reduce(drawn)  # sync point: blocks drawn by every worker
+            heldout = evaluate()
+            tokens = done * blocks_per_step * d.block_size
+            tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
+            metrics = {
+                m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss), **heldout,
+                # what the loop consumed since this run (re)started, not the plan: a resumed run counts its own
+                m.DOMAIN_FRACTION: float(drawn[0] / drawn[1]),
+                m.TOKENS_PER_S: tokens_per_s,
+                m.MFU: tokens_per_s * model_flops_per_token / peak if peak else None,
+                m.LR: scheduler.get_last_lr()[0], m.TRAIN_TIME_S: state.train_time_s,
+                m.RESTARTS: state.restarts, m.RESUMED_FROM_STEP: resumed_from_step, m.LOSS_IMPL: loss_impl,
+            }
+            if metrics[m.DOMAIN_PPL] < state.best_domain_ppl:
+                state.best_domain_ppl, state.evals_since_best = metrics[m.DOMAIN_PPL], 0
+            else:
+                state.evals_since_best += 1
+            state.step = done
+            stop_early = bool(t.early_stopping_patience) and state.evals_since_best >= t.early_stopping_patience
+            general_ppl = metrics[m.GENERAL_PPL]
+            metrics[m.FORGETTING] = None
+            if forgetting_bound is not None and general_ppl is not None and not general_ppl <= forgetting_bound:
+                metrics[m.FORGETTING] = (f"general ppl {general_ppl:.2f} crossed the forgetting bound "
+                                         f"{forgetting_bound:.2f} at step {done}")
+                if rank == 0:
+                    logging.getLogger("raycpt").warning("%s%s", metrics[m.FORGETTING], "; stopping"
+                                                        if on_forgetting == "stop" else "")
+            stop_forgetting = metrics[m.FORGETTING] is not None and on_forgetting == "stop"
+            if ((done == steps or stop_early) and not stop_forgetting and (rank == 0 or sharded)
+                    and (manifest.task or scores_without_task(cfg.eval))):
+                # Downstream F1 once, at the trial's end, inside the trial (code after fit() never runs for
+                # trials Tune stops, and this keeps the probe on the trial's own resources). Under FSDP every rank
+                # runs it on the same texts (each forward all-gathers; no rank ever holds the whole model idle)
+                # and gets the same scores; root_unsharded: the probe calls the decoder without the root's hooks.
+                e = cfg.eval
+                with root_unsharded(model):
+                    metrics.update(f1_metrics(unwrap(model), cfg.model.source, manifest.task, seeds=e.seeds,
+                                              seed=e.seed, max_length=e.max_length, device=device,
+                                              trust_remote_code=cfg.model.trust_remote_code,
+                                              method=e.method, prompt=prompt_spec(e)))
+            metrics[m.FINISHED] = (done == steps or stop_early) and not stop_forgetting
+            metrics[m.PRE_DECAY] = done == pre_decay_step
+            # Ray keeps the best-ranked checkpoint besides the latest (raycpt.edge.policy): the pre-decay one first
+            metrics[m.CHECKPOINT_SCORE] = 0.0 if metrics[m.PRE_DECAY] else metrics[m.DOMAIN_PPL]
+            checkpoint_dir = None
+            # fsdp: every rank writes its shard. Stopped by the forgetting bound: no checkpoint past it
+            if (rank == 0 or cfg.resources.strategy == "fsdp") and not stop_forgetting:
+                checkpoint_dir = Path(checkpoint_root) / checkpoint_name(done)
+                save_checkpoint(checkpoint_dir, model, state, optimizer, scheduler, cfg, metrics, rank=rank,
+                                scaler=scaler)
+            report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
+            loss_acc.zero_()
+            steps_in_window, window_start = 0, time.perf_counter()
+            if stop_early or stop_forgetting:
+                break
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m raycpt.core.train CONFIG [--set k=v ...]`: prepare the data and run one trial's loop in this
-    process, without Ray (a GPU box with torch and transformers only). Checkpoints go to
-    <storage_path>/<name>/local; one line per report."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m raycpt.core.train", description=main.__doc__)
-    parser.add_argument("config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.set)
-    return 0 if run_local(cfg, print) else 1
 
 
 def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, Any]:
@@ -337,12 +345,3 @@ def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, An
 
     return train(cfg, manifest, keeping_newest_checkpoint(report), checkpoint_root=out)
 
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        sys.exit(main())
-    except InputError as err:
-        print(f"raycpt: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)

@@ -86,7 +86,8 @@ def collect_trials(exp_dir: Path) -> pd.DataFrame:
         if not row[metrics.CHECKPOINT_PATH] and trial.checkpoint:  # a one-worker trial: its latest, via Tune
             row[metrics.CHECKPOINT_PATH] = trial.checkpoint.path
         row[WEIGHTS_KEPT] = bool(row[metrics.CHECKPOINT_PATH]) and has_weights(row[metrics.CHECKPOINT_PATH])
-        row.update({k: v for k, v in flatten_result(last).items() if k.startswith(metrics.F1_CLASS_PREFIX)})
+        row.update({k: v for k, v in flatten_result(last).items()
+                    if k.startswith((metrics.F1_CLASS_PREFIX, *metrics.SPLITLESS_PREFIXES))})
         own = trial_dir(exp_dir, row)
         row[DISK_BYTES] = (dir_bytes(own) if own else 0) + dir_bytes(
             Path(exp_dir) / TRIALS_DIR / f"trial_{trial.trial_id}")

@@ -44,3 +44,47 @@ def paired_lifts(row: dict[str, Any], reference: dict[str, Any], *, row_prefix: 
             change: Interval = paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens)
             out.update(change.to_dict(name(out_prefix, ppl_name)))
     return out
+
+
+STOP_NOISE = "asha/within_noise_of"
+"""A trial row's key: the trial ids it was not worse than beyond noise when ASHA stopped it (empty: a clear stop)."""
+
+
+def stops_within_noise(rows: list[dict[str, Any]], histories: dict[str, Any], *, metric: str, block_size: int
+                       ) -> dict[str, list[str]]:
+    """For every trial ASHA stopped: the trials that went on past its last report yet were not better than it at
+    that step beyond the noise of the validation blocks (the paired 95% interval of their ppl ratio on the same
+    blocks includes 0). A stop with such trials was decided inside the noise. Only ppl metrics (`metric`
+    eval/domain_ppl or eval/general_ppl) have the per-block losses this needs; other metrics give {}."""
+    losses_name = {metrics.DOMAIN_PPL: metrics.DOMAIN_BLOCK_LOSSES,
+                   metrics.GENERAL_PPL: metrics.GENERAL_BLOCK_LOSSES}.get(metric)
+    if losses_name is None:
+        return {}
+
+    def blocks_at(tid: str, step: int) -> np.ndarray | None:
+        history = histories.get(tid)
+        if history is None or losses_name not in history or metrics.STEP not in history:
+            return None
+        at = history[history[metrics.STEP] == step]
+        return _losses({"x": at[losses_name].iloc[-1]}, "x") if len(at) else None
+
+    out: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("status") != "stopped" or row.get(metrics.STEP) is None:
+            continue
+        tid, step = row["trial_id"], int(row[metrics.STEP])
+        mine = blocks_at(tid, step)
+        if mine is None:
+            continue
+        close = []
+        for other in rows:
+            if other is row or int(other.get(metrics.STEP) or 0) <= step:
+                continue  # only the trials that went on past this rung
+            theirs = blocks_at(other["trial_id"], step)
+            if theirs is None or len(theirs) != len(mine):
+                continue
+            tokens = np.full(len(mine), block_size - 1, dtype=np.float64)
+            if not paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens).excludes(0):
+                close.append(other["trial_id"])
+        out[tid] = close
+    return out

@@ -29,7 +29,7 @@ from raycpt.core.prepare import Manifest, score_model
 from raycpt.core.sources import _is_local
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.compare import paired_lifts
-from raycpt.results.format import fixed, interval_text, num
+from raycpt.results.format import fixed, interval_text, num, splitless_label, splitless_names
 from raycpt.results.select import Selection
 
 EXPORT_DIR = "export"
@@ -153,6 +153,8 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
                                      metrics.PROMPT_ACCURACY)}
     for name in (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1, metrics.PROMPT_F1):
         final.update({name + suffix: row.get(name + suffix) for suffix in (metrics.CI_LOW, metrics.CI_HIGH)})
+    final.update({k: v for k, v in row.items() if k.startswith(metrics.SPLITLESS_PREFIXES)
+                  and v is not None and not isinstance(v, (list, dict)) and not pd.isna(v)})  # lm-eval, generation
     final["eval/f1_per_class"] = {k.rsplit("/", 1)[1]: v for k, v in row.items()
                                   if k.startswith(metrics.F1_CLASS_PREFIX) and v is not None and not pd.isna(v)}
     card = {
@@ -319,6 +321,15 @@ def _card_text(card: dict[str, Any]) -> str:
                                     ("downstream macro-F1 (probe)", metrics.F1, 4),
                                     ("downstream macro-F1 (prompt)", metrics.PROMPT_F1, 4))
         if t.get(metrics.test_name(name)) is not None)
+    rows += "".join(  # lm-eval tasks and generation: no paired difference (scored on each task's own split)
+        f"\n| {label} ({'lm-eval' if name.startswith(metrics.LM_EVAL_PREFIX) else 'generation'}) | "
+        f"{_with_ci(b, metrics.base_name(metrics.test_name(name)), digits)} | "
+        f"{_with_ci(t, metrics.test_name(name), digits)} | - |"
+        for name in splitless_names([t], metrics.TEST_PREFIX)
+        for label, digits in [splitless_label(name)])
+    splitless = ("\n\nlm-eval and generation rows: each task's own evaluation data, which the selection never used "
+                 "(lm-eval: ± 1.96 standard errors; generation: bootstrap over examples)."
+                 if splitless_names([t], metrics.TEST_PREFIX) else "")
     hp = "\n".join(f"| {k} | {v} |" for k, v in card["hyperparameters"].items())
     return f"""# {card['model']}
 
@@ -328,7 +339,7 @@ On the test split (texts and blocks no trial, probe fit or selection saw), with 
 
 | metric | base | this model | paired difference |
 |---|---|---|---|
-{rows}
+{rows}{splitless}
 
 {card['test_verdict'] or ''} {card['selection'].get('verdict') or ''}
 

@@ -178,3 +178,26 @@ def hp_short_labels(keys: list[str]) -> dict[str, str]:
 def hp_keys(trials: list[dict[str, Any]]) -> list[str]:
     return sorted({k for t in trials for k in t if k.startswith("hp/")})
 
+
+
+GENERATION_LABELS = {metrics.GEN_BLEU: ("BLEU", 2), metrics.GEN_CHRF: ("chrF", 2), metrics.GEN_ROUGE_L: ("ROUGE-L", 4)}
+"""Generation scores: their label and the digits they are shown with (BLEU and chrF are 0-100, ROUGE-L F 0-1)."""
+
+
+def splitless_label(name: str) -> tuple[str, int]:
+    """(label, digits) of a split-less score (metrics.SPLITLESS_PREFIXES), its split prefix already removed:
+    'lm_eval/hellaswag/acc_norm' -> ('hellaswag acc_norm', 4), 'gen/bleu' -> ('BLEU', 2)."""
+    if name in GENERATION_LABELS:
+        return GENERATION_LABELS[name]
+    return name.removeprefix(metrics.LM_EVAL_PREFIX).replace("/", " "), 4
+
+
+def splitless_names(rows: list[dict[str, Any]], prefix: str = "") -> list[str]:
+    """The split-less scores (lm-eval tasks, generation) any of `rows` has under `prefix` ('' for trial rows,
+    'base/', 'test/'), without the prefix and without their interval names, in a stable order."""
+    found = {key.removeprefix(prefix) for row in rows for key, value in row.items()
+             if key.startswith(prefix) and value is not None and not isinstance(value, (list, dict))}
+    names = [n for n in found if n.startswith(metrics.SPLITLESS_PREFIXES)
+             and not n.endswith((metrics.CI_LOW, metrics.CI_HIGH))]
+    generation = [n for n in metrics.GENERATION if n in names]
+    return sorted(n for n in names if n not in generation) + generation

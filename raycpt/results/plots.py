@@ -3,7 +3,7 @@ training tokens, ASHA stops marked), held-out ppl vs downstream F1 with the Pare
 hyperparameter against the final metrics.
 
 Per-trial histories come from the result.json (one JSON object per report) Tune writes in each trial's directory
-(raycpt.results.collect.load_history, shared with the mixing law's fit).
+(raycpt.results.collect.load_history, shared with the CPT law's fit).
 Figures are drawn with matplotlib's object API on the Agg canvas: no pyplot state, no display needed.
 """
 
@@ -19,16 +19,17 @@ from raycpt.core import cpt_law
 from raycpt.core.config import ExperimentConfig, load_saved_config
 from raycpt.core.files import read_json
 from raycpt.results import collect
-from raycpt.results.format import hp_labels, ppl_text, short_ids, tokens_text
+from raycpt.results.format import hp_labels, ppl_text, short_ids
+from raycpt.results.recommendation import trial_curves
 from raycpt.results.summary import Summary
-from raycpt.results.sweep_law import law_fits, trial_curves
 
 DPI = 120
 PLOT_FILES = ("domain_ppl_vs_tokens.png", "general_ppl_vs_tokens.png", "ppl_vs_f1.png", "hyperparameters.png")
-LAW_PLOT = "law.png"
-"""Drawn only when the sweep's mixing law could be fitted (Summary.law)."""
 CPT_LAW_PLOT = "cpt_law.png"
 """The schedule-aware CPT law: fitted vs observed curves per trial, and the recommended run's predicted curve."""
+RETIRED_PLOTS = ("law.png",)
+"""Plots earlier versions drew and this one does not (law.png: the mixing law, replaced by the CPT law): removed from
+plots/ when the plots are written, so they are not mistaken for this analysis's."""
 STATUS_MARKERS = {"finished": ("o", None), "stopped": ("X", "stopped by ASHA"), "failed": ("x", "failed"),
                   "running": (">", "still running")}
 
@@ -300,82 +301,6 @@ def plot_hyperparameters(path: Path, summary: Summary, metric: str) -> Path | No
     return path
 
 
-def plot_law(path: Path, summary: Summary, histories: dict[str, pd.DataFrame], default_mix: float) -> Path | None:
-    """The sweep's mixing law (Summary.law): predicted domain and general loss against the domain share r at the
-    target budget (solid) and at the sweep's largest trial budget (dashed), the reports it was fitted on (each
-    trial's last one large), the general-loss bound, and the best r with its bootstrap interval."""
-    from matplotlib.lines import Line2D
-
-    law = summary.law or {}
-    if "law.best_mix_ratio" not in law:
-        return None
-    fits = [fit for fit in law_fits(law) if fit is not None]
-    names = {"domain": "eval/domain_loss", "general": "eval/general_loss"}
-    styles = _style(summary.trials, summary.winner)
-    trials = {t["trial_id"]: t for t in summary.trials}
-    target, sweep_tokens = law["law.target_tokens"], law["law.sweep_tokens"]
-    best, ci = law["law.best_mix_ratio"], law.get("law.best_mix_ratio_ci")
-    rs = [i / 200 for i in range(201)]
-    fig, axes = _figure(width=6.0 * len(fits) + 2.5, height=5.5, ncols=len(fits), squeeze=False)
-    for ax, fit in zip(axes[0], fits, strict=True):
-        metric = names[fit.target]
-        at_target, at_sweep = list(fit.predict(target, rs)), list(fit.predict(sweep_tokens, rs))
-        ax.plot(rs, at_target, color="black", linewidth=2.2)
-        ax.plot(rs, at_sweep, color="gray", linewidth=1.4, linestyle="--")
-        seen: list[float] = []
-        for tid in law.get("law.trials") or []:
-            h = histories.get(tid)
-            if h is None or metric not in h:
-                continue
-            h = h.dropna(subset=[metric])
-            raw_mix = trials.get(tid, {}).get("hp/train.mix_ratio")
-            mix = float(raw_mix) if raw_mix is not None else default_mix
-            color = styles[tid]["color"] if tid in styles else "tab:blue"
-            ax.scatter([mix] * len(h), h[metric], color=color, s=14, alpha=0.45, zorder=3)
-            if len(h):
-                ax.scatter([mix], h[metric].iloc[-1:], color=color, s=70, edgecolors="black", linewidths=0.8,
-                           zorder=4)
-                ax.annotate(f"{styles[tid]['short'] if tid in styles else tid} @{tokens_text(h['tokens'].iloc[-1])}",
-                            (mix, h[metric].iloc[-1]), textcoords="offset points", xytext=(6, 3), fontsize=7)
-            seen += [float(v) for v in h[metric]]
-        bound = law.get("law.general_loss_bound") if fit.target == "general" else None
-        if bound is not None:
-            ax.axhline(bound, color="firebrick", linestyle=":", linewidth=1.2)
-        if ci:
-            ax.axvspan(ci[0], ci[1], color="tab:green", alpha=0.15)
-        ax.axvline(best, color="tab:green", linewidth=1.5)
-        # y range: the reports, the bound and the target curve where r is not tiny (towards r = 0 the domain
-        # curve runs off to the base model's loss and would flatten everything else)
-        anchors = [*seen, *([bound] if bound is not None else [])]
-        curve = [y for r, y in zip(rs, at_target, strict=True) if r >= 0.1 and math.isfinite(y)]
-        if anchors or curve:
-            low = min(anchors + curve)
-            high = max(anchors or curve)
-            pad = 0.1 * (high - low or abs(high) or 1.0)
-            ax.set_ylim(low - pad, high + pad)
-        ax.set_xlim(0, 1)
-        ax.set_xlabel("domain share of training data r (train.mix_ratio)")
-        ax.set_ylabel(f"{fit.target} held-out loss (nats; ppl = exp)")
-        ax.set_title(f"{fit.target} loss ({fit.form} law)")
-        ax.grid(True, alpha=0.3)
-    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-    handles = [Line2D([], [], color="black", linewidth=2.2), Line2D([], [], color="gray", linestyle="--"),
-               Line2D([], [], color="gray", marker="o", linestyle="", markersize=8, markeredgecolor="black"),
-               Line2D([], [], color="tab:green", linewidth=1.5)]
-    labels = [f"fitted law at the target budget, {tokens_text(target)} tokens",
-              f"fitted law at the sweep's largest trial budget, {tokens_text(sweep_tokens)} tokens",
-              "reports fitted on (large: a trial's last, labelled with its tokens)",
-              f"best r = {best:.2f}{interval} (band: 95% bootstrap interval)"]
-    if law.get("law.general_loss_bound") is not None and len(fits) > 1:
-        handles.append(Line2D([], [], color="firebrick", linestyle=":"))
-        labels.append(f"general-loss bound (base general ppl +{100 * law['law.max_forgetting']:.0f}%)")
-    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    feasible = "" if law.get("law.feasible", True) else " (no r meets the bound: the r that forgets least)"
-    fig.suptitle(f"Mixing law: held-out loss vs domain share at {tokens_text(target)} tokens{feasible}")
-    fig.savefig(path)
-    return path
-
-
 def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None = None) -> list[Path]:
     """Write every plot the sweep has data for into <exp_dir>/plots/; returns the files written. `select`: the
     selection rule the summary was made under (default: the experiment's saved config's)."""
@@ -389,8 +314,8 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
     base_general = (summary.base or {}).get("base/general_ppl")
     bound = (1 + max_forgetting) * base_general if max_forgetting is not None and base_general else None
     histories = load_histories(exp_dir, summary)
-    # a plot this sweep has no data for must not survive from an earlier one
-    for name in (*PLOT_FILES, LAW_PLOT, CPT_LAW_PLOT):
+    # a plot this sweep has no data for (or this version no longer draws) must not survive from an earlier one
+    for name in (*PLOT_FILES, CPT_LAW_PLOT, *RETIRED_PLOTS):
         (out / name).unlink(missing_ok=True)
     written = [
         plot_curves(out / "domain_ppl_vs_tokens.png", summary, histories, "eval/domain_ppl",
@@ -400,7 +325,6 @@ def write_plots(exp_dir: Path, summary: Summary, select: dict[str, Any] | None =
                     bound=bound),
         plot_ppl_vs_f1(out / "ppl_vs_f1.png", summary),
         plot_hyperparameters(out / "hyperparameters.png", summary, metric),
-        plot_law(out / LAW_PLOT, summary, histories, float(cfg.get("train", {}).get("mix_ratio", 1.0))),
         plot_cpt_law(out / CPT_LAW_PLOT, summary, histories, load_saved_config(exp_dir)) if cfg else None,
     ]
     return [p for p in written if p is not None]

@@ -4,11 +4,12 @@ formatting is raycpt.results.format.
 
 The trials table is built once as display rows (`trial_rows`) and rendered to the terminal (rich) or markdown, so
 both always show the same thing. `report_json` is the stable machine-readable form; its keys are listed in
-`REPORT_SCHEMA` and only ever gain new ones.
+`REPORT_SCHEMA`; new keys may appear, and a key that disappears or changes meaning bumps REPORT_SCHEMA_VERSION.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from rich.text import Text
 from raycpt.core import metrics
 from raycpt.core.config import load_saved_config, to_dict
 from raycpt.core.errors import InputError
+from raycpt.core.harness import main_metrics
 from raycpt.core.prepare import Manifest
 from raycpt.results.accounting import KEY as COMPUTE_KEY
 from raycpt.results.accounting import PREFIX as COMPUTE_PREFIX
 from raycpt.results.accounting import describe_compute
 from raycpt.results.collect import DISK_BYTES, HP_PREFIX
-from raycpt.results.compare import VS_BEST_PREFIX
+from raycpt.results.compare import STOP_NOISE, VS_BEST_PREFIX
 from raycpt.results.format import (
     as_int,
     distinct_texts,
@@ -46,16 +48,21 @@ from raycpt.results.format import (
     ppl_text,
     relative_change,
     short_ids,
+    splitless_label,
+    splitless_names,
     tokens_text,
 )
+from raycpt.results.recommendation import describe_recommendation
 from raycpt.results.summary import Summary, analyze
-from raycpt.results.sweep_law import describe_law, describe_recommendation
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+"""1 -> 2: the `law` key (the mixing law, fitted on each trial's reports against mix and tokens, ignoring the lr) is
+gone; the schedule-aware CPT law behind `recommendation` replaces it."""
 INTERVAL_METRICS = (metrics.DOMAIN_PPL, metrics.GENERAL_PPL, metrics.F1)
 """Metrics reported with a 95% bootstrap interval."""
 REPORT_SCHEMA = {
-    "schema_version": "int: bumped only when a key changes meaning or disappears",
+    "schema_version": "int: bumped only when a key changes meaning or disappears (2: `law`, the mixing law, "
+                      "removed; read `recommendation`)",
     "experiment_dir": "str",
     "complete": "bool: every trial the sweep will run has ended (none running or pending)",
     "counts": "{status: int} over finished | stopped | failed | running | pending | ...; pending includes trials "
@@ -70,11 +77,7 @@ REPORT_SCHEMA = {
     "test_verdict": "str | null: whether the winner's test F1 lift over the base model is significant, not "
                     "significant, or negative",
     "export": "{path, trial_id} of the exported winner | null",
-    "law": "the mixing law fitted on the sweep's reports (raycpt.results.sweep_law): {form, loo_error, "
-           "best_mix_ratio, best_mix_ratio_ci: [low, high] | null, target_tokens, predicted_domain_ppl, "
-           "predicted_general_ppl, predicted_general_change, feasible, scope, trials, lr_reference, lr_region, "
-           "describe, ... (raycpt.core.law.LawSummary.to_dict without 'law.')} | {error: str} | null",
-    "recommendation": "the final run the sweep recommends (raycpt.results.sweep_law.sweep_recommendation): "
+    "recommendation": "the final run the sweep recommends (raycpt.results.recommendation.sweep_recommendation): "
                       "{source: law | fallback, peak_lr, mix_ratio, schedule, total_steps, target_tokens, reasons, "
                       "predicted_domain_loss, predicted_general_loss (nats, null for a fallback), domain_loss_ci, "
                       "general_loss_ci, extrapolation, flags, fits: {domain, general}} | {error: str} | null",
@@ -86,6 +89,13 @@ REPORT_SCHEMA = {
     "disk": "{experiment_bytes, trials_bytes}: the experiment dir on disk, and the part its trials hold "
             "(checkpoints, logs; bounded by the config's checkpoint: policy)",
     "trials": "[trial], best first under the selection rule",
+    "downstream": "{metrics: [name], base: {name: value}, base_test: {name: value}} | null: the split-less downstream "
+                  "scores the sweep measured, each name with _ci_low/_ci_high (95%): lm-evaluation-harness tasks "
+                  "(eval.lm_eval_tasks) as lm_eval/<task>/<metric> (interval: ± 1.96 x lm-eval's standard error) "
+                  "and generation (eval.generate_path) as gen/bleu, gen/chrf (sacrebleu, 0-100) and gen/rougeL "
+                  "(ROUGE-L F, 0-1) (bootstrap intervals over examples); `base` the base model's, `base_test` the "
+                  "same under test/...; every trial and extension has its own `downstream` {name: value}, and the "
+                  "winner's on test are in `test` (test/lm_eval/..., test/gen/...)",
     "extensions": "[extension]: the continuations `raycpt extend` wrote into the experiment dir "
                   "(<exp>/extend-<trial>-<tokens>/), by trial and tokens: {trial_id (the trial it continued), "
                   "trial_winner: bool, status (\"extended from <trial_id> (<tokens_before> → <tokens_after> "
@@ -94,14 +104,17 @@ REPORT_SCHEMA = {
                   "min_lr_ratio, stable_end_step}, stopped (the forgetting guard's word | null), step, tokens, "
                   "domain_ppl, general_ppl, forgetting, domain_ppl_change, f1, f1_sd, accuracy, domain_ppl_ci_low, "
                   "domain_ppl_ci_high, general_ppl_ci_low, general_ppl_ci_high, f1_ci_low, f1_ci_high (95% bootstrap "
-                  "on the validation split, from its export's card), lift: {paired vs the base model}, vs_trial: "
+                  "on the validation split, from its export's card), downstream: {lm-eval and generation scores, as "
+                  "a trial's}, lift: {paired vs the base model}, vs_trial: "
                   "{paired vs the trial it continued}, test: {test/... on the test split} | null, test_verdict: str "
                   "| null, verified: bool | null (the export reproduced its numbers on reload)}",
     "trial": "{rank, trial_id, winner: bool, status, excluded: str | null, error: str | null, hyperparameters: "
              "{dotted field: value}, step, tokens, time_s, domain_ppl, general_ppl, forgetting (relative change of "
              "general ppl vs base), domain_ppl_change (relative change vs base), f1, f1_sd (only with eval.seeds > 1), "
              "accuracy, domain_ppl_ci_low, domain_ppl_ci_high, general_ppl_ci_low, general_ppl_ci_high, f1_ci_low, "
-             "f1_ci_high (95% bootstrap on the validation split), lift: {f1 (absolute), domain_ppl, general_ppl "
+             "f1_ci_high (95% bootstrap on the validation split), downstream: {lm_eval/<task>/<metric>, gen/bleu, "
+             "gen/chrf, gen/rougeL, each with _ci_low/_ci_high: see the top-level `downstream`}, lift: {f1 (absolute), "
+             "domain_ppl, general_ppl "
              "(relative), each with _ci_low/_ci_high: paired vs the base model}, vs_best: {the same, paired vs the "
              "winner}, compute: {tokens, tokens_full_budget, tokens_saved_by_scheduler, wall_s, cpu_s, "
              "cpu_s_saved_by_scheduler, and gpu_s, gpu_s_saved_by_scheduler with GPUs}, disk_bytes (its checkpoints "
@@ -156,6 +169,8 @@ class Layout:
     stacked (the ±0.030 on the cell's second line)."""
     extras: bool = True
     """The tokens and time columns."""
+    downstream: bool = True
+    """The lm-eval and generation columns (`splitless_columns`); dropped, with a note, only when nothing else fits."""
 
 
 LAYOUTS = (Layout(), Layout("short", "short", "half"), Layout("short", "short", "stacked"),
@@ -173,7 +188,8 @@ def _status_text(trial: dict[str, Any], excluded: str | None, layout: Layout = L
     short = layout.status == "short"
     step = as_int(trial.get(metrics.STEP))
     if status == "stopped":
-        return f"stopped@{step or '?'} (ASHA)" if short else f"stopped by ASHA at step {step or '?'}"
+        noisy = "*" if trial.get(STOP_NOISE) else ""  # not worse beyond noise than a trial that went on
+        return f"stopped@{step or '?'} (ASHA){noisy}" if short else f"stopped by ASHA at step {step or '?'}{noisy}"
     if status == "failed":
         width = 30 if short else 60
         reason = " ".join(str(trial.get("error") or "see its error.txt").split())
@@ -245,11 +261,23 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
     f1 = ["F1"] if has_f1 else []
     hp_header = [HP_HEADERS[layout.names]] if hp_cols else []
     extras = ["tokens", "time"] if layout.extras else []
-    headers = ["", "trial", *hp_header, "status", "domain ppl", "general ppl", *f1, *extras]
+    columns = splitless_columns(summary) if layout.downstream else []
+    headers = ["", "trial", *hp_header, "status", "domain ppl", "general ppl", *f1,
+               *(splitless_label(name)[0] for name in columns), *extras]
     base_general = base.get(metrics.base_name(metrics.GENERAL_PPL))
 
     def f1_text(row: dict[str, Any], name: str) -> list[str]:
         return [_with_ci(fixed(row.get(name), 4), row, name, lambda v: fixed(v, 3), layout)] if has_f1 else []
+
+    def splitless_text(row: dict[str, Any], prefix: str = "") -> list[str]:
+        """The lm-eval and generation columns: each value with its interval, one digit fewer inside it."""
+        cells = []
+        for name in columns:
+            digits = splitless_label(name)[1]
+            key = metrics.prefixed(prefix, name) if prefix else name
+            cells.append(_with_ci(fixed(row.get(key), digits), row, key, lambda v, d=digits: fixed(v, d - 1),
+                                  layout))
+        return cells
 
     def general_text(row: dict[str, Any]) -> str:
         change = relative_change(row.get(metrics.GENERAL_PPL), base_general)
@@ -263,14 +291,15 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
         return DisplayRow(["", f"↳ {ids.get(tid, tid)}", *([f"steps={steps}" if steps else "-"] if hp_header else []),
                            extension_status(ext, ids.get(tid, tid), layout),
                            _with_ci(ppl_text(got.get(metrics.DOMAIN_PPL)), got, metrics.DOMAIN_PPL, _ppl_ci, layout),
-                           general_text(got), *f1_text(got, metrics.F1),
+                           general_text(got), *f1_text(got, metrics.F1), *splitless_text(got),
                            *([tokens_text(got.get(metrics.TOKENS) or ext.get("tokens_after")), "-"] if extras
                              else [])], "extension")
 
     domain = metrics.base_name(metrics.DOMAIN_PPL)
     rows = [DisplayRow(["", "base", *("-" for _ in hp_header), "base model",
                         _with_ci(ppl_text(base.get(domain)), base, domain, _ppl_ci, layout), ppl_text(base_general),
-                        *f1_text(base, metrics.base_name(metrics.F1)), *(["0", "-"] if extras else [])], "base")]
+                        *f1_text(base, metrics.base_name(metrics.F1)), *splitless_text(base, metrics.BASE_PREFIX),
+                        *(["0", "-"] if extras else [])], "base")]
     excluded = summary.excluded or {}
     extensions = _extensions_by_trial(summary, order)
     for tid in order:
@@ -282,12 +311,35 @@ def trial_rows(summary: Summary, layout: Layout = LAYOUTS[0]) -> tuple[list[str]
         rows.append(DisplayRow(["★" if kind == "winner" else "", ids[tid], *([hps] if hp_header else []),
                                 _status_text(t, excluded.get(tid), layout),
                                 _with_ci(ppl_text(t.get(metrics.DOMAIN_PPL)), t, metrics.DOMAIN_PPL, _ppl_ci, layout),
-                                general, *f1_text(t, metrics.F1),
+                                general, *f1_text(t, metrics.F1), *splitless_text(t),
                                 *([tokens_text(t.get(metrics.TOKENS)), duration(t.get("time_total_s"))]
                                   if extras else [])], kind))
         rows += [extension_row(ext) for ext in extensions.get(tid, [])]
     rows += [extension_row(ext) for ext in extensions.get(None, [])]
     return headers, rows
+
+
+MAX_TASK_COLUMNS = 4
+"""lm-eval tasks the trials table gives a column at most (the rest: `raycpt report --format json`)."""
+
+
+def _lm_eval_tasks(summary: Summary) -> dict[str, str]:
+    """{task: its main metric (raycpt.core.harness.main_metrics)} of every lm-eval task the base model, a trial or
+    an extension has."""
+    rows = [*summary.trials, *((ext.get("metrics") or {}) for ext in summary.extensions or [])]
+    return main_metrics(splitless_names(rows) + splitless_names([summary.base or {}], metrics.BASE_PREFIX))
+
+
+def splitless_columns(summary: Summary) -> list[str]:
+    """The lm-eval and generation scores the table shows, one column each: the main metric of each lm-eval task
+    that is not a subtask of another (a group's `mmlu_anatomy` under `mmlu`), MAX_TASK_COLUMNS at most, and BLEU
+    (json, the summary and the card keep every metric)."""
+    tasks = _lm_eval_tasks(summary)
+    top = [name for task, name in tasks.items() if not any(task.startswith(other + "_") for other in tasks)]
+    rows = [summary.base or {}, *summary.trials, *((ext.get("metrics") or {}) for ext in summary.extensions or [])]
+    has_bleu = any(row.get(metrics.GEN_BLEU) is not None or row.get(metrics.base_name(metrics.GEN_BLEU)) is not None
+                   for row in rows)
+    return [*top[:MAX_TASK_COLUMNS], *([metrics.GEN_BLEU] if has_bleu else [])]
 
 
 def _ordered_ids(summary: Summary) -> list[str]:
@@ -306,10 +358,27 @@ def _table_notes(summary: Summary, layout: Layout = LAYOUTS[0]) -> list[str]:
     notes = [note]
     if summary.extensions:
         notes.append("↳: the trial above continued by `raycpt extend` (numbers from its export's card)")
+    noisy = {t["trial_id"]: t[STOP_NOISE] for t in summary.trials if t.get(STOP_NOISE)}
+    if noisy:
+        short = short_ids(ids)
+        pairs = "; ".join(f"{short.get(tid, tid)} vs {', '.join(short.get(o, o) for o in others)}"
+                          for tid, others in noisy.items())
+        notes.append(f"*: stopped inside the noise: on the same validation blocks not worse, beyond the 95% "
+                     f"interval, than a trial that went on ({pairs}); more data.heldout_blocks narrow it")
     rows = [summary.base or {}, *summary.trials, *((ext.get("metrics") or {}) for ext in summary.extensions or [])]
-    if any(not math.isnan(num(row.get(name))) for row in rows for name in TABLE_INTERVALS):
+    columns = splitless_columns(summary) if layout.downstream else []
+    shown = [*TABLE_INTERVALS, *(prefix + name + CI_LOW for name in columns for prefix in ("", metrics.BASE_PREFIX))]
+    if any(not math.isnan(num(row.get(name))) for row in rows for name in shown):
         notes.append("[low, high]: confidence interval" if layout.ci == "interval"
                      else "±: half the width of the confidence interval")
+    if columns:
+        tasks = [splitless_label(name)[0] for name in columns if name.startswith(metrics.LM_EVAL_PREFIX)]
+        more = len(_lm_eval_tasks(summary)) - len(tasks)
+        notes.append(" and ".join(part for part in (
+            f"{', '.join(tasks)}: lm-evaluation-harness (eval.lm_eval_tasks)" if tasks else "",
+            "BLEU: greedy generation vs eval.generate_path" if metrics.GEN_BLEU in columns else "")
+            if part) + (f"; {more} more lm-eval task(s) and " if more else "; ") + "every score in `raycpt report "
+            "--format json`")
     if layout.names == "short":
         keys = hp_order(hp_keys(summary.trials))
         short, long = hp_short_labels(keys), hp_labels(keys)
@@ -317,7 +386,9 @@ def _table_notes(summary: Summary, layout: Layout = LAYOUTS[0]) -> list[str]:
         if legend:
             notes.append("hyperparameters: " + ", ".join(legend))
     if not layout.extras:
-        notes.append("tokens and time are left out at this width: widen the terminal or use `raycpt report "
+        left_out = "tokens, time and the lm-eval and generation scores" if not layout.downstream and \
+            splitless_columns(summary) else "tokens and time"
+        notes.append(f"{left_out} are left out at this width: widen the terminal or use `raycpt report "
                      "--format json`")
     return notes
 
@@ -407,9 +478,11 @@ class TrialsTable:
     def layout(self, width: int) -> tuple[Layout, list[str], list[DisplayRow], list[int] | None]:
         """(layout, headers, rows, column widths) at `width` columns; widths None: nothing fits, rich decides."""
         full, short, stacked, narrow = LAYOUTS
+        fewer = dataclasses.replace(narrow, downstream=False)
         attempts = [(full, True, False, 0), (full, False, False, 0), (short, True, False, 0),
                     (short, False, False, 0), (short, False, True, 2), (stacked, False, True, 2),
-                    (narrow, False, False, 0), (narrow, False, True, 2), (narrow, False, True, None)]
+                    (narrow, False, False, 0), (narrow, False, True, 2), (fewer, False, False, 0),
+                    (fewer, False, True, 2), (narrow, False, True, None)]
         for layout, full_headers, wrap, max_lines in attempts:
             headers, rows = trial_rows(self.summary, layout)
             widths = _fit(headers, rows, width, full_headers=full_headers, wrap=wrap, max_lines=max_lines)
@@ -439,6 +512,10 @@ def _signed(digits: int):
     return lambda v: f"{v:+.{digits}f}"
 
 
+def _digits(digits: int):
+    return lambda v: fixed(v, digits)
+
+
 def _percent(v: float) -> str:
     return f"{v:+.1%}"
 
@@ -464,6 +541,11 @@ def _winner_lines(summary: Summary) -> list[str]:
         paired = (f" ({interval_text(w, lift, lift_fmt)})" if w.get(lift) is not None
                   else f" ({relative_change(v, b):+.1%})")
         moves.append(f"{label} {fmt(b)} → {fmt(v)}{paired}")
+    for name in splitless_columns(summary):
+        b, v = base.get(metrics.base_name(name)), w.get(name)
+        if b is not None and v is not None:
+            label, digits = splitless_label(name)
+            moves.append(f"{label} {fixed(b, digits)} → {fixed(v, digits)}")
     if moves:
         lines.append("validation vs base: " + ", ".join(moves))
     if summary.verdict:
@@ -477,6 +559,12 @@ def _winner_lines(summary: Summary) -> list[str]:
                                           (metrics.F1, "F1", lambda v: fixed(v, 3)),
                                           (metrics.PROMPT_F1, "prompt F1", lambda v: fixed(v, 3)))
                  if test.get(metrics.test_name(name)) is not None]
+        for name in splitless_columns(summary):  # the table's; json and the card have every one
+            if test.get(metrics.test_name(name)) is None:
+                continue
+            label, digits = splitless_label(name)
+            parts.append(f"{label} {interval_text(base, metrics.base_name(metrics.test_name(name)), _digits(digits))}"
+                         f" → {interval_text(test, metrics.test_name(name), _digits(digits))}")
         lines.append("test (base → winner): " + ", ".join(parts))
     if summary.test_verdict:
         lines.append("on test: " + summary.test_verdict)
@@ -512,10 +600,9 @@ def print_summary(console: Console, summary: Summary) -> None:
 
 
 def sweep_lines(summary: Summary) -> list[str]:
-    """The lines under the winner panel: the mixing law and the compute accounting (when the summary has them)."""
+    """The lines under the winner panel: the recommended final run and the compute accounting (when the summary has
+    them)."""
     lines = []
-    if summary.law:
-        lines.append(f"Mixing law: {describe_law(summary.law)}")
     if summary.recommendation:
         lines.append(f"Final run: {describe_recommendation(summary.recommendation)}")
     if summary.compute:
@@ -588,7 +675,13 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
             "accuracy": clean(row.get(metrics.ACCURACY)),
             **{metrics.short_name(name) + suffix: clean(row.get(name + suffix)) for name in INTERVAL_METRICS
                for suffix in (metrics.CI_LOW, metrics.CI_HIGH)},
+            "downstream": splitless(row),
         }
+
+    def splitless(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """The lm-eval and generation scores of a row under `prefix`, named without it, with their intervals."""
+        return {name + suffix: clean(row.get(prefix + name + suffix)) for name in splitless_names([row], prefix)
+                for suffix in ("", metrics.CI_LOW, metrics.CI_HIGH) if row.get(prefix + name + suffix) is not None}
 
     rows = []
     for rank, tid in enumerate(order, 1):
@@ -634,6 +727,10 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
     if expected is not None and expected > len(trials):
         counts["pending"] = counts.get("pending", 0) + expected - len(trials)
     export = summary.export
+    measured = splitless_names([*trials.values(), *((ext.get("metrics") or {}) for ext in summary.extensions or [])])
+    measured += [n for n in splitless_names([base], metrics.BASE_PREFIX) if n not in measured]
+    downstream = {"metrics": measured, "base": splitless(base, metrics.BASE_PREFIX),
+                  "base_test": splitless(base, metrics.base_name(metrics.TEST_PREFIX))} if measured else {}
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "experiment_dir": summary.experiment_dir,
@@ -653,8 +750,8 @@ def report_json(summary: Summary, rule: dict[str, Any] | None = None,
         "disk": {"experiment_bytes": summary.experiment_dir_bytes,
                  "trials_bytes": sum(row["disk_bytes"] or 0 for row in rows)},
         "trials": rows,
+        "downstream": downstream or None,
         "extensions": extensions,
-        "law": {k.removeprefix("law."): v for k, v in summary.law.items()} or None,
         "recommendation": summary.recommendation or None,
         "compute": {k.removeprefix(COMPUTE_KEY): v for k, v in summary.compute.items()} or None,
     }

@@ -1,17 +1,20 @@
 """`raycpt analyze DIR --suggest`: turn a sweep into the next configs.
 
 * `DIR/final.yaml`: one run at the target budget (law.target_tokens) as the sweep recommends it
-  (`Summary.recommendation`, raycpt.results.sweep_law.sweep_recommendation): the schedule-aware CPT law's peak lr,
+  (`Summary.recommendation`, raycpt.results.recommendation.sweep_recommendation): the schedule-aware CPT law's peak lr,
   mix and schedule when its fit is good enough and the run within its support, else the fallback (the reference
   trial's settings, its lr scaled by the token-horizon rule) — the file's header says which, and why. The
   reference trial's other sampled values; steps = target tokens / tokens per step, warmup and eval_every scaled by
   the same factor; no search space. Ready for `raycpt train` (its name is the sweep's + "-final", so it never
   writes into the sweep's dir).
-* `DIR/next.yaml`: the same sweep with its search space narrowed around the optimum: train.lr log-uniform over the
-  best lr region (the mixing law's, else LR_REGION_FACTOR either side of the recommended lr), train.mix_ratio
-  uniform over the mixing law's interval for the best mix (else MIX_HALF_WIDTH either side of the recommended
-  mix); other swept fields as they were, and as many trials as the sweep made. Ready for `raycpt sweep`
-  (name + "-next").
+* `DIR/next.yaml`: the same sweep with its search space narrowed around the recommendation (the law's pick or the
+  fallback, as in final.yaml): train.lr log-uniform from lr / LR_REGION_FACTOR to lr x LR_REGION_FACTOR (capped at
+  1), lr being the recommended peak lr brought back from the target budget to the reference trial's tokens by the
+  horizon rule (the next sweep runs at the sweep's budget; for the fallback it is the reference trial's own lr),
+  train.mix_ratio uniform over the recommended mix +- MIX_HALF_WIDTH (clipped to
+  [0, 1]); the recommendation's bootstrap intervals are on its predicted losses, not on its lr or mix, so the widths
+  are these fixed ones. Other swept fields as they were, and as many trials as the sweep made. Ready for `raycpt
+  sweep` (name + "-next").
 """
 
 from __future__ import annotations
@@ -23,19 +26,23 @@ from typing import Any
 
 import yaml
 
+from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
+from raycpt.core.cpt_law import horizon_lr
 from raycpt.core.errors import ConfigError, InputError
 from raycpt.results.accounting import trial_steps, trial_value
 from raycpt.results.collect import HP_PREFIX
+from raycpt.results.recommendation import describe_recommendation
 from raycpt.results.summary import Summary
-from raycpt.results.sweep_law import LR_REGION_FACTOR, describe_recommendation
 
 FINAL_FILE = "final.yaml"
 NEXT_FILE = "next.yaml"
+LR_REGION_FACTOR = 3.0
+"""next.yaml's lr range: the recommended peak lr divided and multiplied by this."""
 MIX_HALF_WIDTH = 0.1
-"""next.yaml's mix range either side of the best mix when the law has no (or a zero-width) interval."""
+"""next.yaml's mix range either side of the recommended mix."""
 MIX_DIGITS = 3
-"""Mix ratios are written rounded to this many decimals (the law's interval is far wider)."""
+"""Mix ratios are written rounded to this many decimals."""
 
 
 def _recommendation_or_error(summary: Summary) -> dict[str, Any]:
@@ -45,11 +52,6 @@ def _recommendation_or_error(summary: Summary) -> dict[str, Any]:
         raise InputError(f"--suggest: {summary.experiment_dir}: nothing to plan from ({why}); run at least one trial "
                          "to its first eval and measure the base model, then run analyze again")
     return rec
-
-
-def _mixing_law(summary: Summary) -> dict[str, Any] | None:
-    law = summary.law or {}
-    return law if "law.best_mix_ratio" in law else None
 
 
 def _reference(summary: Summary, tid: str | None) -> dict[str, Any]:
@@ -89,18 +91,21 @@ def final_config(cfg: ExperimentConfig, summary: Summary, exp_dir: Path) -> dict
 
 
 def next_config(cfg: ExperimentConfig, summary: Summary, exp_dir: Path) -> dict[str, Any]:
-    """The raw config of the next sweep, its space narrowed around the optimum (see the module docstring)."""
+    """The raw config of the next sweep, its space narrowed around the recommendation (see the module docstring)."""
     rec = _recommendation_or_error(summary)
-    law = _mixing_law(summary)
     raw = to_dict(cfg)
+    # next.yaml sweeps at the sweep's own budget: the recommended lr (for the target budget) brought back to the
+    # reference trial's tokens by the same horizon rule; for the fallback that is the reference trial's own lr
+    ref_tokens = _reference(summary, rec.get("reference_trial")).get(metrics.TOKENS)
     lr = float(rec["peak_lr"])
-    lo, hi = (law or {}).get("law.lr_region") or [lr / LR_REGION_FACTOR, lr * LR_REGION_FACTOR]
+    if ref_tokens and rec.get("target_tokens"):
+        lr = horizon_lr(lr, float(rec["target_tokens"]), float(ref_tokens), cfg.law.lr_horizon_exponent)
     space = dict(raw["search"]["space"])
-    space["train.lr"] = {"loguniform": [float(f"{lo:.3g}"), float(f"{min(hi, 1.0):.3g}")]}
-    best = float(law["law.best_mix_ratio"]) if law else float(rec["mix_ratio"])
-    ci = law.get("law.best_mix_ratio_ci") if law else None
-    low, high = ci if ci and ci[1] - ci[0] > 10 ** -MIX_DIGITS else (best - MIX_HALF_WIDTH, best + MIX_HALF_WIDTH)
-    low, high = round(max(0.0, low), MIX_DIGITS), round(min(1.0, high), MIX_DIGITS)
+    space["train.lr"] = {"loguniform": [float(f"{lr / LR_REGION_FACTOR:.3g}"),
+                                        float(f"{min(lr * LR_REGION_FACTOR, 1.0):.3g}")]}
+    best = float(rec["mix_ratio"])
+    low = round(max(0.0, best - MIX_HALF_WIDTH), MIX_DIGITS)
+    high = round(min(1.0, best + MIX_HALF_WIDTH), MIX_DIGITS)
     space["train.mix_ratio"] = {"uniform": [low, high]} if high > low else {"choice": [round(best, MIX_DIGITS)]}
     raw["search"]["space"] = space
     # as many trials as the sweep ran, though grids over lr or mix_ratio became ranges
@@ -135,8 +140,10 @@ def write_suggestions(exp_dir: Path, cfg: ExperimentConfig, summary: Summary) ->
     final_note = (f"# One run at the target budget: raycpt train {exp_dir / FINAL_FILE}\n# lr, mix_ratio and schedule: "
                   f"{source}" + "".join(f"; {k}" for k in others) + f" from trial {ref['trial_id']}; warmup_steps "
                   "and eval_every scaled to the budget.\n")
-    law = _mixing_law(summary)
-    next_note = (f"# The next sweep, narrowed around the optimum: raycpt sweep {exp_dir / NEXT_FILE}\n"
-                 + (f"# mix range from the mixing law ({law['law.scope']})\n" if law else
-                    "# mix and lr ranges around the recommendation (no mixing law was fitted)\n"))
+    ranges = (f"train.lr from the recommended lr {float(rec['peak_lr']):.3g} / {LR_REGION_FACTOR:g} to x "
+              f"{LR_REGION_FACTOR:g}, train.mix_ratio the recommended mix {float(rec['mix_ratio']):.3g} +- "
+              f"{MIX_HALF_WIDTH:g} (fixed widths: the CPT law's intervals are on its predicted losses, not on lr or "
+              "mix).")
+    next_note = (f"# The next sweep, narrowed around the recommendation: raycpt sweep {exp_dir / NEXT_FILE}\n"
+                 + "".join(f"# {line}\n" for line in textwrap.wrap(ranges, 116)))
     return [_write(exp_dir / FINAL_FILE, final, why + final_note), _write(exp_dir / NEXT_FILE, nxt, why + next_note)]

@@ -18,11 +18,10 @@ from raycpt.core.files import read_json, write_json
 from raycpt.core.prepare import BASE_METRICS_FILE, MANIFEST_FILE, Manifest
 from raycpt.results.accounting import sweep_compute
 from raycpt.results.collect import collect_trials, load_histories
-from raycpt.results.compare import VS_BEST_PREFIX, paired_lifts
+from raycpt.results.compare import STOP_NOISE, VS_BEST_PREFIX, paired_lifts, stops_within_noise
 from raycpt.results.export import CARD_FILE, EXPORT_DIR, export_winner
+from raycpt.results.recommendation import sweep_recommendation
 from raycpt.results.select import select_winner
-from raycpt.results.sweep_law import ERROR as LAW_ERROR
-from raycpt.results.sweep_law import sweep_law, sweep_recommendation
 
 SUMMARY_FILE = "summary.json"
 
@@ -54,14 +53,12 @@ class Summary:
     experiment_dir_bytes: int = 0
     plots: list[str] = field(default_factory=list)
     wall_time_s: float | None = None
-    law: dict[str, Any] = field(default_factory=dict)
-    """The mixing law fitted on the sweep's reports (raycpt.results.sweep_law): `law.*` keys, or {"law.error": why}."""
     compute: dict[str, Any] = field(default_factory=dict)
     """Tokens, trial time, resource-seconds and what the scheduler saved (raycpt.results.accounting): `compute.*`."""
     rule: dict[str, Any] = field(default_factory=dict)
     """The selection rule (the `select` section) this summary was made under."""
     recommendation: dict[str, Any] = field(default_factory=dict)
-    """The final run the sweep recommends (raycpt.results.sweep_law.sweep_recommendation): the schedule-aware CPT
+    """The final run the sweep recommends (raycpt.results.recommendation.sweep_recommendation): the schedule-aware CPT
     law's pick with its predicted losses, or the fallback with its reasons; {"error": ...} when none was made."""
     extensions: list[dict[str, Any]] = field(default_factory=list)
     """The continuations `raycpt extend` wrote into the experiment dir (`collect_extensions`), by trial and tokens."""
@@ -74,6 +71,8 @@ class Summary:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Summary:
+        """A Summary from its dict (summary.json). Keys this version does not know are ignored: a summary.json from
+        an earlier raycpt loads, e.g. its `law` (the mixing law, removed for the CPT law's `recommendation`)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
 
@@ -149,15 +148,13 @@ def analyze(exp_dir: Path, cfg: ExperimentConfig | None = None, *, export: bool 
     summary = Summary(str(exp_dir), base, rows, selection.trial_id, selection.reasons, selection.flagged,
                       selection.excluded, selection.order, selection.beats_base, selection.verdict)
     histories = load_histories(exp_dir, rows)
+    for tid, close in stops_within_noise(rows, histories, metric=cfg.search.metric, block_size=block_size).items():
+        next(row for row in rows if row["trial_id"] == tid)[STOP_NOISE] = close
     summary.compute = sweep_compute(rows, cfg, histories)
-    try:
-        summary.law = sweep_law(rows, histories, cfg, base, selection.trial_id, selection.order)
-    except Exception as err:  # a law that cannot be fitted is not worth losing the summary and export over
-        summary.law = {LAW_ERROR: f"the fit failed ({type(err).__name__}: {err})"}
     try:
         summary.recommendation = sweep_recommendation(rows, histories, cfg, base, selection.trial_id,
                                                       selection.order)
-    except Exception as err:  # likewise
+    except Exception as err:  # a law that cannot be fitted is not worth losing the summary and export over
         summary.recommendation = {"error": f"the CPT law failed ({type(err).__name__}: {err})"}
     if winner_row is not None:
         card_path = exp_dir / EXPORT_DIR / CARD_FILE
