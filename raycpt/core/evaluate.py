@@ -16,8 +16,8 @@ from raycpt.core import metrics
 from raycpt.core.data import Task
 from raycpt.core.generation import generation_scores
 from raycpt.core.harness import harness_scores
-from raycpt.core.models import load_tokenizer
-from raycpt.core.prompting import PromptSpec, prompt_scores, right_padded
+from raycpt.core.models import load_tokenizer, padded_batch
+from raycpt.core.prompting import PromptSpec, prompt_scores
 from raycpt.core.stats import f1_interval, ppl_interval
 
 MAX_LOSS_FOR_PPL = 50.0
@@ -110,7 +110,7 @@ def text_features(model: nn.Module, tokenizer, texts: list[str], *, batch_size: 
         idx = order[start:start + batch_size]
         encoded = [tokenizer(texts[i], add_special_tokens=False, truncation=True, max_length=max_length,
                              verbose=False)["input_ids"] or [pad_id] for i in idx]
-        ids, mask = right_padded(encoded, pad_id)
+        ids, mask = padded_batch(encoded, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         # the decoder alone (`base_model`): its last_hidden_state is the LM's final (normed) hidden state, and the
         # LM head's logits (a vocab-sized matmul per token, ~20% of SmolLM2's forward) are never computed

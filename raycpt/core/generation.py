@@ -23,7 +23,7 @@ from torch import nn
 from raycpt.core import metrics
 from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
-from raycpt.core.models import max_positions
+from raycpt.core.models import max_positions, padded_batch
 from raycpt.core.stats import corpus_interval
 
 INSTALL_HINT = "pip install 'raycpt[generate]'"
@@ -97,17 +97,6 @@ def read_pairs(path: str, limit: int = 0) -> tuple[list[str], list[str]]:
     return (inputs[:limit], targets[:limit]) if limit else (inputs, targets)
 
 
-def left_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded [B, T] ids and attention mask (generation continues every row from its last column)."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.as_tensor(seq)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
 def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
     """`text` up to the first occurrence of any stop string."""
     ends = [text.find(s) for s in stop if s and s in text]
@@ -140,7 +129,7 @@ def greedy_generate(model: nn.Module, tokenizer, inputs: list[str], *, max_new_t
     try:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = left_padded([encoded[i] for i in rows], pad)
+            ids, mask = padded_batch([encoded[i] for i in rows], pad, left=True)
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                        generation_config=config, tokenizer=tokenizer if config.stop_strings else None)
             for row, i in enumerate(rows):

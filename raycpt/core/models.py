@@ -147,3 +147,17 @@ def apply_dropout(model: nn.Module, p: float) -> int:
             module.attention_dropout = p
             applied += 1
     return applied
+
+
+def padded_batch(sequences: list[list[int]], pad: int, *, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask of token-id lists, padded with `pad` on the right (scoring: every row starts at
+    column 0) or on the `left` (generation: every row continues from its last column)."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, cols] = torch.as_tensor(seq)
+        mask[row, cols] = 1
+    return ids, mask
+

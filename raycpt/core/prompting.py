@@ -27,6 +27,7 @@ from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
 from raycpt.core.generation import GenerationSpec, generation_spec
 from raycpt.core.harness import HarnessSpec, harness_spec
+from raycpt.core.models import padded_batch
 from raycpt.core.stats import f1_interval
 
 TEXT_SLOT, LABEL_SLOT = "{text}", "{label}"
@@ -119,17 +120,6 @@ def _clip(tokenizer, text: str, max_length: int) -> str:
     return text if len(ids) <= max_length else tokenizer.decode(ids[:max_length])
 
 
-def right_padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded [B, T] ids and attention mask."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.as_tensor(seq)
-        mask[row, :len(seq)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def label_logprobs(model: nn.Module, tokenizer, contexts: list[str], continuations: list[str], *,
                    batch_size: int = 8, device: torch.device | str = "cpu") -> np.ndarray:
@@ -151,7 +141,7 @@ def label_logprobs(model: nn.Module, tokenizer, contexts: list[str], continuatio
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))  # long first: batches pad little
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
-            ids, mask = right_padded([encoded[i][0] for i in rows], pad)
+            ids, mask = padded_batch([encoded[i][0] for i in rows], pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             last = torch.log_softmax(logits[torch.arange(len(rows)), (mask.sum(1) - 1).to(logits.device)], -1)
             for row, i in enumerate(rows):
@@ -161,7 +151,7 @@ def label_logprobs(model: nn.Module, tokenizer, contexts: list[str], continuatio
         pairs.sort(key=lambda p: -(len(p[2]) + len(p[3])))
         for start in range(0, len(pairs), batch_size):
             batch = pairs[start:start + batch_size]
-            ids, mask = right_padded([ctx + cont for _, _, ctx, cont in batch], pad)
+            ids, mask = padded_batch([ctx + cont for _, _, ctx, cont in batch], pad)
             logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(),
                                      -1).cpu()
             for row, (i, j, ctx, cont) in enumerate(batch):

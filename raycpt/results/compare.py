@@ -15,9 +15,19 @@ VS_BEST_PREFIX = "vs_best/"
 """Paired difference of a trial against the winner: 'vs_best/f1'."""
 
 
-def _losses(row: dict[str, Any], name: str) -> np.ndarray | None:
-    value = row.get(name)
+def _as_losses(value: Any) -> np.ndarray | None:
+    """Per-block losses as an array (None when `value` is not a non-empty list of them)."""
     return np.asarray(value, dtype=np.float64) if isinstance(value, (list, tuple)) and value else None
+
+
+def _losses(row: dict[str, Any], name: str) -> np.ndarray | None:
+    return _as_losses(row.get(name))
+
+
+def _paired_block_ppl(mine: np.ndarray, theirs: np.ndarray, block_size: int) -> Interval:
+    """ppl(mine) / ppl(theirs) - 1 on the same blocks (each block_size - 1 predicted tokens), paired bootstrap."""
+    tokens = np.full(len(mine), block_size - 1, dtype=np.float64)
+    return paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens)
 
 
 def paired_lifts(row: dict[str, Any], reference: dict[str, Any], *, row_prefix: str, reference_prefix: str,
@@ -40,9 +50,7 @@ def paired_lifts(row: dict[str, Any], reference: dict[str, Any], *, row_prefix: 
         mine, theirs = _losses(row, name(row_prefix, losses_name)), _losses(reference, name(reference_prefix,
                                                                                               losses_name))
         if mine is not None and theirs is not None and len(mine) == len(theirs):
-            tokens = np.full(len(mine), block_size - 1, dtype=np.float64)
-            change: Interval = paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens)
-            out.update(change.to_dict(name(out_prefix, ppl_name)))
+            out.update(_paired_block_ppl(mine, theirs, block_size).to_dict(name(out_prefix, ppl_name)))
     return out
 
 
@@ -66,7 +74,7 @@ def stops_within_noise(rows: list[dict[str, Any]], histories: dict[str, Any], *,
         if history is None or losses_name not in history or metrics.STEP not in history:
             return None
         at = history[history[metrics.STEP] == step]
-        return _losses({"x": at[losses_name].iloc[-1]}, "x") if len(at) else None
+        return _as_losses(at[losses_name].iloc[-1]) if len(at) else None
 
     out: dict[str, list[str]] = {}
     for row in rows:
@@ -83,8 +91,7 @@ def stops_within_noise(rows: list[dict[str, Any]], histories: dict[str, Any], *,
             theirs = blocks_at(other["trial_id"], step)
             if theirs is None or len(theirs) != len(mine):
                 continue
-            tokens = np.full(len(mine), block_size - 1, dtype=np.float64)
-            if not paired_ppl_change(mine * tokens, tokens, theirs * tokens, tokens).excludes(0):
+            if not _paired_block_ppl(mine, theirs, block_size).excludes(0):
                 close.append(other["trial_id"])
         out[tid] = close
     return out
