@@ -34,6 +34,7 @@ from raycpt.edge.data import RayDataMapper
 from raycpt.edge.disk import prune_pre_decay
 from raycpt.edge.ray_output import RAY_OUTPUT_LOG, logger_callbacks, ray_logs_to
 from raycpt.edge.session import ray_session
+from raycpt.edge.staging import remove_orphans_on_every_node
 from raycpt.edge.tune import TRIALS_DIR, TUNE_DIR, build_tuner, max_reports, restore_tuner, rung_phases
 from raycpt.edge.worker import build_trainer, measure_base_on_trial_resources
 from raycpt.results.collect import DISK_BYTES
@@ -106,6 +107,7 @@ def run_tuner(cfg: ExperimentConfig, manifest: Manifest, exp_dir: Path, console:
             tuner.fit()
     finally:
         progress.close()
+        remove_orphans_on_every_node()
 
 
 def finish(cfg: ExperimentConfig, exp_dir: Path, console: Console, *, export: bool = True,

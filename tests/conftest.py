@@ -118,7 +118,13 @@ SECRETS = {"HF_TOKEN": "hf_secretvalue_0123456789", "WANDB_API_KEY": "wandb-secr
 
 
 @pytest.fixture(scope="session")
-def smoke_sweep(tmp_path_factory):
+def node_tmp(tmp_path_factory):
+    """The smoke sweep's trial processes' temp dir (TMPDIR), where they stage checkpoints."""
+    return tmp_path_factory.mktemp("node-tmp")
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, node_tmp):
     """The smoke sweep, uninterrupted, on local Ray with 2 CPUs (shared by the e2e tests)."""
     import os
 
@@ -131,7 +137,8 @@ def smoke_sweep(tmp_path_factory):
     cfg = load_config(ROOT / "experiments" / "smoke.yaml", [f"storage_path={storage}"])
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)  # secrets live in the environment; they must never reach experiment files
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+             runtime_env={"env_vars": {"TMPDIR": str(node_tmp)}})
     try:
         summary = sweep(cfg, console=make_console())
     finally:

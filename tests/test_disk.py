@@ -5,6 +5,7 @@ sweep's experiment dir."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from raycpt.core.models import load_model
 from raycpt.core.train import build_optimizer, build_scheduler
 from raycpt.edge.disk import checkpoints, prune_ended, prune_running, trial_dirs
 from raycpt.edge.policy import CHECKPOINTS_KEPT
+from raycpt.edge.staging import remove_orphans
 
 
 def _save(tiny_gpt2_dir: str, root: Path, steps: list[int], strategy: str = "ddp") -> list[Path]:
@@ -109,6 +111,7 @@ def test_smoke_sweep_disk_is_bounded(smoke_sweep):
     assert checkpoint_bytes <= weights * len(with_weights) + weights / 10 * len(every)
     assert summary.experiment_dir_bytes <= weights * (len(with_weights) + 2)
 
+
     report = report_json(summary)
     assert report["disk"]["experiment_bytes"] == summary.experiment_dir_bytes
     rows = {row["trial_id"]: row for row in report["trials"]}
@@ -117,3 +120,29 @@ def test_smoke_sweep_disk_is_bounded(smoke_sweep):
         assert 0 < rows[trial["trial_id"]]["disk_bytes"] < weights / 10
     for trial in by_status["finished"]:
         assert rows[trial["trial_id"]]["disk_bytes"] >= weights
+
+
+@pytest.mark.e2e
+def test_stopped_trials_leave_no_staged_checkpoint_on_the_node(smoke_sweep, node_tmp):
+    # ASHA ends a stopped trial inside its report, before it removes its staged copy of that checkpoint: without
+    # the cleanup every stopped trial left a whole model in the node's temp dir, for good
+    _, summary = smoke_sweep
+    assert any(t["status"] == "stopped" for t in summary.trials)
+    assert not [p for p in node_tmp.iterdir() if p.name.startswith("raycpt-ckpt-")]
+
+
+def test_only_staging_dirs_of_exited_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    gone = tmp_path / f"raycpt-ckpt-{int(exited.stdout)}-abc"
+    ours = tmp_path / f"raycpt-ckpt-{os.getpid()}-def"
+    other_live = tmp_path / "raycpt-ckpt-1-ghi"  # pid 1 lives as long as the machine
+    unrelated = tmp_path / "someone-else-123"
+    for path in (gone, ours, other_live, unrelated):
+        (path / "checkpoint_000001").mkdir(parents=True)
+        (path / "checkpoint_000001" / "model.safetensors").write_bytes(b"x" * 1000)
+    assert remove_orphans(tmp_path) == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (ours, other_live, unrelated))

@@ -322,3 +322,27 @@ def test_extend_and_final_sections_are_validated_and_a_final_run_that_cannot_run
     assert final_run(cfg, swept, make_console()) is None
     out = " ".join(capsys.readouterr().out.split())
     assert "Final run not run: final.tokens 1000: not above the 1280 tokens trial abc12_00000 trained" in out
+
+
+def test_a_trial_process_killed_mid_report_leaves_no_staged_checkpoint(tmp_path, local_ray):
+    # A trial that Tune stops or kills never returns from its report, so it never removes the checkpoint it staged:
+    # here a process dies inside its staging dir, as a killed trial does, and the after-sweep cleanup removes it
+    import ray
+
+    from raycpt.edge.staging import remove_orphans_on_every_node, staging_dir
+
+    def die_while_staging(tmp: str) -> None:
+        import os
+        import tempfile
+
+        tempfile.tempdir = tmp
+        with staging_dir() as root:
+            with open(os.path.join(root, "model.safetensors"), "wb") as f:
+                f.write(b"w" * 4096)
+            os._exit(1)  # no finally, no context exit: what a kill does
+
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(ray.remote(max_retries=0)(die_while_staging).remote(str(tmp_path)))
+    assert [p.name.startswith("raycpt-ckpt-") for p in tmp_path.iterdir()] == [True]
+    assert remove_orphans_on_every_node(wait_s=30, tmp=tmp_path) == 4096
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from raycpt.core.prepare import BASE_METRICS_FILE, Manifest, cached_base, measur
 from raycpt.core.resources import trial_resources
 from raycpt.core.train import train
 from raycpt.edge.policy import checkpoint_config, failure_config
+from raycpt.edge.staging import remove_orphans, staging_dir
 
 PAUSE_ENV = "RAYCPT_PAUSE_AFTER_FIRST_CHECKPOINT"
 """Fault-injection hook (tests, chaos drills): a directory. After its first checkpointed report, the rank-0 loop
@@ -137,7 +137,8 @@ def _run_loop(cfg: ExperimentConfig, data: Manifest, report_fn, checkpoint_cls, 
             if rank == 0:
                 _pause_if_asked(metrics[m.STEP])
 
-    with tempfile.TemporaryDirectory(prefix="raycpt-ckpt-") as root, \
+    remove_orphans()  # staged checkpoints of trials that were stopped or killed on this node
+    with staging_dir() as root, \
             (checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)) as resume_dir:
         return train(cfg, data, report, checkpoint_root=root, resume_dir=resume_dir, rank=rank,
                      world_size=world_size, device=device, wrap_model=wrap_model, forgetting_bound=forgetting_bound,
