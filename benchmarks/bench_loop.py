@@ -213,16 +213,20 @@ def loop_batches(workload: Workload, device: str):
     """The micro-batches raycpt's loop takes, in its order (one worker, one micro-batch per step): its own batch
     source, raycpt.core.batches.Batches, over the plan `train` builds from the config."""
     from raycpt.core.batches import Batches
-    from raycpt.core.data import load_blocks, mixture_plan, mixture_seed
+    from raycpt.core.data import load_blocks, mixture_seed, synthetic_plan
 
     cfg = workload.raycpt_config()
-    t = cfg.train
-    domain = load_blocks(workload.data.domain.train)
-    general = load_blocks(workload.data.general.train) if workload.data.general else domain[:0]
-    is_domain, index = mixture_plan(t.steps * t.global_batch(), t.mix_ratio, len(domain), len(general),
-                                    seed=mixture_seed(cfg.data.seed, t.seed), window=t.global_batch())
+    t, data = cfg.train, workload.data
+    domain = load_blocks(data.domain.train)
+    general = load_blocks(data.general.train) if data.general else domain[:0]
+    synthetic = load_blocks(data.synthetic.train) if data.synthetic else domain[:0]
+    is_domain, is_synthetic, index = synthetic_plan(
+        t.steps * t.global_batch(), t.mix_ratio, len(domain), len(general), seed=mixture_seed(cfg.data.seed, t.seed),
+        window=t.global_batch(), synthetic_ratio=t.synthetic_ratio, n_synthetic=len(synthetic))
     return Batches(domain, general, is_domain, index, start_step=0, steps=t.steps, rank=0, world_size=1,
-                   micro_batch=t.batch_size, grad_accum=1, device=device)
+                   micro_batch=t.batch_size, grad_accum=1, device=device,
+                   synthetic=synthetic if data.synthetic else None,
+                   is_synthetic=is_synthetic if data.synthetic else None)
 
 
 def planned_blocks(workload: Workload) -> np.ndarray:

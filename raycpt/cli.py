@@ -1,10 +1,10 @@
-"""`raycpt sweep | train | extend | analyze | report | validate | prepare | plan`: a subcommand -> function table,
-docstrings as help. Bad input of any kind ends as one line on stderr and exit code 2; nothing already written is
-removed.
+"""`raycpt sweep | train | extend | analyze | report | validate | prepare | augment | plan`: a subcommand -> function
+table, docstrings as help. Bad input of any kind ends as one line on stderr and exit code 2; nothing already written
+is removed.
 
-Ray is imported only by the commands that run on it (`sweep`, `train`, `extend`, `prepare` of a corpus with several
-read units): `validate`, `report`, `analyze`, `train --no-ray`, `extend --no-ray` and `prepare --no-ray` start fast
-and run where Ray is not installed.
+Ray is imported only by the commands that run on it (`sweep`, `train`, `extend`, `augment`, `prepare` of a corpus
+with several read units): `validate`, `report`, `analyze`, `train --no-ray`, `extend --no-ray` and `prepare --no-ray`
+start fast and run where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -164,6 +164,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment(args: argparse.Namespace) -> int:
+    """Rewrite the domain corpus's training documents with a generator LM (augment.model, default model.source) in
+    augment.styles, augment.copies times each, into a jsonl corpus (<experiment dir>/augment/texts): the data step
+    first (cached; the held-out split it fixes and the downstream validation/test texts never reach the generator),
+    then the generation on Ray Data (RAY_ADDRESS's cluster, else a local Ray with --cpus CPUs). Deterministic for
+    augment.seed; a killed run resumes from the units it finished."""
+    from raycpt.pipeline import augment  # imports Ray: see the module docstring
+
+    cfg = load_config(args.config, args.set)
+    console = make_console()
+    _echo(console, args, cfg)
+    augment(cfg, console, num_cpus=args.cpus)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory per worker before anything runs (weights, gradients, AdamW, activations, logits, checkpoint size) for
     resources.strategy and num_workers, from the model's config alone; whether it fits resources.accelerator_type
@@ -181,7 +196,7 @@ def _echo(console, args: argparse.Namespace, cfg) -> None:
 
 COMMANDS = {"sweep": cmd_sweep, "train": cmd_train, "extend": cmd_extend, "analyze": cmd_analyze,
             "report": cmd_report,
-            "validate": cmd_validate, "prepare": cmd_prepare, "plan": cmd_plan}
+            "validate": cmd_validate, "prepare": cmd_prepare, "augment": cmd_augment, "plan": cmd_plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
         if name == "prepare":
             p.add_argument("--no-ray", action="store_true", help="tokenise in this process, without Ray Data")
+        if name in ("prepare", "augment"):
             p.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray started for the data "
-                           "step (default: all; ignored with RAY_ADDRESS)")
+                           "step (and augment's generators) (default: all; ignored with RAY_ADDRESS)")
         if name == "validate":
             p.add_argument("--config-only", action="store_true", help="check the config alone, not its inputs")
         if name in ("sweep", "analyze", "extend"):

@@ -5,15 +5,19 @@ one trial on Ray Train instead of the tuner."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from rich.console import Console
 
 from raycpt.core import metrics as m
+from raycpt.core.augment import MANIFEST as AUGMENT_MANIFEST
+from raycpt.core.augment import AugmentResult, augment_corpus, check_generator, generator_source
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.extend import (
@@ -42,7 +46,7 @@ from raycpt.results.export import CARD_FILE, EXPORT_DIR, hub_token
 from raycpt.results.extension import export_extension
 from raycpt.results.format import fixed, make_console
 from raycpt.results.plots import write_plots
-from raycpt.results.progress import PrepareProgress
+from raycpt.results.progress import AugmentProgress, PrepareProgress
 from raycpt.results.render import print_base, print_data, print_summary
 from raycpt.results.summary import Summary, analyze, dir_bytes
 
@@ -244,3 +248,31 @@ def extend_on_ray(ext: Extension, console: Console) -> Outcome:
     if last.get(m.FORGETTING):
         console.print(f"[yellow]forgetting[/]: {last[m.FORGETTING]}")
     return outcome(ext, result.checkpoint.path if result.checkpoint else None, [last])
+
+
+def augment(cfg: ExperimentConfig, console: Console, *, num_cpus: int | None = None) -> AugmentResult:
+    """`raycpt augment`: check the generator, run the data step (cached; it fixes the held-out split the leakage
+    guard reads), then rewrite the domain corpus's units on Ray Data (augment.workers actors, one generator each;
+    one GPU each with resources.use_gpu), resuming from the units an earlier run finished."""
+    exp_dir = check_storage(cfg)
+    generator = check_generator(cfg)  # a bad generator fails before the data step and any generation
+    if cfg.resources.use_gpu and not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        raise InputError("resources.use_gpu: no GPU on this machine for the generators; set resources.use_gpu=false "
+                         "or run on a GPU machine (RAY_ADDRESS for a cluster)")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    with RayDataMapper(num_cpus=num_cpus, dashboard=False) as data_mapper, RayDataMapper(
+            workers=cfg.augment.workers or None, num_cpus=num_cpus, dashboard=False,
+            num_gpus=1 if cfg.resources.use_gpu else 0) as mapper:
+        manifest = prepare(cfg, exp_dir, console, data_mapper)
+        a = cfg.augment
+        console.print(f"[bold]Augment[/]: {generator_source(cfg)[0]} rewrites each training document in "
+                      f"{', '.join(a.styles)} x {a.copies} (at most {a.max_new_tokens} tokens, temperature "
+                      f"{a.temperature}, top_p {a.top_p}, seed {a.seed})")
+        with AugmentProgress(console) as progress:
+            result = augment_corpus(cfg, mapper=mapper, on_unit=progress, manifest=manifest, generator=generator)
+    resumed = f", {result.resumed_units} unit(s) done by an earlier run" if result.resumed_units else ""
+    console.print(f"Augmented corpus: {result.texts:,} texts, {result.tokens:,} generated tokens, from "
+                  f"{result.documents:,} documents ({result.heldout_skipped} held-out and {result.leakage_skipped} "
+                  f"downstream validation/test texts skipped); {result.seconds:.1f} s{resumed}; in {result.corpus} "
+                  f"(manifest {Path(result.output) / AUGMENT_MANIFEST})")
+    return result

@@ -42,6 +42,10 @@ class DataConfig:
     a hub mapping {path: wikitext, name: wikitext-2-raw-v1, split: train, revision: main} (path required)."""
     general: str | dict[str, str] = ""
     """General replay corpus (same forms), e.g. `packaged:news`. Empty means no replay (then mix_ratio must be 1)."""
+    synthetic: str | dict[str, str] = ""
+    """Synthetic domain corpus (same forms), e.g. the texts/ dir `raycpt augment` wrote (<augment.output>/texts,
+    default <experiment dir>/augment/texts): prepared like the others, with its own held-out split, and drawn for
+    train.synthetic_ratio of the domain side of the mixture. Empty means none (then synthetic_ratio must be 0)."""
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/csv/hub sources."""
     txt_unit: str = "file"
@@ -120,7 +124,20 @@ class TrainConfig:
     and attention; Llama-style models (SmolLM2, Qwen, Mistral) only have attention dropout, so only that. Released
     models often ship with 0."""
     mix_ratio: float = 0.8
-    """Fraction of training blocks drawn from the domain corpus; the rest is general replay."""
+    """Fraction of training blocks drawn from the domain corpus; the rest is general replay. With data.synthetic:
+    the domain side, real and synthetic (synthetic_ratio splits it)."""
+    synthetic_ratio: float = 0.0
+    """Share of the domain side of the mixture (mix_ratio of the blocks) drawn from data.synthetic instead of
+    data.domain: of all blocks, mix_ratio x synthetic_ratio are synthetic, mix_ratio x (1 - synthetic_ratio) real
+    domain, 1 - mix_ratio general; realised exactly at every step, as mix_ratio is. 0 = real domain only (the
+    same run as without data.synthetic); with mix_ratio 0 it draws nothing. Sweep it to see whether augmentation
+    pays, e.g. search.space: {train.synthetic_ratio: {grid: [0, 0.5]}}."""
+    distill_weight: float = 0.0
+    """Knowledge distillation from the frozen base model against forgetting (0 = off): the training loss becomes
+    CE + distill_weight x KL(p_base || p_model), the per-token KL of the next-token distributions averaged over the
+    general replay rows of each micro-batch (docs/distill.md). `train/loss` stays the CE; `train/distill_kl`
+    reports the KL. Needs data.general. Cost: a second frozen copy of the base model's weights in memory (none
+    under method lora: the teacher is the model with its adapters disabled) and one extra forward per general row."""
     eval_every: int = 8
     """Steps between held-out evaluations, reports and checkpoints (the last step always evaluates)."""
     grad_clip: float = 1.0
@@ -389,6 +406,46 @@ class FinalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """`raycpt augment CONFIG`: a generator LM rewrites each training document of the domain corpus in a few
+    styles (WRAP, EntiGraph), into a jsonl corpus (docs/augment.md). Held-out and downstream validation / test
+    texts never reach the generator."""
+
+    model: str = ""
+    """The generator: a causal LM source (local dir, hub id, packaged:smollm2-135m); empty = model.source."""
+    styles: list[str] = field(default_factory=lambda: ["paraphrase", "qa"])
+    """The rewrites made of each document, by name: built in (paraphrase: encyclopedic paraphrase | qa: questions
+    and answers | summary | simple: plain language | entities: the entities and how they relate) or one of
+    `templates` (which wins over a built-in of the same name)."""
+    templates: dict[str, str] = field(default_factory=dict)
+    """Your own styles: name -> prompt with a {text} slot where the document goes, e.g. {glossary: "List the terms
+    this text defines, each with its definition.\\n\\n{text}\\n\\nGlossary:\\n"}; only those named in `styles` run."""
+    copies: int = 1
+    """Rewrites per document per style, each sampled with its own seed."""
+    max_new_tokens: int = 256
+    """Tokens generated per rewrite at most (it also ends at the generator's end-of-sequence token)."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 = greedy (then copies > 1 repeat the same text)."""
+    top_p: float = 0.9
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p (1 = all)."""
+    seed: int = 0
+    """Seed of the sampling: each rewrite's seed is derived from (seed, the document's text key, style, copy), so
+    the output is the same for a seed whatever the batching and the workers."""
+    max_input_tokens: int = 1024
+    """A longer document is cut to its first max_input_tokens tokens before it goes into the prompt (less where
+    the generator's positions need it)."""
+    batch_size: int = 8
+    """Prompts generated together (left-padded) per worker."""
+    chat: bool = True
+    """Wrap each prompt as a user message in the generator's chat template when its tokenizer has one."""
+    workers: int = 0
+    """Generator actors on Ray Data, each with its own copy of the model (one GPU each with resources.use_gpu);
+    0 = as many as the cluster's CPUs (GPUs)."""
+    output: str = ""
+    """Where the rewrites go (augment.json and the corpus dir texts/); empty = <experiment dir>/augment."""
+
+
+@dataclass
 class CheckpointConfig:
     keep_optimizer: str = "latest"
     """latest: a running trial keeps optimizer state only in its newest checkpoint (the one a restart resumes
@@ -420,6 +477,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     extend: ExtendConfig = field(default_factory=ExtendConfig)
     final: FinalConfig = field(default_factory=FinalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "raycpt"
     """Experiment name: results go to <storage_path>/<name>."""
     storage_path: str = "runs"
@@ -446,6 +504,8 @@ KEEP_OPTIMIZER = ("latest", "all")
 KEEP_WEIGHTS = ("finished", "all")
 KEEP_PRE_DECAY = ("winner", "top_k", "all", "none")
 ON_FORGETTING = ("stop", "warn")
+AUGMENT_STYLES = ("paraphrase", "qa", "summary", "simple", "entities")
+"""augment.styles built in (their prompts: raycpt.core.augment.STYLE_TEMPLATES)."""
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 """A Hugging Face Hub repo id: owner/name."""
 SHARD_SIZE = re.compile(r"[1-9][0-9]*[KMG]i?B")
@@ -525,7 +585,7 @@ def _coerce(value: Any, target: Any, where: str, problems: list[str]) -> Any:
 PATH_FIELDS = ("eval.lm_eval_include_path", "eval.generate_path")
 """Local paths trials read themselves (not the driver, as it does the corpora and the task): made absolute when the
 config is loaded, so a trial finds them whatever its working directory."""
-SOURCE_FIELDS = ("data.domain", "data.general", "eval.task", "eval.test_task")
+SOURCE_FIELDS = ("data.domain", "data.general", "data.synthetic", "eval.task", "eval.test_task")
 """Fields naming a corpus or task: a string, or a mapping with SOURCE_KEYS."""
 SOURCE_KEYS = ("path", "name", "split", "revision", "text_field")
 """A source as a mapping: `path` (local file/dir/glob or hub id), hub `name`/`split`/`revision`, and its own
@@ -713,6 +773,34 @@ def _validate_space(space: dict[str, Any], problems: list[str]) -> None:
                 problems += sub[:1]
 
 
+def _validate_augment(a: AugmentConfig, p: list[str]) -> None:
+    """The augment section: styles that exist, templates with a {text} slot, sampling settings in range."""
+    for name, template in a.templates.items():
+        if not isinstance(template, str) or not template.strip():
+            p.append(f"augment.templates.{name}: empty; write a prompt with a {{text}} slot, e.g. "
+                     "'Rewrite this as a textbook section:\\n\\n{text}\\n'")
+        elif "{text}" not in template:
+            p.append(f"augment.templates.{name}: no {{text}} slot, so the document would not reach the prompt; "
+                     "put {text} where the document goes")
+    known = [*AUGMENT_STYLES, *(n for n in a.templates if n not in AUGMENT_STYLES)]
+    for name in a.styles:
+        if name not in known:
+            p.append(f"augment.styles: '{name}' is neither built in nor in augment.templates{_closest(name, known)}")
+    if not a.styles:
+        p.append(f"augment.styles: empty; name at least one style (built in: {', '.join(AUGMENT_STYLES)})")
+    repeated = sorted({name for name in a.styles if a.styles.count(name) > 1})
+    if repeated:
+        p.append(f"augment.styles: {', '.join(repeated)} named twice; name each style once (augment.copies sets "
+                 "the rewrites per style)")
+    _check_range(p, "augment.copies", a.copies, 1)
+    _check_range(p, "augment.max_new_tokens", a.max_new_tokens, 1)
+    _check_range(p, "augment.temperature", a.temperature, 0)
+    _check_range(p, "augment.top_p", a.top_p, 0, 1, lo_open=True)
+    _check_range(p, "augment.max_input_tokens", a.max_input_tokens, 1)
+    _check_range(p, "augment.batch_size", a.batch_size, 1)
+    _check_range(p, "augment.workers", a.workers, 0)
+
+
 def validate(cfg: ExperimentConfig) -> list[str]:
     """Every problem in the config, each naming the field and what is allowed."""
     p: list[str] = []
@@ -778,6 +866,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "train.weight_decay", t.weight_decay, 0, 1)
     _check_range(p, "train.dropout", t.dropout, 0, 0.9)
     _check_range(p, "train.mix_ratio", t.mix_ratio, 0, 1)
+    _check_range(p, "train.distill_weight", t.distill_weight, 0)
+    _check_range(p, "train.synthetic_ratio", t.synthetic_ratio, 0, 1)
     _check_range(p, "train.eval_every", t.eval_every, 1)
     _check_range(p, "train.grad_clip", t.grad_clip, 0)
     _check_range(p, "train.early_stopping_patience", t.early_stopping_patience, 0)
@@ -811,6 +901,13 @@ def validate(cfg: ExperimentConfig) -> list[str]:
                  "org/name), or leave it empty")
     if not d.general and t.mix_ratio < 1 and "train.mix_ratio" not in s.space:
         p.append("train.mix_ratio: below 1 needs general replay data; set data.general or train.mix_ratio=1")
+    # swept: _check_space_values checks every value of the space against this rule
+    if not d.general and t.distill_weight > 0 and "train.distill_weight" not in s.space:
+        p.append("train.distill_weight > 0 needs general replay data; set data.general")
+    # swept: _check_space_values checks every value of the space against this rule
+    if not d.synthetic and t.synthetic_ratio > 0 and "train.synthetic_ratio" not in s.space:
+        p.append("train.synthetic_ratio > 0 needs a synthetic corpus; set data.synthetic (e.g. the texts/ dir "
+                 "`raycpt augment` wrote)")
     if e.task:
         _check_range(p, "eval.train_size", e.train_size, 0)
         _check_range(p, "eval.val_size", e.val_size, 2)
@@ -898,6 +995,7 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if cfg.final.tokens > 0 and t.schedule != "wsd" and "train.schedule" not in s.space:
         p.append(f"final.tokens: continuing a trial to {cfg.final.tokens} tokens needs wsd trials (only they keep a "
                  f"pre-decay checkpoint); set train.schedule=wsd, or final.tokens=0")
+    _validate_augment(cfg.augment, p)
     if not SHARD_SIZE.fullmatch(cfg.export.max_shard_size):
         p.append(f"export.max_shard_size: '{cfg.export.max_shard_size}' is not a size; write e.g. 5GB, 500MB or 2GiB")
     if cfg.export.dtype not in EXPORT_DTYPES:

@@ -1,4 +1,5 @@
-"""Corpora -> tokenised, packed blocks (cached); the domain/general mixture; held-out splits; the labelled task.
+"""Corpora -> tokenised, packed blocks (cached); the domain/general(/synthetic) mixture; held-out splits; the
+labelled task.
 
 Flow (`prepare_corpus`, called by `raycpt.core.prepare.prepare_experiment`): cut the source into read units ->
 per unit: drop any downstream validation/test text (leakage guard), give each document its split by a seeded hash
@@ -266,6 +267,56 @@ def mixture_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: in
         rng = np.random.default_rng([seed, stream])
         index[mask] = np.concatenate([rng.permutation(n) for _ in range(-(-needed // n))])[:needed]
     return is_domain, index
+
+
+def synthetic_plan(num_blocks: int, mix_ratio: float, n_domain: int, n_general: int, seed: int, window: int = 64,
+                   *, synthetic_ratio: float, n_synthetic: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`mixture_plan` with a share of its domain side drawn from a third corpus, the synthetic one (data.synthetic,
+    the rewrites `raycpt augment` wrote): (is_domain[bool], is_synthetic[bool], index[int]).
+
+    is_domain keeps its meaning, the domain side of the mixture (real + synthetic; train.mix_ratio of it), and is
+    mixture_plan's own. is_synthetic marks the domain-side positions that draw from the synthetic corpus:
+    train.synthetic_ratio of the domain side, exactly as mixture_plan realises mix_ratio: the cumulative synthetic
+    count is round(synthetic_ratio x cumulative domain-side count) at every window end (the rounding error carried
+    forward), and within a window the synthetic positions are the first of a seeded shuffle of that window's
+    domain-side positions. So of all positions, mix_ratio x synthetic_ratio are synthetic, mix_ratio x (1 -
+    synthetic_ratio) real domain and 1 - mix_ratio general. index: general positions keep mixture_plan's; the real
+    domain positions take the domain corpus's stream in order (its first draws, so each of its passes still reads
+    every block once); the synthetic ones read the synthetic corpus in seeded passes, re-shuffled after each.
+
+    synthetic_ratio 0 is mixture_plan itself (no synthetic position, nothing else drawn): the same plan bit for bit.
+    Prefix-stable like mixture_plan: the plan is built on whole windows and cut to num_blocks, and its two new
+    parts draw from their own streams (the window shuffles from [seed, 3], the synthetic corpus's passes from
+    [seed, 4]), leaving mixture_plan's streams [seed, 0..2] as they were.
+    """
+    if synthetic_ratio == 0:
+        is_domain, index = mixture_plan(num_blocks, mix_ratio, n_domain, n_general, seed, window)
+        return is_domain, np.zeros(num_blocks, dtype=bool), index
+    windows = -(-num_blocks // window)
+    # whole windows: the last window's synthetic share must not depend on where the plan stops
+    is_domain, index = mixture_plan(windows * window, mix_ratio, n_domain, n_general, seed, window)
+    side = is_domain.reshape(windows, window)
+    domain_side = np.cumsum(side.sum(axis=1))  # cumulative domain-side count at each window end
+    counts = np.diff(np.rint(synthetic_ratio * domain_side).astype(np.int64), prepend=0)  # <= the window's side
+    keys = np.random.default_rng([seed, 3]).random((windows, window))  # row k: the k-th draw of the stream
+    keys[~side] = 2.0  # general slots sort after every domain-side one
+    order = keys.argsort(axis=1, kind="stable")
+    chosen = np.arange(window)[None, :] < counts[:, None]
+    is_synthetic = np.zeros((windows, window), dtype=bool)
+    is_synthetic[np.nonzero(chosen)[0], order[chosen]] = True
+    is_synthetic = is_synthetic.reshape(-1)
+    positions = np.flatnonzero(is_domain)
+    real = positions[~is_synthetic[positions]]
+    index[real] = index[positions][:len(real)]  # the domain stream's first draws, in order
+    synthetic = np.flatnonzero(is_synthetic)
+    if len(synthetic):
+        if n_synthetic == 0:
+            raise InputError("train.synthetic_ratio needs blocks from the synthetic corpus, which has none; check "
+                             "data.synthetic")
+        rng = np.random.default_rng([seed, 4])
+        index[synthetic] = np.concatenate([rng.permutation(n_synthetic)
+                                           for _ in range(-(-len(synthetic) // n_synthetic))])[:len(synthetic)]
+    return is_domain[:num_blocks], is_synthetic[:num_blocks], index[:num_blocks]
 
 
 MIXTURE_SEED_STRIDE = 1_000_003

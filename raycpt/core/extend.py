@@ -4,8 +4,8 @@ A wsd trial of T1 steps checkpoints its last stable step S1 (raycpt.core.schedul
 The extension resumes that checkpoint (weights, AdamW state, step count, RNG) with `train.steps` set to the target's
 T2 steps: the scheduler is rebuilt from the config and only its step count is restored, so it holds the peak lr
 to T2's own last stable step and cools down exactly as a run of T2 steps would; the mixture plan is prefix-stable
-(raycpt.core.data.mixture_plan), so the data stream goes on where the trial's stopped. The result equals one
-uninterrupted wsd run of T2 steps (tests/test_extend.py).
+(raycpt.core.data.mixture_plan, and synthetic_plan with data.synthetic), so the data stream goes on where the
+trial's stopped. The result equals one uninterrupted wsd run of T2 steps (tests/test_extend.py).
 
 `plan_extension` checks the request before any work (InputError, one line); `extend_local` runs it in this
 process; the Ray path is raycpt.pipeline.extend_on_ray. Output goes to <exp>/extend-<trial>-<tokens>/.
@@ -103,7 +103,8 @@ class Extension:
                              "decay_fraction": t.decay_fraction, "decay_shape": t.decay_shape,
                              "min_lr_ratio": t.min_lr_ratio, "stable_end_step": stable_end(self.steps,
                                                                                           t.decay_fraction)},
-                "mix_ratio": t.mix_ratio, "why": self.why, "experiment_dir": str(self.exp_dir),
+                "mix_ratio": t.mix_ratio, "synthetic_ratio": t.synthetic_ratio, "why": self.why,
+                "experiment_dir": str(self.exp_dir),
                 "forgetting_bound": self.forgetting_bound, "on_forgetting": self.cfg.extend.on_forgetting,
                 "predicted_by_law": self.predicted}
 
@@ -186,6 +187,9 @@ def plan_extension(exp_dir: str | os.PathLike, tokens: int, trial_id: str | None
         why = (f"lr {t.lr:g} and mix {t.mix_ratio:g} from --set ({source} ran lr {was.lr:g}, mix {was.mix_ratio:g})"
                + ("; another mix draws another stream, so blocks the trial saw may come again"
                   if t.mix_ratio != was.mix_ratio else ""))
+    if t.synthetic_ratio != was.synthetic_ratio:
+        why += (f"; synthetic_ratio {t.synthetic_ratio:g} from --set ({source} ran {was.synthetic_ratio:g}): another "
+                "share draws another stream, so blocks the trial saw may come again")
     prediction, said = _law_prediction(summary, cfg)
     why += "; " + said
     base = read_json(exp_dir / BASE_METRICS_FILE) if (exp_dir / BASE_METRICS_FILE).is_file() else {}

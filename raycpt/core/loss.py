@@ -6,13 +6,17 @@ with the cross-entropy over chunks of rows and computes the gradients in the sam
 linear cross entropy" in pure PyTorch), so at most one chunk of logits `[chunk_size, vocab]` exists at a time, in
 forward and backward. `causal_lm_loss` picks between Hugging Face's own loss, this one and liger-kernel's Triton
 kernel; `resolve_loss_impl` decides which one a run can use.
+
+Distillation (`train.distill_weight`): `causal_lm_loss_and_logits` computes the same loss and, from the same forward,
+the logits of the chosen rows only (the general replay rows); `distill_kl` is the per-token KL(p_base || p_model)
+between those and the frozen base model's logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -253,13 +257,72 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, impl: str = "hf", 
     not accepted here: resolve it first with `resolve_loss_impl`. `model` may be wrapped in DDP."""
     if impl == "hf":
         return model(input_ids=input_ids, labels=input_ids).loss
+    _check_fused(model, impl)
+    hidden, head = _final_hidden(model, input_ids)
+    return _fused_loss(hidden, head, input_ids, impl, chunk_size)
+
+
+def select_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """`x[rows]` for row indices given on the host (non-empty), by slicing: no index tensor to copy to the device,
+    so no host-device sync; a run of consecutive rows is a view."""
+    first = rows[0]
+    if list(rows) == list(range(first, first + len(rows))):
+        return x[first:first + len(rows)]
+    return torch.cat([x[i:i + 1] for i in rows])
+
+
+def causal_lm_loss_and_logits(model: nn.Module, input_ids: torch.Tensor, rows: Sequence[int], impl: str = "hf",
+                              chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`causal_lm_loss(model, input_ids, impl)`, the model's logits [len(rows), T, V] of the rows `rows` (indices
+    into the batch, non-empty) of `input_ids`), from one forward over the whole batch. "hf": the model's own call,
+    whose logits it returns anyway; "chunked" / "liger": the same fused loss over every row, and the head applied to
+    the final hidden states of `rows` alone, so only those rows' logits are materialised. What the distillation
+    term (`distill_kl`) needs: the student's distributions on the general replay rows."""
+    if impl == "hf":
+        out = model(input_ids=input_ids, labels=input_ids)
+        return out.loss, select_rows(out.logits, rows)
+    _check_fused(model, impl)
+    hidden, head = _final_hidden(model, input_ids)
+    return (_fused_loss(hidden, head, input_ids, impl, chunk_size),
+            nn.functional.linear(select_rows(hidden, rows), head.weight, head.bias))
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student) = sum_v p_t(v) (log p_t(v) - log p_s(v)), full softmax at
+    temperature 1, in float32 whatever the logits' dtype. logits: [..., V], the same shape; mask: bool of the
+    logits' shape without V (True = the position counts; None = all). 0 when no position counts. No shift here:
+    the caller passes the positions it means (the loop: positions 0..T-2 of each general row, each one's
+    distribution over the token that follows it, the positions the CE scores). Differentiable in the student's
+    logits; the teacher's are taken as constants (detached)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+                         f"{tuple(teacher_logits.shape)}")
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float(), dim=-1)
+    p_t = log_t.exp()
+    # p_t = 0 contributes 0 (and not 0 x -inf = nan where a logit is -inf)
+    kl = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros((), device=p_t.device)).sum(dim=-1)
+    if mask is None:
+        return kl.mean()
+    if mask.shape != kl.shape:
+        raise ValueError(f"mask must have shape {tuple(kl.shape)}, got {tuple(mask.shape)}")
+    weights = mask.to(kl.dtype)
+    return (kl * weights).sum() / weights.sum().clamp(min=1)
+
+
+def _check_fused(model: nn.Module, impl: str) -> None:
     if impl not in ("chunked", "liger"):
         raise ValueError(f"loss impl must be one of hf, chunked, liger (resolve 'auto' with resolve_loss_impl), "
                          f"got {impl!r}")
     reason = chunked_supported(model)
     if reason is not None:
         raise ValueError(f"loss impl {impl!r} cannot compute this model's loss: {reason}; use impl='hf'")
-    hidden, head = _final_hidden(model, input_ids)
+
+
+def _fused_loss(hidden: torch.Tensor, head: nn.Linear, input_ids: torch.Tensor, impl: str, chunk_size: int
+                ) -> torch.Tensor:
+    """The chunked or liger loss of the final hidden states [B, T, H] against input_ids shifted by one."""
     # Position t predicts token t + 1.
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)

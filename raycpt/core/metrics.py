@@ -10,6 +10,12 @@ STEP = "step"
 TOKENS = "tokens"
 """Training tokens consumed so far, summed over workers."""
 TRAIN_LOSS = "train/loss"
+"""Mean next-token cross-entropy of the training micro-batches over the report window: the CE alone, also with
+train.distill_weight > 0 (whose KL term is DISTILL_KL), so loss curves stay comparable across distill weights."""
+DISTILL_KL = "train/distill_kl"
+"""train.distill_weight > 0: the mean KL(p_base || p_model) per token of the general replay rows, over the
+micro-batches of the report window that held general rows (None with distillation off, or with no general row in
+the window). A micro-batch with general rows trains on its CE + distill_weight x its KL."""
 DOMAIN_LOSS = "eval/domain_loss"
 DOMAIN_PPL = "eval/domain_ppl"
 GENERAL_LOSS = "eval/general_loss"
@@ -49,7 +55,11 @@ GENERAL_BLOCK_LOSSES = "eval/general_block_losses"
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 """Suffixes of a metric's 95% bootstrap interval: 'eval/f1_ci_low'."""
 DOMAIN_FRACTION = "data/domain_fraction"
-"""The share of training blocks the loop actually drew from the domain corpus."""
+"""The share of training blocks the loop actually drew from the domain side of the mixture (the domain corpus and,
+with data.synthetic, the synthetic one), since the run (re)started."""
+SYNTHETIC_FRACTION = "data/synthetic_fraction"
+"""The realised share of synthetic blocks (data.synthetic) among the domain-side blocks the loop drew since the run
+(re)started; train.synthetic_ratio is its target. None without a synthetic corpus (or without domain-side blocks)."""
 TOKENS_PER_S = "perf/tokens_per_s"
 MFU = "perf/mfu"
 LR = "lr"
@@ -82,10 +92,10 @@ LIFT_PREFIX = "lift/"
 SCHEDULABLE = (DOMAIN_PPL, DOMAIN_LOSS, GENERAL_PPL, TRAIN_LOSS)
 """Metrics reported at every eval, so ASHA (`search.metric`) can compare trials on them."""
 
-FINAL = (STEP, TOKENS, TRAIN_LOSS, DOMAIN_LOSS, DOMAIN_PPL, DOMAIN_PPL + CI_LOW, DOMAIN_PPL + CI_HIGH, GENERAL_LOSS,
-         GENERAL_PPL, GENERAL_PPL + CI_LOW, GENERAL_PPL + CI_HIGH, F1, F1 + CI_LOW, F1 + CI_HIGH, F1_SD, ACCURACY,
-         DOMAIN_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH, LOSS_IMPL, PREDICTIONS,
-         DOMAIN_BLOCK_LOSSES, GENERAL_BLOCK_LOSSES, PROMPT_F1, PROMPT_F1 + CI_LOW, PROMPT_F1 + CI_HIGH,
+FINAL = (STEP, TOKENS, TRAIN_LOSS, DISTILL_KL, DOMAIN_LOSS, DOMAIN_PPL, DOMAIN_PPL + CI_LOW, DOMAIN_PPL + CI_HIGH,
+         GENERAL_LOSS, GENERAL_PPL, GENERAL_PPL + CI_LOW, GENERAL_PPL + CI_HIGH, F1, F1 + CI_LOW, F1 + CI_HIGH, F1_SD,
+         ACCURACY, DOMAIN_FRACTION, SYNTHETIC_FRACTION, TOKENS_PER_S, MFU, TRAIN_TIME_S, CHECKPOINT_PATH, LOSS_IMPL,
+         PREDICTIONS, DOMAIN_BLOCK_LOSSES, GENERAL_BLOCK_LOSSES, PROMPT_F1, PROMPT_F1 + CI_LOW, PROMPT_F1 + CI_HIGH,
          PROMPT_ACCURACY, PROMPT_PREDICTIONS)
 """A trial's last values that analysis collects into its row."""
 

@@ -29,6 +29,12 @@ Per worker, P parameters in `model.dtype` (p bytes each), shard = num_workers un
   magnitudes; + a trained copy of the embeddings, and of an untied head, with lora_train_embeddings), and the
   gradients, AdamW state, DDP buckets and checkpoint shrink to those trained params. Activations stay those of full
   training: backward still runs through the frozen layers to reach the adapters below them.
+- train.distill_weight > 0: method full adds the frozen teacher's weights (P*p, never sharded: every worker holds
+  a whole copy; lora has none, its teacher is the model with the adapters disabled), and both methods the logits
+  of the general rows of a micro-batch, G rows (at most min(micro-batch, the step's general blocks)) x s x V: the
+  teacher's and the student's in the compute dtype e, and the KL's fp32 buffers (log-softmax of each, the
+  teacher's probabilities and the gradient of the student's logits); under the hf loss the student's logits are
+  counted in `logits` already. Time: one extra forward (no backward) on each general row.
 The components are summed as if all were alive at once (a small over-estimate: activations are freed while
 gradients are allocated). Measured against the peak RSS of the loop's own step on CPU: see
 docs/big-corpora.md#memory-plan.
@@ -36,6 +42,7 @@ docs/big-corpora.md#memory-plan.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,6 +305,17 @@ def estimate(cfg: ExperimentConfig, shape: ModelShape) -> Plan:
                           + tokens * h * e)
         notes["logits"] = (f"{loss_impl} loss: one fp32 [{min(tokens, LOSS_CHUNK_ROWS):,} x {V:,}] chunk + the "
                            "head's fp32 gradient")
+    if t.distill_weight > 0:
+        if not lora:
+            rows["distill teacher"] = P * p
+            notes["distill teacher"] = (f"frozen base model: {P:,} params x {p} B ({m.dtype}), a whole copy per "
+                                        "worker; + one forward per general row")
+        general = min(micro, math.ceil(round(1 - t.mix_ratio, 12) * t.global_batch()))
+        per_row = seq * V * ((e if loss_impl == "hf" else 2 * e) + 16)
+        rows["distill logits"] = general * per_row
+        notes["distill logits"] = (f"{general} general row(s) x {seq} x {V:,}: teacher"
+                                   + ("" if loss_impl == "hf" else " + student") + " logits, KL fp32 buffers"
+                                   + ("; lora: the teacher is the model with adapters off" if lora else ""))
     if cuda:
         rows["CUDA runtime"] = CUDA_RUNTIME_BYTES
         notes["CUDA runtime"] = "context, cuBLAS workspace, NCCL (approximate)"

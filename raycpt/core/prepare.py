@@ -58,16 +58,23 @@ class Manifest:
     general: PreparedCorpus | None
     task: Task | None
     fingerprint: str = ""
-    """Hash of everything above except which exact encoder produced the ids (they are the same ids)."""
+    """Hash of everything else here except which exact encoder produced the ids (they are the same ids)."""
+    synthetic: PreparedCorpus | None = None
+    """The synthetic domain corpus (data.synthetic), or None. None is left out of the JSON and of the fingerprint,
+    so a manifest without one is the manifest it was before synthetic corpora existed (and an old one loads)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        if raw["synthetic"] is None:
+            del raw["synthetic"]
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Manifest:
         return cls(raw["model_source"], raw["tokenizer"], raw["block_size"], PreparedCorpus(**raw["domain"]),
                    PreparedCorpus(**raw["general"]) if raw.get("general") else None,
-                   Task(**raw["task"]) if raw.get("task") else None, raw.get("fingerprint", ""))
+                   Task(**raw["task"]) if raw.get("task") else None, raw.get("fingerprint", ""),
+                   PreparedCorpus(**raw["synthetic"]) if raw.get("synthetic") else None)
 
     def save(self, exp_dir: Path) -> None:
         write_json(Path(exp_dir) / MANIFEST_FILE, self.to_dict())
@@ -79,8 +86,8 @@ class Manifest:
     def compute_fingerprint(self) -> str:
         raw = self.to_dict()
         raw.pop("fingerprint")
-        for corpus in ("domain", "general"):
-            if raw[corpus]:
+        for corpus in ("domain", "general", "synthetic"):
+            if raw.get(corpus):
                 for how in TIMING_FIELDS:
                     raw[corpus].pop(how)
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
@@ -157,7 +164,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     check_splitless(cfg)
     found = {}
     d = cfg.data
-    for field, source in (("data.domain", d.domain), ("data.general", d.general)):
+    for field, source in (("data.domain", d.domain), ("data.general", d.general), ("data.synthetic", d.synthetic)):
         if source:
             units, text_field, _ = corpus_units(source, text_field=d.text_field, field=field, txt_unit=d.txt_unit,
                                                 unit_bytes=unit_bytes(d.unit_mb), streaming=d.streaming)
@@ -212,7 +219,9 @@ def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process
 
     domain = corpus("data.domain", d.domain)
     general = corpus("data.general", d.general) if d.general else None
-    manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task)
+    synthetic = corpus("data.synthetic", d.synthetic) if d.synthetic else None  # the rewrites (raycpt augment)
+    manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task,
+                        synthetic=synthetic)
     manifest.fingerprint = manifest.compute_fingerprint()
     return manifest
 

@@ -2,14 +2,17 @@
 
 `train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
 and a re-decay (`train.schedule`: cosine, or warmup-stable-decay; raycpt.core.schedule) over a deterministic
-domain/general mixture, whose micro-batches a background thread gathers ahead of the step (raycpt.core.batches).
+domain/general mixture (with data.synthetic, train.synthetic_ratio of its domain side drawn from the synthetic
+corpus; raycpt.core.data.synthetic_plan), whose micro-batches a background thread gathers ahead of the step
+(raycpt.core.batches).
 Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it scores the fixed held-out
 blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under `resources.strategy: fsdp`;
 raycpt.core.checkpoint says what one holds) and calls `report(metrics, checkpoint_dir)`. The Ray edge calls it from
 `raycpt.edge.worker`; `raycpt train CONFIG --no-ray` (`run_local`) runs one trial on a machine without Ray; tests
 call it directly. `train_step` is one optimizer step, what benchmarks and the memory test run too.
 `train.method: lora` trains PEFT adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16`
-adds a GradScaler.
+adds a GradScaler. `train.distill_weight > 0` adds a KL term to the base model's next-token distributions on the
+general replay rows (`Distill`, `distill_teacher`; docs/distill.md).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from raycpt.core import metrics as m
-from raycpt.core.adapters import apply_lora, shadowed_params, unwrap
+from raycpt.core.adapters import apply_lora, peft_model_of, shadowed_params, unwrap
 from raycpt.core.batches import Batches
 from raycpt.core.checkpoint import (
     TrainState,
@@ -41,10 +45,17 @@ from raycpt.core.checkpoint import (
     save_checkpoint,
 )
 from raycpt.core.config import ExperimentConfig
-from raycpt.core.data import load_blocks, mixture_plan, mixture_seed
+from raycpt.core.data import load_blocks, mixture_seed, synthetic_plan
 from raycpt.core.errors import InputError
 from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
-from raycpt.core.loss import causal_lm_loss, compile_for_loss, resolve_loss_impl
+from raycpt.core.loss import (
+    causal_lm_loss,
+    causal_lm_loss_and_logits,
+    compile_for_loss,
+    distill_kl,
+    resolve_loss_impl,
+    select_rows,
+)
 from raycpt.core.models import apply_dropout, load_model
 from raycpt.core.parallel import fsdp_root, no_gradient_sync, root_unsharded
 from raycpt.core.prepare import Manifest, prepare_experiment
@@ -113,26 +124,83 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return float(sum(params.values())) + 12.0 * layers * hidden * seq_len
 
 
+@dataclass
+class Distill:
+    """What `train_step` needs for the distillation term (train.distill_weight): `teacher(ids [G, T])` -> the
+    frozen base model's logits [G, T, V] (`distill_teacher`; called under torch.no_grad and the step's autocast),
+    the weight, and `kl`: a running [2] float32 tensor on the device, (sum of the micro-batches' KLs, number of
+    micro-batches with general rows), added to in place (the loop's, over a report window; no host sync)."""
+
+    teacher: Callable[[torch.Tensor], torch.Tensor]
+    weight: float
+    kl: torch.Tensor
+
+
+def distill_teacher(cfg: ExperimentConfig, model: nn.Module, device: torch.device
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen base model as a function ids [G, T] -> logits [G, T, V], in eval mode (no dropout), for
+    `Distill`. train.method full: a second copy of cfg.model.source's weights, loaded as the trial's model is (same
+    dtype), frozen, on `device`; under DDP / FSDP every worker holds a whole copy (it is not sharded). lora: no second
+    copy: `model` itself with its adapters disabled (PEFT's `disable_adapter()`; a trained copy of the embeddings
+    under lora_train_embeddings is switched back to the original too), in eval mode for that forward only."""
+    if cfg.train.method == "lora":
+        peft_model = peft_model_of(model)  # under DDP / compile: the PeftModel inside, run without their wrappers
+
+        def adapters_off(input_ids: torch.Tensor) -> torch.Tensor:
+            was_training = peft_model.training
+            peft_model.eval()
+            try:
+                with peft_model.disable_adapter():
+                    return peft_model(input_ids=input_ids, use_cache=False).logits
+            finally:
+                peft_model.train(was_training)
+
+        return adapters_off
+    teacher = load_model(cfg.model.source, cfg.model.dtype, cfg.model.trust_remote_code)
+    teacher.config.use_cache = False
+    teacher.requires_grad_(False).eval().to(device)
+    return lambda input_ids: teacher(input_ids=input_ids, use_cache=False).logits
+
+
 def train_step(model: nn.Module, micro_batches: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, *, loss_impl: str = "hf",
                amp_dtype: torch.dtype | None = None, grad_clip: float = 0.0, distributed: bool = False,
-               loss_sum: torch.Tensor | None = None) -> torch.Tensor:
+               loss_sum: torch.Tensor | None = None, general: Sequence[torch.Tensor] | None = None,
+               distill: Distill | None = None) -> torch.Tensor:
     """One optimizer step over `micro_batches` (token ids [B, T] on the model's device; the step's gradient is
     their mean): forward under autocast and backward for each, then unscale + clip, the optimizer step, the
     scaler's and the scheduler's updates, zero_grad. `distributed` (DDP / FSDP over several workers): gradients
     are all-reduced (reduce-scattered) on the last micro-batch only. Returns the micro-batches' losses, each
     divided by their number, summed: detached and on the device (no host sync). `loss_sum`: a running sum (the
-    loop's, over a report window) to add them to in place, one by one, and return instead."""
+    loop's, over a report window) to add them to in place, one by one, and return instead.
+
+    `distill` (with `general`, one bool [B] CPU tensor per micro-batch, True for a general replay row): a
+    micro-batch with general rows G trains on CE + distill.weight x KL, the KL(p_teacher || p_model) per token
+    averaged over positions 0..T-2 of the G rows (`raycpt.core.loss.distill_kl`; the positions the CE scores), the
+    teacher's logits from one extra no-grad forward on those rows; one without adds nothing. The returned losses
+    stay the CE; the KLs go to `distill.kl`."""
     grad_accum = len(micro_batches)
     device_type = micro_batches[0].device.type
     if loss_sum is None:
         loss_sum = torch.zeros((), device=micro_batches[0].device)
     for micro, input_ids in enumerate(micro_batches):
         skip_sync = distributed and micro < grad_accum - 1
+        # the general rows, from flags on the host: selected by slicing, no index copied to the device (no sync)
+        rows = general[micro].nonzero().flatten().tolist() if distill is not None else []
         with no_gradient_sync(model) if skip_sync else contextlib.nullcontext():
             with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
-            scaler.scale(loss).backward()
+                if not rows:
+                    loss = total = causal_lm_loss(model, input_ids, loss_impl) / grad_accum
+                else:
+                    with torch.no_grad():
+                        teacher_logits = distill.teacher(select_rows(input_ids, rows))
+                    ce, student_logits = causal_lm_loss_and_logits(model, input_ids, rows, loss_impl)
+                    # position t predicts token t + 1: the last position predicts nothing, as in the CE
+                    kl = distill_kl(student_logits[:, :-1], teacher_logits[:, :-1])
+                    loss = ce / grad_accum
+                    total = loss + distill.weight * kl / grad_accum
+                    distill.kl += torch.stack([kl.detach(), torch.ones_like(kl)])
+            scaler.scale(total).backward()
         loss_sum += loss.detach()
     if grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -216,8 +284,19 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     general_heldout = load_blocks(general.heldout) if general else None
     micro_batch, grad_accum = t.micro_batching(world_size)  # the global batch is fixed; accumulation adapts
     blocks_per_step = t.global_batch()
-    is_domain, index = mixture_plan(steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train),
-                                    seed=mixture_seed(d.seed, t.seed), window=blocks_per_step)
+    # data.synthetic (the rewrites of raycpt augment): train.synthetic_ratio of the domain side; ratio 0 is the
+    # two-corpus plan, bit for bit
+    synthetic_train = load_blocks(manifest.synthetic.train) if manifest.synthetic else domain_train[:0]
+    is_domain, is_synthetic, index = synthetic_plan(
+        steps * blocks_per_step, t.mix_ratio, len(domain_train), len(general_train), seed=mixture_seed(d.seed, t.seed),
+        window=blocks_per_step, synthetic_ratio=t.synthetic_ratio, n_synthetic=len(synthetic_train))
+
+    # --- distillation: the frozen base model's next-token distributions on the general rows (train.distill_weight);
+    # loaded before the state is restored, so a resumed run's RNG is the uninterrupted run's
+    distill = None
+    if t.distill_weight > 0 and not is_domain.all():
+        distill = Distill(distill_teacher(cfg, model, device), t.distill_weight,
+                          torch.zeros(2, dtype=torch.float32, device=device))
 
     # --- state: everything a resume needs, saved and restored as one unit ---------------------------------------
     state = TrainState()
@@ -249,11 +328,16 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     steps_in_window, window_start = 0, time.perf_counter()
     metrics: dict[str, Any] = {}
     with Batches(domain_train, general_train, is_domain, index, start_step=state.step, steps=steps, rank=rank,
-                 world_size=world_size, micro_batch=micro_batch, grad_accum=grad_accum, device=device) as batches:
+                 world_size=world_size, micro_batch=micro_batch, grad_accum=grad_accum, device=device,
+                 with_general=distill is not None, synthetic=synthetic_train if manifest.synthetic else None,
+                 is_synthetic=is_synthetic if manifest.synthetic else None) as batches:
         for step in range(state.step, steps):
-            train_step(model, [next(batches) for _ in range(grad_accum)], optimizer, scheduler, scaler,
-                       loss_impl=loss_impl, amp_dtype=amp_dtype, grad_clip=t.grad_clip, distributed=world_size > 1,
-                       loss_sum=loss_acc)  # adds the step's loss to the window's
+            micro_batches, general_rows = [next(batches) for _ in range(grad_accum)], None
+            if distill is not None:  # (ids, is_general) pairs
+                micro_batches, general_rows = [ids for ids, _ in micro_batches], [g for _, g in micro_batches]
+            train_step(model, micro_batches, optimizer, scheduler, scaler, loss_impl=loss_impl, amp_dtype=amp_dtype,
+                       grad_clip=t.grad_clip, distributed=world_size > 1, loss_sum=loss_acc,  # adds to the window's
+                       general=general_rows, distill=distill)
             steps_in_window += 1
             done = step + 1
             if done % t.eval_every and done != steps and done != pre_decay_step:
@@ -265,19 +349,26 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             window_time = time.perf_counter() - window_start
             state.train_time_s += window_time
             train_loss = loss_acc / steps_in_window
-            drawn = torch.tensor([batches.domain_blocks, (done - resumed_from_step) * blocks_per_step // world_size],
-                                 dtype=torch.float64, device=device)
+            drawn = torch.tensor([batches.domain_blocks, (done - resumed_from_step) * blocks_per_step // world_size,
+                                  batches.synthetic_blocks], dtype=torch.float64, device=device)
             if world_size > 1 and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(train_loss)  # sync point: mean train loss across workers
                 train_loss /= world_size
                 torch.distributed.all_reduce(drawn)  # sync point: blocks drawn by every worker
+                if distill is not None:
+                    torch.distributed.all_reduce(distill.kl)  # sync point: KL sums and counts of every worker
+            distill_kl_mean = None
+            if distill is not None and distill.kl[1] > 0:
+                distill_kl_mean = float(distill.kl[0] / distill.kl[1])
             heldout = evaluate()
             tokens = done * blocks_per_step * d.block_size
             tokens_per_s = steps_in_window * blocks_per_step * d.block_size / window_time
             metrics = {
-                m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss), **heldout,
+                m.STEP: done, m.TOKENS: tokens, m.TRAIN_LOSS: float(train_loss), m.DISTILL_KL: distill_kl_mean,
+                **heldout,
                 # what the loop consumed since this run (re)started, not the plan: a resumed run counts its own
                 m.DOMAIN_FRACTION: float(drawn[0] / drawn[1]),
+                m.SYNTHETIC_FRACTION: float(drawn[2] / drawn[0]) if manifest.synthetic and drawn[0] > 0 else None,
                 m.TOKENS_PER_S: tokens_per_s,
                 m.MFU: tokens_per_s * model_flops_per_token / peak if peak else None,
                 m.LR: scheduler.get_last_lr()[0], m.TRAIN_TIME_S: state.train_time_s,
@@ -322,6 +413,8 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
                                 scaler=scaler)
             report(metrics, str(checkpoint_dir) if checkpoint_dir else None)
             loss_acc.zero_()
+            if distill is not None:
+                distill.kl.zero_()
             steps_in_window, window_start = 0, time.perf_counter()
             if stop_early or stop_forgetting:
                 break
@@ -340,6 +433,7 @@ def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, An
         general = metrics.get(m.GENERAL_PPL)
         log(f"step {metrics[m.STEP]}: train loss {metrics[m.TRAIN_LOSS]:.4f}, domain ppl {metrics[m.DOMAIN_PPL]:.2f}"
             + (f", general ppl {general:.2f}" if general is not None else "")
+            + (f", distill KL {metrics[m.DISTILL_KL]:.4f}" if metrics.get(m.DISTILL_KL) is not None else "")
             + (f", F1 {metrics[m.F1]:.4f}" if metrics.get(m.F1) is not None else "")
             + f", {metrics[m.TOKENS_PER_S]:.0f} tok/s; checkpoint {checkpoint_dir}")
 

@@ -64,7 +64,8 @@ def ddp_kwargs() -> dict[str, Any]:
 def check_data_visible(manifest: Manifest, node: str) -> None:
     """Fail with the fix when this node cannot read the prepared blocks: on a cluster they must sit on a
     filesystem every node mounts at the same path (RAYCPT_CACHE), since the driver prepared them on its node."""
-    for corpus_name, corpus in (("domain", manifest.domain), ("general", manifest.general)):
+    for corpus_name, corpus in (("domain", manifest.domain), ("general", manifest.general),
+                                ("synthetic", manifest.synthetic)):
         for split, path in ((("train", corpus.train), ("heldout", corpus.heldout)) if corpus else ()):
             if not os.path.exists(path):
                 raise InputError(f"node {node}: prepared {corpus_name} {split} blocks {path} not found; on a "

@@ -172,7 +172,11 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
                      row.get(metrics.DOMAIN_FRACTION), "domain": cfg.data.domain, "general": cfg.data.general,
                      "domain_stats": manifest.to_dict()["domain"], "general_stats": manifest.to_dict()["general"],
                      "block_size": trial_cfg.data.block_size,
-                     "task_duplicates_removed": task.duplicates_removed if task else None},
+                     "task_duplicates_removed": task.duplicates_removed if task else None,
+                     # data.synthetic (the rewrites of raycpt augment): only when the sweep had one
+                     **({"synthetic": cfg.data.synthetic, "synthetic_ratio": trial_cfg.train.synthetic_ratio,
+                         "realised_synthetic_fraction": row.get(metrics.SYNTHETIC_FRACTION),
+                         "synthetic_stats": manifest.to_dict()["synthetic"]} if manifest.synthetic else {})},
         "verification": verification,
         "config": to_dict(trial_cfg),
         "seed": {"data": trial_cfg.data.seed, "train": trial_cfg.train.seed},

@@ -119,3 +119,38 @@ class PrepareProgress:
         rate = done[0] / 2**20 / max(1e-9, time.perf_counter() - done[3])
         self.progress.update(self.tasks[field], completed=done[0],
                              stats=f"{done[1]:,} docs, {done[2]:,} tokens, {rate:.1f} MB/s")
+
+
+class AugmentProgress:
+    """A rich progress bar over `raycpt augment`: units done of all, texts written, tokens generated and tokens/s,
+    fed by `augment_corpus(on_unit=...)` as each unit finishes (units finished by an earlier run count at once)."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=console,
+                                 transient=False)
+        self.task: Any = None
+        self.done = [0, 0, 0]  # units, texts, tokens
+        self.generated, self.started = 0, time.perf_counter()
+
+    def __enter__(self) -> AugmentProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, result: Any, units: int, resumed: bool = False) -> None:
+        if result is None:  # the job starts
+            self.task = self.progress.add_task("augment units", total=max(1, units), stats="")
+            self.started = time.perf_counter()
+            return
+        self.done[0] += 1
+        self.done[1] += result.texts
+        self.done[2] += result.tokens
+        self.generated += 0 if resumed else result.tokens
+        rate = self.generated / max(1e-9, time.perf_counter() - self.started)
+        self.progress.update(self.task, completed=self.done[0],
+                             stats=f"{self.done[1]:,} texts, {self.done[2]:,} tokens, {rate:,.0f} tokens/s")

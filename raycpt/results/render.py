@@ -125,7 +125,7 @@ REPORT_SCHEMA = {
 
 
 def print_data(console: Console, manifest: Manifest) -> None:
-    for name, corpus in (("domain", manifest.domain), ("general", manifest.general)):
+    for name, corpus in (("domain", manifest.domain), ("general", manifest.general), ("synthetic", manifest.synthetic)):
         if corpus:
             removed = corpus.removed_for_leakage
             console.print(f"[bold]{name:>7}[/]: {corpus.documents:,} documents, {corpus.train_tokens:,} "
