@@ -15,22 +15,24 @@ import sys
 from pathlib import Path
 
 import yaml
+from rich.console import Console
 
 from raycpt import __version__
 from raycpt.core import metrics
-from raycpt.core.config import load_config, load_saved_config, to_dict
+from raycpt.core.augment import augment_corpus, check_generator, without_synthetic
+from raycpt.core.config import ExperimentConfig, load_config, load_saved_config, to_dict
 from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.extend import extend_local, plan_extension
 from raycpt.core.plan import plan as memory_plan
 from raycpt.core.plan import render as render_plan
-from raycpt.core.prepare import preflight, prepare_experiment
+from raycpt.core.prepare import augmented, preflight, prepare_experiment
 from raycpt.core.shards import map_in_process
 from raycpt.core.train import run_local
 from raycpt.results.export import EXPORT_DIR
 from raycpt.results.extension import export_extension
 from raycpt.results.format import fixed, make_console
 from raycpt.results.plots import write_plots
-from raycpt.results.progress import PrepareProgress
+from raycpt.results.progress import AugmentProgress, PrepareProgress
 from raycpt.results.render import print_data, print_summary, report_command
 from raycpt.results.suggest import write_suggestions
 from raycpt.results.summary import SUMMARY_FILE, analyze, keep_earlier
@@ -56,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = make_console()
     _echo(console, args, cfg)
     if args.no_ray:
+        if cfg.augments():
+            augment_here(cfg, console)
         last = run_local(cfg, console.print)
     else:
         from raycpt.pipeline import train_one  # imports Ray: see the module docstring
@@ -136,6 +140,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     if not args.config_only:
         found = preflight(cfg)
+        if cfg.augments():
+            generator = check_generator(cfg)
+            state = "written" if augmented(cfg) else "to be written by the augment stage (prepare, sweep, train run it)"
+            print(f"data.synthetic: augment: {state} in {cfg.synthetic_source()}; generator {generator} loads")
         for field, size in found["documents"].items():
             mb = f"{size['bytes'] / 1e6:,.1f} MB in " if size["bytes"] else ""  # a streamed hub dataset: unknown
             print(f"{field}: {mb}{size['units']} read unit(s); its start checked (enough text, documents)")
@@ -151,6 +159,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     --no-ray. The blocks are the same either way; a killed prepare resumes from the units and shards it wrote."""
     cfg = load_config(args.config, args.set)
     console = make_console()
+    if cfg.augments():  # data.synthetic: augment: the rewrites first, then the data step that reads them
+        if args.no_ray:
+            augment_here(cfg, console)
+        else:
+            from raycpt.pipeline import augment  # imports Ray: see the module docstring
+
+            augment(cfg, console, num_cpus=args.cpus)
     with contextlib.ExitStack() as stack:
         mapper = map_in_process
         if not args.no_ray:
@@ -162,6 +177,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print_data(console, manifest)
     console.print(f"ready: model {manifest.model_source}")
     return 0
+
+
+def augment_here(cfg: ExperimentConfig, console: Console) -> None:
+    """The augment stage in this process (`--no-ray` with `data.synthetic: augment`): the data step without the
+    synthetic corpus, then the rewrites, one unit after another."""
+    base = without_synthetic(cfg)
+    generator = check_generator(base)
+    with PrepareProgress(console) as progress:
+        manifest = prepare_experiment(base, on_unit=progress)
+    with AugmentProgress(console) as progress:
+        result = augment_corpus(base, on_unit=progress, manifest=manifest, generator=generator)
+    console.print(result.describe())
 
 
 def cmd_augment(args: argparse.Namespace) -> int:

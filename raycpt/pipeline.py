@@ -16,8 +16,7 @@ import torch
 from rich.console import Console
 
 from raycpt.core import metrics as m
-from raycpt.core.augment import MANIFEST as AUGMENT_MANIFEST
-from raycpt.core.augment import AugmentResult, augment_corpus, check_generator, generator_source
+from raycpt.core.augment import AugmentResult, augment_corpus, check_generator, generator_source, without_synthetic
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.extend import (
@@ -156,6 +155,8 @@ def sweep(cfg: ExperimentConfig, *, force: bool = False, console: Console | None
     loggers = logger_callbacks(cfg)  # here, so a missing mlflow/wandb package fails before any work
     hub_token(cfg)  # export.push_to_hub without HF_TOKEN fails now, not after the sweep
     exp_dir = open_experiment(cfg, force=force, resume=resume)
+    if cfg.augments():
+        augment(cfg, console)
     with RayDataMapper() as mapper, contextlib.ExitStack() as session:
         manifest = prepare(cfg, exp_dir, console, mapper)
         session.enter_context(ray_session())  # the one the data step started, if it did
@@ -213,6 +214,8 @@ def train_one(cfg: ExperimentConfig, console: Console) -> dict[str, Any]:
         # Ray Train restores a run of the same name from its latest checkpoint: say so instead of surprising
         console.print(f"[yellow]resuming[/] the run in {exp_dir / TRAIN_DIR / 'run'} from its latest checkpoint "
                       "(remove that dir or --set name=<new> to start fresh)")
+    if cfg.augments():
+        augment(cfg, console)
     with RayDataMapper() as mapper, contextlib.ExitStack() as session:
         manifest = prepare(cfg, exp_dir, console, mapper)
         session.enter_context(ray_session())
@@ -251,9 +254,12 @@ def extend_on_ray(ext: Extension, console: Console) -> Outcome:
 
 
 def augment(cfg: ExperimentConfig, console: Console, *, num_cpus: int | None = None) -> AugmentResult:
-    """`raycpt augment`: check the generator, run the data step (cached; it fixes the held-out split the leakage
-    guard reads), then rewrite the domain corpus's units on Ray Data (augment.workers actors, one generator each;
-    one GPU each with resources.use_gpu), resuming from the units an earlier run finished."""
+    """`raycpt augment`, and the stage `sweep`, `train` and `prepare` run first with `data.synthetic: augment`: check
+    the generator, run the data step (cached; it fixes the held-out split the leakage guard reads; without the
+    synthetic corpus, which this writes), then rewrite the domain corpus's units on Ray Data (augment.workers
+    actors, one generator each; one GPU each with resources.use_gpu), resuming from the units an earlier run
+    finished."""
+    cfg = without_synthetic(cfg)
     exp_dir = check_storage(cfg)
     generator = check_generator(cfg)  # a bad generator fails before the data step and any generation
     if cfg.resources.use_gpu and not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
@@ -270,9 +276,5 @@ def augment(cfg: ExperimentConfig, console: Console, *, num_cpus: int | None = N
                       f"{a.temperature}, top_p {a.top_p}, seed {a.seed})")
         with AugmentProgress(console) as progress:
             result = augment_corpus(cfg, mapper=mapper, on_unit=progress, manifest=manifest, generator=generator)
-    resumed = f", {result.resumed_units} unit(s) done by an earlier run" if result.resumed_units else ""
-    console.print(f"Augmented corpus: {result.texts:,} texts, {result.tokens:,} generated tokens, from "
-                  f"{result.documents:,} documents ({result.heldout_skipped} held-out and {result.leakage_skipped} "
-                  f"downstream validation/test texts skipped); {result.seconds:.1f} s{resumed}; in {result.corpus} "
-                  f"(manifest {Path(result.output) / AUGMENT_MANIFEST})")
+    console.print(result.describe())
     return result

@@ -104,13 +104,17 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text", **extra) -> P
     return path
 
 
-@pytest.fixture()
-def corpora(tmp_path) -> dict[str, str]:
+def write_corpora(root: Path) -> dict[str, str]:
     """Small domain and general corpora (jsonl), repeated with variations so they pack into many blocks."""
     domain = [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES]
     general = [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES]
-    return {"domain": str(write_jsonl(tmp_path / "domain.jsonl", domain)),
-            "general": str(write_jsonl(tmp_path / "general.jsonl", general))}
+    return {"domain": str(write_jsonl(root / "domain.jsonl", domain)),
+            "general": str(write_jsonl(root / "general.jsonl", general))}
+
+
+@pytest.fixture()
+def corpora(tmp_path) -> dict[str, str]:
+    return write_corpora(tmp_path)
 
 
 SECRETS = {"HF_TOKEN": "hf_secretvalue_0123456789", "WANDB_API_KEY": "wandb-secret-0123456789",

@@ -19,7 +19,7 @@ from raycpt.core.augment import (
     augment_corpus,
 )
 from raycpt.core.config import AUGMENT_STYLES, config_from_dict
-from raycpt.core.errors import ConfigError
+from raycpt.core.errors import ConfigError, InputError
 from raycpt.core.prepare import load_eval_task, prepare_experiment
 from raycpt.core.shards import map_in_process, normalize_text, split_hash, text_key, threshold_u
 from raycpt.core.sources import corpus_units, load_documents, unit_bytes
@@ -288,3 +288,31 @@ def test_one_and_two_ray_workers_and_the_cli_write_the_in_process_bytes(prepared
     out = capsys.readouterr().out
     assert "Augmented corpus: " in out and str(tmp_path / "cli" / "texts") in out.replace("\n", "")
     assert corpus_bytes(type("R", (), {"corpus": str(tmp_path / "cli" / "texts")})) == reference
+
+
+def test_one_config_rewrites_then_prepares_and_trains_on_the_rewrites(prepared, reference, tmp_path, capsys):
+    """data.synthetic: augment: `prepare` runs the augment stage first (the bytes `raycpt augment` writes), then
+    the data step prepares the rewrites as the synthetic corpus and `train` draws its domain side from them; the
+    stage again redoes nothing. Before the stage, the data step names what to run."""
+    raw, _, _ = prepared
+    one = {**raw, "name": "one-config", "data": {**raw["data"], "synthetic": "augment"},
+           "train": {**raw["train"], "synthetic_ratio": 1.0, "steps": 2, "batch_size": 2, "eval_every": 2}}
+    cfg = config_from_dict(one)
+    with pytest.raises(InputError, match=r"^data.synthetic: augment: .* holds no rewrites yet; run `raycpt augment"):
+        prepare_experiment(cfg)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(one))
+    assert main(["validate", str(path)]) == 0
+    assert "data.synthetic: augment: to be written by the augment stage" in capsys.readouterr().out
+    assert main(["prepare", str(path), "--no-ray"]) == 0
+    texts = cfg.experiment_dir() / "augment" / "texts"
+    assert corpus_bytes(type("R", (), {"corpus": str(texts)})) == reference[1]
+    manifest = prepare_experiment(cfg)
+    assert manifest.synthetic is not None and manifest.synthetic.train_tokens > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in texts.iterdir()}
+    capsys.readouterr()
+    assert main(["train", str(path), "--no-ray"]) == 0
+    out = capsys.readouterr().out
+    units = len(list(texts.glob("unit_*.done")))
+    assert f"{units} unit(s) done by an earlier run" in out and "synthetic 1.00 of the domain side" in out, out
+    assert {p.name: p.stat().st_mtime_ns for p in texts.iterdir()} == stamps, "the stage again rewrote units"

@@ -17,6 +17,7 @@ from raycpt.core.extend import SUMMARY_FILE, TUNE_DIR, extend_local, plan_extens
 from raycpt.core.files import write_json
 from raycpt.core.prepare import measure_base, prepare_experiment
 from raycpt.core.train import train
+from tests.conftest import write_corpora
 
 
 def _raw(corpora, model_dir, tmp_path, **train) -> dict:
@@ -169,6 +170,13 @@ def swept(corpora, tiny_gpt2_dir, tmp_path):
     return _sweep(corpora, tiny_gpt2_dir, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def swept_once(tiny_gpt2_dir, tmp_path_factory):
+    """One sweep dir for the tests that only read it (refusals before any work, planning)."""
+    root = tmp_path_factory.mktemp("swept")
+    return _sweep(write_corpora(root), tiny_gpt2_dir, root)
+
+
 def _cli(capsys, *argv) -> tuple[int, str]:
     from raycpt.cli import main
 
@@ -204,10 +212,10 @@ def test_extend_cli_without_ray_continues_the_winner_and_exports_it_with_its_lin
     (["--tokens", 4000, "--trial", "nope"], "--trial nope: no such trial"),
     (["--tokens", 4000, "--set", "train.schedule=cosine"], "an extension continues a wsd run's stable phase"),
 ])
-def test_extend_refuses_bad_input_in_one_line_before_any_work(swept, capsys, argv, message):
-    code, out = _cli(capsys, "extend", swept, *argv, "--no-ray")
+def test_extend_refuses_bad_input_in_one_line_before_any_work(swept_once, capsys, argv, message):
+    code, out = _cli(capsys, "extend", swept_once, *argv, "--no-ray")
     assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out
-    assert not list(swept.glob("extend-*"))
+    assert not list(swept_once.glob("extend-*"))
 
 
 def test_extend_refuses_a_sweep_without_winner_or_with_changed_data(swept, capsys):
@@ -225,12 +233,12 @@ def test_extend_refuses_a_sweep_without_winner_or_with_changed_data(swept, capsy
     assert code == 2 and "its pre-decay checkpoint is not on disk" in out, out
 
 
-def test_plan_extension_rounds_the_target_up_to_whole_steps(swept):
-    ext = plan_extension(swept, 1281)
+def test_plan_extension_rounds_the_target_up_to_whole_steps(swept_once):
+    ext = plan_extension(swept_once, 1281)
     assert (ext.steps, ext.tokens, ext.cfg.train.steps, ext.cfg.train.tokens) == (11, 1408, 11, 0)
     assert ext.checkpoint.name == "checkpoint_step000008" and ext.winner
     with pytest.raises(InputError, match="--tokens 0"):
-        plan_extension(swept, 0)
+        plan_extension(swept_once, 0)
 
 
 class _Killed(Exception):
@@ -256,7 +264,7 @@ def test_an_extension_killed_midway_resumes_from_its_own_checkpoint_to_the_same_
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("workers,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
+@pytest.mark.parametrize("workers,strategy", [(1, "ddp"), (2, "fsdp")])  # 2-worker ddp: tests/test_ddp.py
 def test_extend_on_ray_train_equals_the_uninterrupted_run(corpora, tiny_gpt2_dir, capsys, tmp_path, local_ray,
                                                           workers, strategy):
     """`raycpt extend` on Ray Train (the path `raycpt train` takes), 1 and 2 workers with the same global batch:

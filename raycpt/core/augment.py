@@ -30,13 +30,13 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raycpt.core.config import ExperimentConfig
+from raycpt.core.config import AUGMENT_MANIFEST, AUGMENT_TEXTS, ExperimentConfig
 from raycpt.core.errors import InputError
 from raycpt.core.files import write_json
 from raycpt.core.models import load_model, load_tokenizer, max_positions, padded_batch, resolve_model_source
@@ -59,8 +59,8 @@ STYLE_TEMPLATES = {
 }
 """The built-in styles (augment.styles; their names are config.AUGMENT_STYLES). `entities` is a one-pass nod to
 EntiGraph, not its two-stage entity-pair generation."""
-MANIFEST = "augment.json"
-TEXTS_DIR = "texts"
+MANIFEST = AUGMENT_MANIFEST
+TEXTS_DIR = AUGMENT_TEXTS
 """The corpus dir inside the output: only `unit_XXXXX.jsonl` files (markers end in .done, which sources skip)."""
 
 
@@ -381,11 +381,24 @@ class AugmentResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for the terminal: what was written, from what, where."""
+        resumed = f", {self.resumed_units} unit(s) done by an earlier run" if self.resumed_units else ""
+        return (f"Augmented corpus: {self.texts:,} texts, {self.tokens:,} generated tokens, from {self.documents:,} "
+                f"documents ({self.heldout_skipped} held-out and {self.leakage_skipped} downstream validation/test "
+                f"texts skipped); {self.seconds:.1f} s{resumed}; in {self.corpus} (manifest "
+                f"{Path(self.output) / MANIFEST})")
+
+
+def without_synthetic(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config the augment stage prepares and reads with: no synthetic corpus (with `data.synthetic: augment` it
+    is the stage's own output), so its data step fixes the same held-out split without needing the rewrites."""
+    return replace(cfg, data=replace(cfg.data, synthetic=""))
+
 
 def output_dir(cfg: ExperimentConfig) -> Path:
     """augment.output, default <experiment dir>/augment."""
-    return Path(cfg.augment.output).expanduser().absolute() if cfg.augment.output else (
-        cfg.experiment_dir() / "augment")
+    return cfg.augment_dir()
 
 
 def load_manifest(cfg: ExperimentConfig) -> Manifest:

@@ -43,9 +43,12 @@ class DataConfig:
     general: str | dict[str, str] = ""
     """General replay corpus (same forms), e.g. `packaged:news`. Empty means no replay (then mix_ratio must be 1)."""
     synthetic: str | dict[str, str] = ""
-    """Synthetic domain corpus (same forms), e.g. the texts/ dir `raycpt augment` wrote (<augment.output>/texts,
-    default <experiment dir>/augment/texts): prepared like the others, with its own held-out split, and drawn for
-    train.synthetic_ratio of the domain side of the mixture. Empty means none (then synthetic_ratio must be 0)."""
+    """Synthetic domain corpus (same forms): prepared like the others, with its own held-out split, and drawn for
+    train.synthetic_ratio of the domain side of the mixture. `augment` means this experiment's own rewrites (the
+    texts/ dir of augment.output, default <experiment dir>/augment/texts): `raycpt prepare`, `sweep` and `train`
+    then run the augment stage first (the `augment` section's settings; units already written are kept), so one
+    config does both (write ./augment for a directory of that name). Empty means none (then synthetic_ratio must
+    be 0)."""
     text_field: str = "text"
     """Column holding the text in jsonl/parquet/csv/hub sources."""
     txt_unit: str = "file"
@@ -486,7 +489,26 @@ class ExperimentConfig:
     def experiment_dir(self) -> Path:
         return Path(self.storage_path).expanduser().resolve() / self.name
 
+    def augment_dir(self) -> Path:
+        """Where `raycpt augment` writes: augment.output, default <experiment dir>/augment."""
+        return Path(self.augment.output).expanduser().absolute() if self.augment.output else (
+            self.experiment_dir() / "augment")
 
+    def augments(self) -> bool:
+        """data.synthetic names this experiment's own rewrites: the augment stage runs before the data step."""
+        return self.data.synthetic == SYNTHETIC_FROM_AUGMENT
+
+    def synthetic_source(self) -> str | dict[str, str]:
+        """data.synthetic as a corpus source (`augment` resolved to the texts/ dir the augment stage writes)."""
+        return str(self.augment_dir() / AUGMENT_TEXTS) if self.augments() else self.data.synthetic
+
+
+SYNTHETIC_FROM_AUGMENT = "augment"
+"""data.synthetic's keyword for this experiment's own rewrites (ExperimentConfig.synthetic_source)."""
+AUGMENT_TEXTS = "texts"
+"""The corpus dir inside the augment output."""
+AUGMENT_MANIFEST = "augment.json"
+"""The augment stage's record inside its output, written last (its presence says the stage finished)."""
 REMOVED_FIELDS = {
     "select.f1_tolerance": "ties in F1 are now decided by paired bootstrap intervals on the validation texts; "
                            "delete the line",

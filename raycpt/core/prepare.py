@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from raycpt.core import metrics
-from raycpt.core.config import ExperimentConfig
+from raycpt.core.config import AUGMENT_MANIFEST, ExperimentConfig
 from raycpt.core.data import (
     TIMING_FIELDS,
     PreparedCorpus,
@@ -164,7 +164,8 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     check_splitless(cfg)
     found = {}
     d = cfg.data
-    for field, source in (("data.domain", d.domain), ("data.general", d.general), ("data.synthetic", d.synthetic)):
+    synthetic = None if cfg.augments() and not augmented(cfg) else cfg.synthetic_source()  # not written yet
+    for field, source in (("data.domain", d.domain), ("data.general", d.general), ("data.synthetic", synthetic)):
         if source:
             units, text_field, _ = corpus_units(source, text_field=d.text_field, field=field, txt_unit=d.txt_unit,
                                                 unit_bytes=unit_bytes(d.unit_mb), streaming=d.streaming)
@@ -193,6 +194,11 @@ def check_splitless(cfg: ExperimentConfig) -> None:
         read_pairs(generation.path)
 
 
+def augmented(cfg: ExperimentConfig) -> bool:
+    """The augment stage has written this experiment's rewrites (its manifest is the last thing it writes)."""
+    return (cfg.augment_dir() / AUGMENT_MANIFEST).is_file()
+
+
 def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process,
                        on_unit: Callable[[str, UnitResult | None, int], None] | None = None) -> Manifest:
     """Fetch, split, tokenise and pack; returns the data manifest. `mapper` runs the per-unit and per-bucket work
@@ -200,6 +206,9 @@ def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process
     result, input_bytes)` hears of each finished read unit (progress)."""
     d = cfg.data
     check_storage(cfg)
+    if cfg.augments() and not augmented(cfg):
+        raise InputError(f"data.synthetic: augment: {cfg.synthetic_source()} holds no rewrites yet; run `raycpt "
+                         "augment CONFIG` first (`raycpt prepare`, `sweep` and `train` run it), or name another corpus")
     check_model(cfg)
     check_local_resources(cfg)
     source = resolve_model_source(cfg.model.source)
@@ -219,7 +228,7 @@ def prepare_experiment(cfg: ExperimentConfig, *, mapper: Mapper = map_in_process
 
     domain = corpus("data.domain", d.domain)
     general = corpus("data.general", d.general) if d.general else None
-    synthetic = corpus("data.synthetic", d.synthetic) if d.synthetic else None  # the rewrites (raycpt augment)
+    synthetic = corpus("data.synthetic", cfg.synthetic_source()) if d.synthetic else None  # the rewrites (augment)
     manifest = Manifest(source, tokenizer_fingerprint(tokenizer), d.block_size, domain, general, task,
                         synthetic=synthetic)
     manifest.fingerprint = manifest.compute_fingerprint()

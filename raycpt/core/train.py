@@ -434,6 +434,8 @@ def run_local(cfg: ExperimentConfig, log: Callable[[str], None]) -> dict[str, An
         log(f"step {metrics[m.STEP]}: train loss {metrics[m.TRAIN_LOSS]:.4f}, domain ppl {metrics[m.DOMAIN_PPL]:.2f}"
             + (f", general ppl {general:.2f}" if general is not None else "")
             + (f", distill KL {metrics[m.DISTILL_KL]:.4f}" if metrics.get(m.DISTILL_KL) is not None else "")
+            + (f", synthetic {metrics[m.SYNTHETIC_FRACTION]:.2f} of the domain side"
+               if metrics.get(m.SYNTHETIC_FRACTION) is not None else "")
             + (f", F1 {metrics[m.F1]:.4f}" if metrics.get(m.F1) is not None else "")
             + f", {metrics[m.TOKENS_PER_S]:.0f} tok/s; checkpoint {checkpoint_dir}")
 

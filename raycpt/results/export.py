@@ -174,7 +174,7 @@ def export_winner(exp_dir: Path, cfg: ExperimentConfig, row: dict[str, Any], bas
                      "block_size": trial_cfg.data.block_size,
                      "task_duplicates_removed": task.duplicates_removed if task else None,
                      # data.synthetic (the rewrites of raycpt augment): only when the sweep had one
-                     **({"synthetic": cfg.data.synthetic, "synthetic_ratio": trial_cfg.train.synthetic_ratio,
+                     **({"synthetic": cfg.synthetic_source(), "synthetic_ratio": trial_cfg.train.synthetic_ratio,
                          "realised_synthetic_fraction": row.get(metrics.SYNTHETIC_FRACTION),
                          "synthetic_stats": manifest.to_dict()["synthetic"]} if manifest.synthetic else {})},
         "verification": verification,
