@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     aug_seconds = time.perf_counter() - aug_start
     texts_dir = str(exp / "augment" / "texts")
     aug = augmented.to_dict()
-    print(f"augment: {aug.get('texts_written')} rewrites, {aug.get('generated_tokens')} generated tokens, "
-          f"{aug_seconds:.0f} s this run", flush=True)
+    print(f"augment: {augmented.texts} rewrites, {augmented.tokens} generated tokens, {aug_seconds:.0f} s this run "
+          f"({augmented.resumed_units} unit(s) done by an earlier run)", flush=True)
 
     arms = {
         REAL: real_cfg,
