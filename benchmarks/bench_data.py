@@ -3,14 +3,14 @@
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py
     RAYCPT_CACHE=/tmp/rc python benchmarks/bench_data.py --sources packaged:rotten-tomatoes --repeats 3
 
-Every side starts from the same `datasets.Dataset` of documents (`raycpt.core.sources.load_documents`) and the same
-fast tokenizer (`raycpt.core.models.load_tokenizer`), with datasets' caching disabled so each timed map tokenises for
+Every side starts from the same `datasets.Dataset` of documents (`raycpt.core.data.sources.load_documents`) and the same
+fast tokenizer (`core.model.loading.load_tokenizer`), with datasets' caching disabled so each timed map tokenises for
 real. Sides:
 - run_clm:  transformers' examples/pytorch/language-modeling/run_clm.py: `tokenizer(texts)` in a batched map,
             then `group_texts` in a second batched map (1,000 documents per batch, each batch's remainder dropped).
 - raycpt:   `prepare_corpus` in this process on an empty block cache, as `raycpt prepare --no-ray` runs it (read the
             source file, hash-split, tokenise - for a byte-level BPE tokenizer such as SmolLM2's, tiktoken running the
-            tokenizer's own vocabulary and merges, see raycpt/core/tokenize.py - and pack into shards): more work
+            tokenizer's own vocabulary and merges, see raycpt/core/data/tokenize.py - and pack into shards): more work
             than run_clm's side, which starts from documents already loaded. Its token count is checked against
             the tokenizer's own: training blocks + held-out documents + shard tails = every document's ids + EOS.
 - tokenizers-only: the `tokenizers` Rust backend alone (`encode_batch_fast`, 1,000 documents a call, nothing
@@ -19,7 +19,7 @@ Sides alternate for `--repeats` rounds and each side's best time counts: the mac
 the best run is the least disturbed one. The time ratio is the fair comparison (same documents in); tokens/s
 counts the tokens kept in blocks (raycpt's stream also holds one EOS per document, run_clm's does not).
 
-Last, `raycpt.core.data.prepare_corpus` runs twice on a fresh cache (datasets' caching on, as in real use): the first
+Last, `core.data.blocks.prepare_corpus` runs twice on a fresh cache (datasets' caching on, as in real use): the first
 call reads, splits, tokenises and packs; the second must be served from the packed-block cache.
 """
 
@@ -61,7 +61,7 @@ def run_clm_blocks(documents, tokenizer, block_size: int):
 
 def reference_tokens(documents, tokenizer) -> int:
     """The tokens raycpt must produce: `tokenizer(texts)` (the reference encoder) + one EOS per document."""
-    from raycpt.core.tokenize import reference_encoder
+    from raycpt.core.data.tokenize import reference_encoder
 
     encode, texts, total = reference_encoder(tokenizer), list(documents[:]["text"]), 0
     for start in range(0, len(texts), 1000):
@@ -106,10 +106,10 @@ def time_sides(sides: dict[str, Callable[[], Any]], repeats: int) -> dict[str, t
 def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, repeats: int) -> None:
     import datasets
 
-    from raycpt.core.data import prepare_corpus
+    from raycpt.core.data.blocks import prepare_corpus
+    from raycpt.core.data.sources import _packaged_parquet, load_documents
+    from raycpt.core.data.tokenize import TiktokenBPE
     from raycpt.core.packaged import cache_dir
-    from raycpt.core.sources import _packaged_parquet, load_documents
-    from raycpt.core.tokenize import TiktokenBPE
 
     # raycpt builds its tiktoken encoder once per tokenizer and process (cached): the timed rounds reuse it, so its
     # one-time cost is measured here and added back in the ratio line.
@@ -177,7 +177,7 @@ def compare_tokenise_and_pack(sources: list[str], tokenizer, block_size: int, re
 
 def compare_prepare_cache(sources: list[str], tokenizer, block_size: int) -> None:
     """prepare_corpus twice on a fresh cache: the first call does the work, the second reads the cached blocks."""
-    from raycpt.core.data import prepare_corpus
+    from raycpt.core.data.blocks import prepare_corpus
     from raycpt.core.packaged import cache_dir
 
     source_cache = cache_dir()
@@ -224,7 +224,7 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    from raycpt.core.models import load_tokenizer
+    from raycpt.core.model.loading import load_tokenizer
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(args.model)

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from raycpt.core import metrics as m
-from raycpt.core.checkpoint import keeping_newest_checkpoint
 from raycpt.core.config import config_from_dict, load_saved_config, to_dict
 from raycpt.core.files import read_json
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import train
+from raycpt.core.train.checkpoint import keeping_newest_checkpoint
+from raycpt.core.train.loop import train
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.summary import SUMMARY_FILE
 
@@ -77,9 +77,9 @@ def run_trials(exp: Path, blocks: int, out: Path) -> tuple[dict[str, list[dict[s
         cache.write_text("".join(json.dumps(r) + "\n" for r in got))
         reports[tid] = got
     # cost of one eval per block: score the base model's blocks once, timed
-    from raycpt.core.data import load_blocks
-    from raycpt.core.evaluate import heldout_block_losses
-    from raycpt.core.models import load_model
+    from raycpt.core.data.blocks import load_blocks
+    from raycpt.core.eval.evaluate import heldout_block_losses
+    from raycpt.core.model.loading import load_model
 
     manifest = prepare_experiment(config_from_dict({**to_dict(cfg), "data": {**to_dict(cfg)["data"],
                                                                                "heldout_blocks": blocks}}))

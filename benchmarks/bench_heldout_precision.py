@@ -9,7 +9,7 @@ validation blocks are the first blocks of each corpus's held-out stream, so the 
 An eval's ppl is exp(mean block loss), so with a per-block loss sd of `sd` nats over n blocks its normal 95% interval
 is ppl x exp(+-1.96 sd / sqrt(n)): relative to the ppl, exp(-1.96 sd / sqrt(n)) - 1 below and exp(+1.96 sd /
 sqrt(n)) - 1 above (asymmetric). The blocks for +-T are the n that bring the wider (upper) side to T:
-n = ceil((1.96 sd / ln(1 + T))^2). The percentile bootstrap the sweep reports (raycpt.core.stats.ppl_interval) is
+n = ceil((1.96 sd / ln(1 + T))^2). The percentile bootstrap the sweep reports (raycpt.core.eval.stats.ppl_interval) is
 printed beside it on the first n of the scored blocks as a cross-check. This is an *unpaired* ppl; a trial-vs-base
 change on the same blocks (what the forgetting bound uses) is much tighter.
 
@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from raycpt.core.config import load_config
-from raycpt.core.data import load_blocks
-from raycpt.core.evaluate import heldout_block_losses
-from raycpt.core.models import load_model
+from raycpt.core.data.blocks import load_blocks
+from raycpt.core.eval.evaluate import heldout_block_losses
+from raycpt.core.eval.stats import ppl_interval
+from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.stats import ppl_interval
 
 Z95 = 1.96
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""raycpt's core loop (`raycpt.core.train.train`) vs `transformers.Trainer`: same model, data, batch, steps and
+"""raycpt's core loop (`raycpt.core.train.loop.train`) vs `transformers.Trainer`: same model, data, batch, steps and
 lr schedule.
 
 CPU (this machine; packaged models on the packed Rotten Tomatoes + news blocks that `prepare_experiment` caches):
@@ -25,7 +25,7 @@ Same work on both sides: fp32 weights (bf16 autocast on CUDA), AdamW(0.9, 0.95, 
 + cosine to 0.1 x lr, grad clip 1.0, the same blocks in the same order, `--threads` torch threads, back to back in
 one process (`--rounds` repeats them, alternating the order). The Trainer keeps its default optimizer
 (adamw_torch_fused for torch >= 2.8, also on CPU); raycpt uses its own (fused on CUDA and CPU). On CPU a third side,
-"unfused", runs raycpt's step (`raycpt.core.train.train_step`) on the loop's batches with torch's default AdamW
+"unfused", runs raycpt's step (`raycpt.core.train.loop.train_step`) on the loop's batches with torch's default AdamW
 kernel (raycpt's CPU optimizer before 2026-11-26), and `optimizer.step()` alone is timed fused vs unfused,
 interleaved: whole steps on a shared machine are too noisy to resolve that difference. Losses are a sanity check
 only: the Trainer may normalise its training_loss differently (num_items_in_batch counts every label; the model
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from raycpt.core.data import PreparedCorpus
+from raycpt.core.data.blocks import PreparedCorpus
 from raycpt.core.prepare import Manifest
 
 PACKAGED = {"tiny-gpt2": "packaged:tiny-gpt2", "smollm2-135m": "packaged:smollm2-135m"}
@@ -211,9 +211,9 @@ def prepare_workload(name: str, args: argparse.Namespace, scratch: Path) -> Work
 
 def loop_batches(workload: Workload, device: str):
     """The micro-batches raycpt's loop takes, in its order (one worker, one micro-batch per step): its own batch
-    source, raycpt.core.batches.Batches, over the plan `train` builds from the config."""
-    from raycpt.core.batches import Batches
-    from raycpt.core.data import load_blocks, mixture_seed, synthetic_plan
+    source, raycpt.core.data.batches.Batches, over the plan `train` builds from the config."""
+    from raycpt.core.data.batches import Batches
+    from raycpt.core.data.blocks import load_blocks, mixture_seed, synthetic_plan
 
     cfg = workload.raycpt_config()
     t, data = cfg.train, workload.data
@@ -237,7 +237,7 @@ def planned_blocks(workload: Workload) -> np.ndarray:
 
 def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device
                             ) -> torch.optim.Optimizer:
-    """raycpt.core.train.build_optimizer as it was before fused AdamW on CPU: torch's default kernel there."""
+    """raycpt.core.train.loop.build_optimizer as it was before fused AdamW on CPU: torch's default kernel there."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -247,8 +247,8 @@ def build_optimizer_unfused(model: torch.nn.Module, lr: float, weight_decay: flo
 def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float]:
     """optimizer.step() alone, raycpt's AdamW vs the unfused one on the same parameters and gradients,
     interleaved `reps` times: a whole step is too noisy on a shared machine to resolve a ~0.5 s difference."""
-    from raycpt.core.models import load_model
-    from raycpt.core.train import build_optimizer
+    from raycpt.core.model.loading import load_model
+    from raycpt.core.train.loop import build_optimizer
 
     model = load_model(workload.source)
     generator = torch.Generator().manual_seed(0)
@@ -269,7 +269,7 @@ def compare_optimizer_step(workload: Workload, reps: int = 8) -> dict[str, float
 
 
 def run_raycpt(workload: Workload) -> dict[str, float]:
-    from raycpt.core.train import train
+    from raycpt.core.train.loop import train
 
     cfg = workload.raycpt_config()
     clock = StepClock(stop_after=workload.steps if workload.skip_final_eval else 0)
@@ -289,11 +289,11 @@ def run_raycpt(workload: Workload) -> dict[str, float]:
 
 
 def run_unfused(workload: Workload) -> dict[str, float]:
-    """raycpt's step (raycpt.core.train.train_step) on the loop's batches, as `train` runs them, with torch's
+    """raycpt's step (raycpt.core.train.loop.train_step) on the loop's batches, as `train` runs them, with torch's
     default AdamW kernel: the work of the raycpt side's timed window, the optimizer aside (CPU, fp32)."""
-    from raycpt.core.loss import resolve_loss_impl
-    from raycpt.core.models import apply_dropout, load_model
-    from raycpt.core.train import build_scheduler, train_step
+    from raycpt.core.model.loading import apply_dropout, load_model
+    from raycpt.core.model.loss import resolve_loss_impl
+    from raycpt.core.train.loop import build_scheduler, train_step
 
     t = workload.raycpt_config().train
     device = torch.device(workload.device)
@@ -324,7 +324,7 @@ def run_unfused(workload: Workload) -> dict[str, float]:
 def run_trainer(workload: Workload) -> dict[str, float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from raycpt.core.models import apply_dropout, load_model
+    from raycpt.core.model.loading import apply_dropout, load_model
 
     blocks = torch.from_numpy(planned_blocks(workload))
 
@@ -420,7 +420,7 @@ def report(workload: Workload, results: dict[str, list[dict[str, float]]], peak_
     if workload.device == "cuda":
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from raycpt.core.train import flops_per_token  # the formula raycpt logs as perf/mfu
+        from raycpt.core.train.loop import flops_per_token  # the formula raycpt logs as perf/mfu
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(workload.source))

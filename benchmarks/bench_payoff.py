@@ -36,15 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycpt.core import cpt_law
 from raycpt.core import metrics as m
-from raycpt.core.checkpoint import keeping_newest_checkpoint
 from raycpt.core.config import ExperimentConfig, config_from_dict, load_config, load_saved_config, to_dict
 from raycpt.core.extend import extend_local, plan_extension
 from raycpt.core.files import read_json
-from raycpt.core.models import load_model
+from raycpt.core.forecast import cpt_law
+from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import Manifest, measure_base, score_model
-from raycpt.core.train import train
+from raycpt.core.train.checkpoint import keeping_newest_checkpoint
+from raycpt.core.train.loop import train
 from raycpt.results.compare import paired_lifts
 from raycpt.results.suggest import FINAL_FILE
 from raycpt.results.summary import SUMMARY_FILE

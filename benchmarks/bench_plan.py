@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raycpt.core.config import load_config  # noqa: E402
-from raycpt.core.plan import plan  # noqa: E402
+from raycpt.core.forecast.plan import plan  # noqa: E402
 from tests.test_plan import MEASURE  # noqa: E402
 
 CASES = [  # (name, config, overrides)

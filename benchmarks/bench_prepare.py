@@ -47,7 +47,7 @@ def make_corpus(out: Path, target_bytes: int, seed: int = 0) -> tuple[int, int]:
     out.mkdir(parents=True)
     import pyarrow.parquet as pq
 
-    from raycpt.core.sources import _packaged_parquet
+    from raycpt.core.data.sources import _packaged_parquet
 
     news = [t for t in pq.read_table(_packaged_parquet("news"), columns=["text"]).column("text").to_pylist() if t]
     reviews = pq.read_table(_packaged_parquet("rotten-tomatoes"), columns=["text"]).column("text").to_pylist()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="packaged:smollm2-135m", help="the tokenizer's model")
     p.add_argument("--samples", type=int, default=200, help="documents checked against tokenizer(text)")
     args = p.parse_args(argv)
-    from raycpt.core.models import resolve_model_source
+    from raycpt.core.model.loading import resolve_model_source
 
     model = resolve_model_source(args.model)
     work = Path(args.work)

@@ -7,7 +7,7 @@ the time its loops train.
 
 The workload is experiments/smoke.yaml (tiny GPT-2, Rotten Tomatoes + news, probe F1 at the end), `--steps`
 steps with `eval_every` = half of them, so each trial reports twice. Three measurements, back to back:
-1. In-process (no Ray): `raycpt.core.train.train` called directly with the worker's thread count; stamps the call, the
+1. In-process (no Ray): `core.train.loop.train` called directly with the worker's thread count; stamps the call, the
    first forward and the first optimizer step (global torch.optim hook), each report, and the return.
 2. One trial through Ray: `ray.init(num_cpus=2, include_dashboard=True)`, then
    `raycpt.edge.worker.build_trainer(...).fit()`; a Ray Train UserCallback on the controller stamps each report's
@@ -58,7 +58,7 @@ def run_in_process(cfg, manifest, scratch: str) -> dict[str, Any]:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from raycpt.core.train import train
+    from raycpt.core.train.loop import train
 
     stamps: dict[str, Any] = {"step_ends": [], "reports": [], "first_forward": None}
 

@@ -33,9 +33,9 @@ from bench_payoff import PAIRED, TEST, VAL, cell, train_arm
 from raycpt.core import metrics as m
 from raycpt.core.augment import augment_corpus
 from raycpt.core.config import ExperimentConfig, config_from_dict, load_config, to_dict
-from raycpt.core.models import load_model
+from raycpt.core.data.sources import load_documents
+from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import Manifest, measure_base, prepare_experiment, score_model
-from raycpt.core.sources import load_documents
 from raycpt.results.compare import paired_lifts
 
 REAL, SYNTHETIC, DISTILL = "real", "synthetic", "distill"

@@ -5,14 +5,14 @@
     python benchmarks/bench_step_overhead.py --device cuda                    # the same on a GPU (fp32)
 
 The packaged tiny GPT-2 (2 layers, 64 wide, GPT-2's 50,257-token vocabulary; fp32, dropout 0) takes optimizer steps
-through the loop's own step, `raycpt.core.train.train_step` (forward + backward, clip, fused AdamW, LR schedule,
-zero_grad), on random-token blocks in memory-mapped .npy shards read through `raycpt.core.data.load_blocks` (the
+through the loop's own step, `raycpt.core.train.loop.train_step` (forward + backward, clip, fused AdamW, LR schedule,
+zero_grad), on random-token blocks in memory-mapped .npy shards read through `raycpt.core.data.blocks.load_blocks` (the
 layout `raycpt prepare` writes: a domain corpus in two shards and a general one, mixed 3:1 by the mixture plan).
 Three ways to feed it, over the same plan positions in each round:
 
   before   the batch assembled on the loop's thread, as the loop did before issue 30 (kept only here): per block a
            memory-mapped row, np.stack, torch.from_numpy, on CUDA a fresh pinned buffer, .to(device, long);
-  after    `raycpt.core.batches.Batches`: a background thread gathers the next chunk of micro-batches into a reused
+  after    `raycpt.core.data.batches.Batches`: a background thread gathers the next chunk of micro-batches into a reused
            (pinned) buffer, one indexed read per corpus, while the steps before run; the loop takes each with next()
            (a slice of the chunk copied to the device);
   compute  one batch already on the device, reused: the model's compute and the optimizer step, no data at all.
@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raycpt.core.batches import Batches
-from raycpt.core.data import load_blocks, mixture_plan, worker_positions
-from raycpt.core.loss import causal_lm_loss
-from raycpt.core.models import apply_dropout, load_model, resolve_model_source
-from raycpt.core.train import build_optimizer, build_scheduler, train_step
+from raycpt.core.data.batches import Batches
+from raycpt.core.data.blocks import load_blocks, mixture_plan, worker_positions
+from raycpt.core.model.loading import apply_dropout, load_model, resolve_model_source
+from raycpt.core.model.loss import causal_lm_loss
+from raycpt.core.train.loop import build_optimizer, build_scheduler, train_step
 
 MIX_RATIO = 0.75
 SEED = 0
@@ -77,7 +77,7 @@ def evict(paths: list[str]) -> None:
 
 def batch_before(domain, general, is_domain, index, step: int, micro: int, layout: dict, device: torch.device
                  ) -> tuple[torch.Tensor, int]:
-    """The loop's batch assembly before issue 30, on the loop's thread (raycpt.core.train at 50523ab)."""
+    """The loop's batch assembly before issue 30, on the loop's thread (raycpt.core.train.loop at 50523ab)."""
     pos = worker_positions(step, micro, **layout)
     n_domain = int(is_domain[pos].sum())
     batch = torch.from_numpy(np.stack([(domain if from_domain else general)[i]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from raycpt.core.loss import causal_lm_loss, liger_available
+from raycpt.core.model.loss import causal_lm_loss, liger_available
 
 
 def models() -> dict[str, torch.nn.Module]:

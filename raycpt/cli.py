@@ -21,13 +21,13 @@ from raycpt import __version__
 from raycpt.core import metrics
 from raycpt.core.augment import augment_corpus, check_generator, without_synthetic
 from raycpt.core.config import ExperimentConfig, load_config, load_saved_config, to_dict
+from raycpt.core.data.shards import map_in_process
 from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.extend import extend_local, plan_extension
-from raycpt.core.plan import plan as memory_plan
-from raycpt.core.plan import render as render_plan
+from raycpt.core.forecast.plan import plan as memory_plan
+from raycpt.core.forecast.plan import render as render_plan
 from raycpt.core.prepare import augmented, preflight, prepare_experiment
-from raycpt.core.shards import map_in_process
-from raycpt.core.train import run_local
+from raycpt.core.train.loop import run_local
 from raycpt.results.export import EXPORT_DIR
 from raycpt.results.extension import export_extension
 from raycpt.results.format import fixed, make_console

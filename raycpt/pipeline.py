@@ -29,7 +29,7 @@ from raycpt.core.extend import (
     plan_extension,
 )
 from raycpt.core.files import write_json
-from raycpt.core.plan import check_fits
+from raycpt.core.forecast.plan import check_fits
 from raycpt.core.prepare import Manifest, check_storage, measure_base, prepare_experiment
 from raycpt.core.resources import trial_concurrency
 from raycpt.edge.callbacks import SweepProgress

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from raycpt.core.config import load_config
-from raycpt.core.models import resolve_model_source
+from raycpt.core.model.loading import resolve_model_source
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests run offline (the hub is unreachable on our machines): fail hub look-ups at once instead of after network
@@ -68,7 +68,7 @@ def finished_trial(cfg):
     row (trial id 't1')."""
     from raycpt.core import metrics
     from raycpt.core.prepare import prepare_experiment
-    from raycpt.core.train import train
+    from raycpt.core.train.loop import train
 
     exp_dir = cfg.experiment_dir()
     manifest = prepare_experiment(cfg)

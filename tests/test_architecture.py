@@ -53,6 +53,30 @@ def test_imports_point_down_the_layers_only():
     assert not wrong, "\n".join(wrong)
 
 
+CORE_FLOORS = {"model": 1, "data": 2, "eval": 3, "prepare": 4, "augment": 4, "train": 5, "forecast": 6, "extend": 7}
+"""The core's rooms from the ground up; a core module not named here (config, metrics, errors, files, schedule,
+resources, packaged) is on the ground floor (0). Data does not import training or evaluation, evaluation does not
+import training, the loop does not import the forecasts."""
+
+
+def _core_floor(module: str) -> int | None:
+    parts = module.split(".")
+    if len(parts) < 3 or parts[:2] != ["raycpt", "core"]:
+        return None
+    return CORE_FLOORS.get(parts[2], 0)
+
+
+def test_core_rooms_import_down_only():
+    wrong = []
+    for name, path in _modules().items():
+        mine = _core_floor(name)
+        for target, _, line in _imports(path):
+            theirs = _core_floor(target)
+            if mine is not None and theirs is not None and theirs > mine:
+                wrong.append(f"{path.relative_to(PACKAGE)}:{line} {name} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_core_never_imports_ray_and_results_only_inside_functions():
     wrong = []
     for name, path in _modules().items():
@@ -101,13 +125,16 @@ def test_the_checker_sees_a_circle_and_a_wrong_way_import(tmp_path, monkeypatch)
     for sub in ("core", "edge"):
         (fake / sub).mkdir(parents=True)
     (fake / "core" / "a.py").write_text("def f():\n    from raycpt.edge.b import g\n")
+    (fake / "core" / "data").mkdir()
+    (fake / "core" / "data" / "c.py").write_text("from raycpt.core.train.loop import train\n")
     (fake / "edge" / "b.py").write_text("from raycpt.core.a import f\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     graph = _graph()
     assert graph["raycpt.core.a"] == {"raycpt.edge.b"} and graph["raycpt.edge.b"] == {"raycpt.core.a"}
     for check, expected in ((test_imports_point_down_the_layers_only, "raycpt.core.a imports raycpt.edge.b"),
                             (test_no_import_circles, "raycpt.core.a -> raycpt.edge.b -> raycpt.core.a"),
-                            (test_package_imports_inside_functions_say_why, "core/a.py:2 raycpt.edge.b")):
+                            (test_package_imports_inside_functions_say_why, "core/a.py:2 raycpt.edge.b"),
+                            (test_core_rooms_import_down_only, "raycpt.core.data.c imports raycpt.core.train.loop")):
         try:
             check()
         except AssertionError as err:

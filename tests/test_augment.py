@@ -19,10 +19,10 @@ from raycpt.core.augment import (
     augment_corpus,
 )
 from raycpt.core.config import AUGMENT_STYLES, config_from_dict
+from raycpt.core.data.shards import map_in_process, normalize_text, split_hash, text_key, threshold_u
+from raycpt.core.data.sources import corpus_units, load_documents, unit_bytes
 from raycpt.core.errors import ConfigError, InputError
 from raycpt.core.prepare import load_eval_task, prepare_experiment
-from raycpt.core.shards import map_in_process, normalize_text, split_hash, text_key, threshold_u
-from raycpt.core.sources import corpus_units, load_documents, unit_bytes
 from tests.conftest import write_jsonl
 
 PLACES = ["harbour", "granary", "chapel", "forge", "orchard", "quarry", "tannery", "ferry", "mill", "bakery",

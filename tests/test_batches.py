@@ -1,4 +1,4 @@
-"""The loop's batches come from a background thread (raycpt.core.batches): the same blocks in the same order as the
+"""The loop's batches come from a background thread (raycpt.core.data.batches): the same blocks in the same order as the
 mixture plan indexed directly, so the same losses, bit for bit, also after a resume; no thread outlives a run, and
 an error in the thread is raised in the loop's."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from raycpt.core import metrics as m
-from raycpt.core.batches import THREAD_NAME, Batches
-from raycpt.core.data import load_blocks, mixture_plan, mixture_seed, worker_positions
-from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.data.batches import THREAD_NAME, Batches
+from raycpt.core.data.blocks import load_blocks, mixture_plan, mixture_seed, worker_positions
+from raycpt.core.model.loading import apply_dropout, load_model
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import build_optimizer, build_scheduler, train, train_step
+from raycpt.core.train.loop import build_optimizer, build_scheduler, train, train_step
 from tests.test_train import _cfg as train_cfg
 
 

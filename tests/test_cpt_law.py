@@ -1,4 +1,4 @@
-"""The schedule-aware CPT law (raycpt.core.cpt_law): areas under the lr curve by hand, parameters recovered from
+"""The schedule-aware CPT law (core.forecast.cpt_law): areas under the lr curve by hand, parameters recovered from
 curves the law itself generated under cosine, wsd and constant schedules with noise, a held-out longer schedule
 predicted, a recommendation that keeps the forgetting bound, and a fallback that engages and says so."""
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from raycpt.core.cpt_law import (
+from raycpt.core.forecast.cpt_law import (
     CptLawFit,
     Curve,
     RunSchedule,
@@ -141,7 +141,7 @@ def test_horizon_rule():
 
 
 def test_a_continuation_is_predicted_only_inside_the_laws_support():
-    from raycpt.core.cpt_law import predict_run
+    from raycpt.core.forecast.cpt_law import predict_run
 
     rng = np.random.default_rng(7)
     curves = [generated(*spec, rng) for spec in SPECS]

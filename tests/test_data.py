@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from raycpt.core.data import (
+from raycpt.core.data.blocks import (
     load_blocks,
     load_task,
     mixture_plan,
@@ -10,8 +10,8 @@ from raycpt.core.data import (
     prepare_corpus,
     worker_positions,
 )
+from raycpt.core.data.sources import load_documents
 from raycpt.core.errors import InputError
-from raycpt.core.sources import load_documents
 from tests.conftest import write_jsonl
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycpt.core.checkpoint import (
+from raycpt.core.config import CheckpointConfig, config_from_dict
+from raycpt.core.model.loading import load_model
+from raycpt.core.train.checkpoint import (
     STATE_FILE,
     TrainState,
     dir_bytes,
@@ -21,9 +23,7 @@ from raycpt.core.checkpoint import (
     save_checkpoint,
     strip_optimizer,
 )
-from raycpt.core.config import CheckpointConfig, config_from_dict
-from raycpt.core.models import load_model
-from raycpt.core.train import build_optimizer, build_scheduler
+from raycpt.core.train.loop import build_optimizer, build_scheduler
 from raycpt.edge.disk import checkpoints, prune_ended, prune_running, trial_dirs
 from raycpt.edge.policy import CHECKPOINTS_KEPT
 from raycpt.edge.staging import remove_orphans

@@ -12,16 +12,16 @@ import pytest
 import torch
 import yaml
 
-import raycpt.core.train as train_module
+import raycpt.core.train.loop as train_module
 from raycpt.core import metrics as m
-from raycpt.core.batches import Batches
 from raycpt.core.config import ExperimentConfig, config_from_dict, validate, with_overrides
-from raycpt.core.data import mixture_plan, worker_positions
+from raycpt.core.data.batches import Batches
+from raycpt.core.data.blocks import mixture_plan, worker_positions
 from raycpt.core.errors import ConfigError
-from raycpt.core.loss import distill_kl
-from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.model.loading import apply_dropout, load_model
+from raycpt.core.model.loss import distill_kl
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import Distill, train, train_step
+from raycpt.core.train.loop import Distill, train, train_step
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
 
 # --- distill_kl --------------------------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def test_the_plan_lists_the_teacher_and_the_general_rows_logits(prepared, tiny_g
     only (its teacher is the model itself); weight 0: neither. `raycpt plan` prints both rows."""
     from rich.console import Console
 
-    from raycpt.core.plan import model_shape, plan, render
+    from raycpt.core.forecast.plan import model_shape, plan, render
 
     tmp, _ = prepared
     cfg = _cfg(tmp, tiny_gpt2_dir)

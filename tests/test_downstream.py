@@ -1,5 +1,5 @@
-"""lm-evaluation-harness tasks and generation scored on the in-memory model (raycpt.core.harness,
-raycpt.core.generation): a known accuracy from a model whose log-likelihoods are set by hand, sacrebleu's and
+"""lm-evaluation-harness tasks and generation scored on the in-memory model (raycpt.core.eval.harness,
+raycpt.core.eval.generation): a known accuracy from a model whose log-likelihoods are set by hand, sacrebleu's and
 rouge-score's own numbers, the names and intervals the trial, the base model (once) and the winner on test get, the
 report and the card showing them, and bad input refused before any work. Offline: local task YAMLs over jsonl."""
 
@@ -18,15 +18,16 @@ import yaml
 from rich.console import Console
 
 from raycpt import cli
-from raycpt.core import evaluate, metrics
+from raycpt.core import metrics
 from raycpt.core.config import config_from_dict
 from raycpt.core.errors import InputError
-from raycpt.core.evaluate import f1_metrics
-from raycpt.core.generation import generation_metrics, greedy_generate, read_pairs
-from raycpt.core.harness import HarnessSpec, check_tasks
-from raycpt.core.models import load_model
+from raycpt.core.eval import evaluate
+from raycpt.core.eval.evaluate import f1_metrics
+from raycpt.core.eval.generation import generation_metrics, greedy_generate, read_pairs
+from raycpt.core.eval.harness import HarnessSpec, check_tasks
+from raycpt.core.eval.prompting import PromptSpec
+from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import measure_base
-from raycpt.core.prompting import PromptSpec
 from raycpt.results import render
 from raycpt.results.export import export_winner
 from raycpt.results.select import Selection

@@ -35,8 +35,8 @@ def test_realised_domain_share_matches_mix_ratio(smoke_sweep):
 def test_export_reloads_and_reproduces_reported_ppl(smoke_sweep):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raycpt.core.data import load_blocks
-    from raycpt.core.evaluate import heldout_loss, perplexity
+    from raycpt.core.data.blocks import load_blocks
+    from raycpt.core.eval.evaluate import heldout_loss, perplexity
 
     cfg, summary = smoke_sweep
     export = Path(summary.export)
@@ -124,7 +124,7 @@ def test_a_bound_no_trial_meets_exports_a_flagged_winner_that_has_weights(smoke_
     import shutil
 
     from raycpt.cli import main
-    from raycpt.core.checkpoint import has_weights
+    from raycpt.core.train.checkpoint import has_weights
 
     cfg, _ = smoke_sweep
     copy = tmp_path / "smoke"

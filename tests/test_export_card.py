@@ -13,12 +13,12 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from raycpt.core import metrics
-from raycpt.core.checkpoint import load_checkpoint_model
 from raycpt.core.config import config_from_dict, load_config, to_dict, with_overrides
-from raycpt.core.data import load_blocks
+from raycpt.core.data.blocks import load_blocks
 from raycpt.core.errors import ConfigError
-from raycpt.core.evaluate import heldout_loss
-from raycpt.core.models import load_model
+from raycpt.core.eval.evaluate import heldout_loss
+from raycpt.core.model.loading import load_model
+from raycpt.core.train.checkpoint import load_checkpoint_model
 from raycpt.results.export import CARD_TAGS, base_model_metadata, card_metadata, export_winner, write_weights
 from raycpt.results.select import Selection
 from tests.conftest import finished_trial, save_tiny_llama

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from raycpt.core import metrics as m
-from raycpt.core.checkpoint import checkpoints_in, is_pre_decay, is_sharded_checkpoint, keeping_newest_checkpoint
 from raycpt.core.config import CONFIG_FILE, config_from_dict, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.extend import SUMMARY_FILE, TUNE_DIR, extend_local, plan_extension
 from raycpt.core.files import write_json
 from raycpt.core.prepare import measure_base, prepare_experiment
-from raycpt.core.train import train
+from raycpt.core.train.checkpoint import checkpoints_in, is_pre_decay, is_sharded_checkpoint, keeping_newest_checkpoint
+from raycpt.core.train.loop import train
 from tests.conftest import write_corpora
 
 
@@ -87,9 +87,9 @@ def test_extending_the_pre_decay_checkpoint_equals_one_uninterrupted_run(corpora
 
 def _checkpoints(tiny_gpt2_dir: str, root: Path, steps: list[int], pre_decay: int | None) -> list[Path]:
     """Real checkpoints (weights + AdamW state) as the loop saves them, one marked pre-decay."""
-    from raycpt.core.checkpoint import TrainState, save_checkpoint
-    from raycpt.core.models import load_model
-    from raycpt.core.train import build_optimizer, build_scheduler
+    from raycpt.core.model.loading import load_model
+    from raycpt.core.train.checkpoint import TrainState, save_checkpoint
+    from raycpt.core.train.loop import build_optimizer, build_scheduler
 
     cfg = config_from_dict({"model": {"source": tiny_gpt2_dir}, "data": {"domain": "x"}, "train": {"mix_ratio": 1}})
     model = load_model(tiny_gpt2_dir)
@@ -107,8 +107,8 @@ def _checkpoints(tiny_gpt2_dir: str, root: Path, steps: list[int], pre_decay: in
 
 
 def test_disk_policy_keeps_pre_decay_checkpoints_whole_until_analysis_then_for_the_winner(tiny_gpt2_dir, tmp_path):
-    from raycpt.core.checkpoint import has_optimizer, has_weights
     from raycpt.core.config import CheckpointConfig
+    from raycpt.core.train.checkpoint import has_optimizer, has_weights
     from raycpt.edge.disk import prune_ended, prune_pre_decay, prune_running, trial_dirs
 
     trials = {}

@@ -106,7 +106,7 @@ def test_one_worker_trial_killed_mid_run_resumes_and_matches_uninterrupted(corpo
     """The sweep's one-worker path (the loop in the Tune trial, no TorchTrainer): Tune's FailureConfig restarts the
     killed trial from its latest checkpoint and it ends where a run without Ray ends."""
 
-    from raycpt.core.train import train
+    from raycpt.core.train.loop import train
     from raycpt.edge.ray_output import logger_callbacks
     from raycpt.edge.tune import build_tuner
 

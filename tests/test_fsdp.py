@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from raycpt.core import metrics as m
-from raycpt.core.checkpoint import SHARDED_DIR, is_sharded_checkpoint
 from raycpt.core.config import config_from_dict
 from raycpt.core.prepare import prepare_experiment
+from raycpt.core.train.checkpoint import SHARDED_DIR, is_sharded_checkpoint
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, fit_or_fail, write_jsonl
 from tests.test_ddp import EVAL_EVERY, RTOL, STEPS, experiment
 
@@ -83,7 +83,7 @@ def run_two_workers_killed_once(raw: dict[str, Any], tmp: Path, keep: Path
 
 def train_in_process(raw: dict[str, Any], root: Path, resume_dir: str | None = None) -> list[dict[str, Any]]:
     """One worker, no Ray, one torch thread (a Ray worker's count: same reductions, same numbers)."""
-    from raycpt.core.train import train
+    from raycpt.core.train.loop import train
 
     cfg = config_from_dict(raw)
     reports: list[dict[str, Any]] = []
@@ -157,8 +157,8 @@ def test_fsdp_export_writes_sharded_safetensors_that_reload(runs):
     from_pretrained and scores the perplexity the trial reported."""
     from transformers import AutoModelForCausalLM
 
-    from raycpt.core.data import load_blocks
-    from raycpt.core.evaluate import heldout_loss, perplexity
+    from raycpt.core.data.blocks import load_blocks
+    from raycpt.core.eval.evaluate import heldout_loss, perplexity
     from raycpt.results.export import write_weights
 
     raw = fsdp_experiment(runs["corpora"], runs["tmp"], 2, "fsdp-2")
@@ -206,8 +206,8 @@ def test_bad_strategy_settings_name_the_field(overrides, message):
 
 
 def test_decoder_layers_are_found_for_gpt2_and_llama(tiny_gpt2_dir, tiny_llama_dir):
-    from raycpt.core.models import load_model
-    from raycpt.core.parallel import decoder_layers
+    from raycpt.core.model.loading import load_model
+    from raycpt.core.model.parallel import decoder_layers
 
     gpt2, llama = load_model(tiny_gpt2_dir), load_model(tiny_llama_dir)
     assert decoder_layers(gpt2) == list(gpt2.transformer.h)

@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycpt.core.adapters import apply_lora, trainable_params
-from raycpt.core.checkpoint import STATE_FILE
 from raycpt.core.config import ExperimentConfig, config_from_dict, with_overrides
-from raycpt.core.data import load_blocks
+from raycpt.core.data.blocks import load_blocks
 from raycpt.core.errors import ConfigError
-from raycpt.core.evaluate import heldout_loss
-from raycpt.core.models import load_model
-from raycpt.core.plan import plan
+from raycpt.core.eval.evaluate import heldout_loss
+from raycpt.core.forecast.plan import plan
+from raycpt.core.model.adapters import apply_lora, trainable_params
+from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import flops_per_token, train
+from raycpt.core.train.checkpoint import STATE_FILE
+from raycpt.core.train.loop import flops_per_token, train
 from raycpt.results.export import ADAPTER_DIR, write_weights
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, ROOT, write_jsonl
 
@@ -105,8 +105,8 @@ RELOAD_WITHOUT_PEFT = textwrap.dedent("""
     import json, math, sys
     sys.modules["peft"] = None  # `import peft` now fails: the export must not need it
     from transformers import AutoModelForCausalLM
-    from raycpt.core.data import load_blocks
-    from raycpt.core.evaluate import heldout_loss
+    from raycpt.core.data.blocks import load_blocks
+    from raycpt.core.eval.evaluate import heldout_loss
     blocks = load_blocks(sys.argv[1])
     print(json.dumps([math.exp(heldout_loss(AutoModelForCausalLM.from_pretrained(export), blocks, batch_size=8))
                       for export in sys.argv[2:]]))
@@ -146,7 +146,7 @@ def test_the_plan_counts_what_lora_trains(fields, tmp_path, tiny_gpt2_dir):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_works_with_the_chunked_loss_and_activation_checkpointing(checkpointing, tmp_path, tiny_gpt2_dir):
-    from raycpt.core.loss import causal_lm_loss, resolve_loss_impl
+    from raycpt.core.model.loss import causal_lm_loss, resolve_loss_impl
 
     model = load_model(tiny_gpt2_dir)
     if checkpointing:

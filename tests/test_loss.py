@@ -1,4 +1,4 @@
-"""raycpt.core.loss: the chunked fused linear cross-entropy matches Hugging Face's loss and gradients exactly (to
+"""raycpt.core.model.loss: the chunked fused linear cross-entropy matches Hugging Face's loss and gradients exactly (to
 fp32 rounding), never materialises the full logits, and `resolve_loss_impl` falls back with a reason."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from raycpt.core.loss import (
+from raycpt.core.model.loss import (
     LOSS_IMPLS,
     ChunkedLinearCrossEntropy,
     causal_lm_loss,
@@ -260,12 +260,12 @@ def test_resolve_on_cpu() -> None:
 
 def test_resolve_on_cuda_without_liger(monkeypatch: pytest.MonkeyPatch) -> None:
     # Only the decision is tested (no GPU needed): liger-kernel is reported missing.
-    monkeypatch.setattr("raycpt.core.loss.liger_available", lambda: False)
+    monkeypatch.setattr("raycpt.core.model.loss.liger_available", lambda: False)
     cuda = torch.device("cuda")
     assert resolve_loss_impl("auto", cuda, gpt2())[0] == "chunked"
     impl, reason = resolve_loss_impl("liger", cuda, gpt2())
     assert impl == "chunked" and "not installed" in reason
-    monkeypatch.setattr("raycpt.core.loss.liger_available", lambda: True)
+    monkeypatch.setattr("raycpt.core.model.loss.liger_available", lambda: True)
     assert resolve_loss_impl("auto", cuda, gpt2())[0] == "liger"
 
 
@@ -300,7 +300,7 @@ def test_a_broken_liger_install_is_named_not_hidden(monkeypatch: pytest.MonkeyPa
     import sys
     import types
 
-    from raycpt.core import loss
+    from raycpt.core.model import loss
 
     package = types.ModuleType("liger_kernel")
     package.__path__ = []

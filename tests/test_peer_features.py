@@ -12,12 +12,12 @@ import yaml
 
 from raycpt.cli import main
 from raycpt.core import metrics
-from raycpt.core.checkpoint import STATE_FILE
 from raycpt.core.config import ExperimentConfig, TrainConfig, config_from_dict, to_dict, with_overrides
 from raycpt.core.errors import ConfigError, ExportCheckError, InputError
-from raycpt.core.evaluate import autocast_dtype
+from raycpt.core.eval.evaluate import autocast_dtype
 from raycpt.core.prepare import prepare_experiment
-from raycpt.core.train import train
+from raycpt.core.train.checkpoint import STATE_FILE
+from raycpt.core.train.loop import train
 from raycpt.results.accounting import trial_steps
 from raycpt.results.select import Selection
 from tests.conftest import SECRETS, finished_trial
@@ -63,7 +63,7 @@ def test_the_loop_runs_the_token_budget_and_reports_its_tokens(corpora, tiny_gpt
 
 
 def test_asha_progress_accounting_and_plan_count_the_token_budget(corpora, tiny_gpt2_dir, tmp_path):
-    from raycpt.core.plan import plan
+    from raycpt.core.forecast.plan import plan
     from raycpt.edge.tune import max_reports, max_steps  # the Ray edge: only this test loads Ray
 
     cfg = _cfg(corpora, tiny_gpt2_dir, tmp_path, tokens=2560)

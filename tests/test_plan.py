@@ -13,12 +13,12 @@ import pytest
 
 from raycpt.cli import main
 from raycpt.core.config import ACCELERATOR_TYPES, load_config
-from raycpt.core.plan import ACCELERATOR_MEMORY_MIB, model_shape, plan
+from raycpt.core.forecast.plan import ACCELERATOR_MEMORY_MIB, model_shape, plan
 from tests.conftest import ROOT
 
 GPU_8B = str(ROOT / "experiments" / "gpu-8b.yaml")
 
-# The loop's own step (raycpt.core.train.train_step with build_optimizer: forward, backward, grad clipping, fused
+# The loop's own step (raycpt.core.train.loop.train_step with build_optimizer: forward, backward, grad clipping, fused
 # AdamW) in a fresh process. Peak RSS is read from VmHWM after resetting it (clear_refs 5) once the model is loaded,
 # its weights resident and the kernels initialised: the increase, plus the weights, is what training adds. Three
 # steps: the first allocates the AdamW state, the later ones hold it together with gradients and activations.
@@ -26,9 +26,9 @@ MEASURE = r"""
 import ctypes, gc, json, sys
 import torch
 from raycpt.core.config import load_config
-from raycpt.core.loss import resolve_loss_impl
-from raycpt.core.models import load_model
-from raycpt.core.train import build_optimizer, build_scheduler, train_step
+from raycpt.core.model.loss import resolve_loss_impl
+from raycpt.core.model.loading import load_model
+from raycpt.core.train.loop import build_optimizer, build_scheduler, train_step
 
 def status(key):
     with open("/proc/self/status") as fh:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raycpt.core.data import load_blocks, mixture_plan, prepare_corpus
+from raycpt.core.data.blocks import load_blocks, mixture_plan, prepare_corpus
 from tests.conftest import write_jsonl
 from tests.test_shards import documents, markers
 

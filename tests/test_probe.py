@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from raycpt.core.data import Task
-from raycpt.core.evaluate import downstream_f1, probe_scores, text_features
-from raycpt.core.models import load_model
+from raycpt.core.data.blocks import Task
+from raycpt.core.eval.evaluate import downstream_f1, probe_scores, text_features
+from raycpt.core.model.loading import load_model
 
 
 def _synthetic(n=200, separable=True, seed=0):

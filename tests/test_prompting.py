@@ -1,4 +1,4 @@
-"""Prompted classification (raycpt.core.prompting): the prediction is the arg-max of each label word's
+"""Prompted classification (raycpt.core.eval.prompting): the prediction is the arg-max of each label word's
 log-likelihood after the prompt, computed here by hand one sequence at a time; bad prompts are one line; the pick
 can use prompt F1 (select.metric)."""
 
@@ -11,8 +11,8 @@ from sklearn.metrics import f1_score
 
 from raycpt.core.config import config_from_dict
 from raycpt.core.errors import ConfigError, InputError
-from raycpt.core.models import load_model
-from raycpt.core.prompting import PromptSpec, check_prompt, prompt_scores
+from raycpt.core.eval.prompting import PromptSpec, check_prompt, prompt_scores
+from raycpt.core.model.loading import load_model
 
 TRAIN = (["a lovely warm film", "dull and tedious", "a joy to watch", "painfully slow"],
          ["fresh", "rotten", "fresh", "rotten"])

@@ -10,7 +10,7 @@ import torch
 from raycpt.core.config import config_from_dict
 from raycpt.core.errors import ConfigError
 from raycpt.core.schedule import DECAY_SHAPES, decay_steps, lr_at, stable_end
-from raycpt.core.train import build_scheduler
+from raycpt.core.train.loop import build_scheduler
 
 PEAK = 1e-3
 

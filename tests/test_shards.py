@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from raycpt.core.data import load_blocks, prepare_corpus
+from raycpt.core.data.blocks import load_blocks, prepare_corpus
+from raycpt.core.data.shards import STOP_ENV, ShardedBlocks, map_in_process
+from raycpt.core.data.sources import plan_units, read_unit
 from raycpt.core.errors import InputError
-from raycpt.core.shards import STOP_ENV, ShardedBlocks, map_in_process
-from raycpt.core.sources import plan_units, read_unit
 from tests.conftest import ROOT, write_jsonl
 
 WORDS = "river stone cloud engine lantern orchard violin harbor meadow signal canyon ember".split()
@@ -108,7 +108,8 @@ def test_exact_dedup_counts_and_drops_the_repeats(tmp_path, tokenizer):
 
 def test_a_killed_prepare_resumes_from_its_units_and_gives_the_same_corpus(tmp_path, tokenizer, tiny_gpt2_dir):
     path = write_jsonl(tmp_path / "d.jsonl", documents(400))
-    script = ("import sys, json; from transformers import AutoTokenizer; from raycpt.core.data import prepare_corpus\n"
+    script = ("import sys, json; from transformers import AutoTokenizer\n"
+              "from raycpt.core.data.blocks import prepare_corpus\n"
               "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
               "c = prepare_corpus(sys.argv[2], tok, text_field='text', block_size=16, heldout_fraction=0.1, "
               "heldout_blocks=4, test_blocks=4, max_tokens=0, seed=3, exclude_texts=[], field='data.domain', "
@@ -223,8 +224,8 @@ def test_validate_reads_only_the_start_of_a_corpus(tokenizer, monkeypatch):
     pulled whole, and a corpus too short for two blocks still fails."""
     import datasets
 
-    from raycpt.core.data import check_corpus_start
-    from raycpt.core.sources import corpus_units
+    from raycpt.core.data.blocks import check_corpus_start
+    from raycpt.core.data.sources import corpus_units
 
     served = []
 

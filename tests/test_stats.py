@@ -1,4 +1,4 @@
-"""Bootstrap intervals of raycpt.core.stats: exact macro-F1 (cross-checked against scikit-learn), determinism,
+"""Bootstrap intervals of raycpt.core.eval.stats: exact macro-F1 (cross-checked against scikit-learn), determinism,
 coverage at the nominal rate on synthetic populations, paired differences, and edge cases."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from raycpt.core import stats
-from raycpt.core.stats import (
+from raycpt.core.eval import stats
+from raycpt.core.eval.stats import (
     BOOTSTRAP_SAMPLES,
     CONFIDENCE,
     Interval,

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-import raycpt.core.train as train_module
+import raycpt.core.train.loop as train_module
 from raycpt.core import metrics as m
-from raycpt.core.batches import Batches
 from raycpt.core.config import config_from_dict, validate, with_overrides
-from raycpt.core.data import TIMING_FIELDS, load_blocks, mixture_plan, synthetic_plan, worker_positions
+from raycpt.core.data.batches import Batches
+from raycpt.core.data.blocks import TIMING_FIELDS, load_blocks, mixture_plan, synthetic_plan, worker_positions
 from raycpt.core.errors import ConfigError, InputError
 from raycpt.core.prepare import Manifest, prepare_experiment
-from raycpt.core.train import train
+from raycpt.core.train.loop import train
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
 
 SYNTHETIC_SENTENCES = [

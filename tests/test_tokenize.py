@@ -2,7 +2,7 @@
 
 import pytest
 
-from raycpt.core.tokenize import TiktokenBPE, choose_encoder, to_ragged, to_rows
+from raycpt.core.data.tokenize import TiktokenBPE, choose_encoder, to_ragged, to_rows
 
 # Text that stresses a byte-level BPE: contractions, digits, runs of spaces and newlines, accents, CJK, emoji,
 # control bytes, an added token written inside the text, and code.
@@ -74,7 +74,7 @@ def test_empty_input_and_tiny_samples(tokenizer, sample_size):
 def test_documents_with_a_byte_the_fast_path_cannot_map_are_encoded_by_the_tokenizer(tokenizer):
     """SmolLM2's vocabulary lacks 21 single bytes: tiktoken would emit a rank with no id; such documents must come
     out exactly as the tokenizer encodes them (here byte 0x04 is made unmappable)."""
-    from raycpt.core.tokenize import reference_encoder
+    from raycpt.core.data.tokenize import reference_encoder
 
     fast = TiktokenBPE.from_tokenizer(tokenizer)
     fast.rank_to_id = fast.rank_to_id.copy()

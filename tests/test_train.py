@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from raycpt.core.config import config_from_dict
-from raycpt.core.evaluate import heldout_loss, perplexity
-from raycpt.core.models import apply_dropout, load_model
+from raycpt.core.eval.evaluate import heldout_loss, perplexity
+from raycpt.core.model.loading import apply_dropout, load_model
 from raycpt.core.prepare import measure_base, prepare_experiment
-from raycpt.core.train import build_optimizer, build_scheduler, train, train_step
+from raycpt.core.train.loop import build_optimizer, build_scheduler, train, train_step
 
 
 def test_lr_schedule_rewarms_then_cosine_decays_to_the_floor():
@@ -119,7 +119,7 @@ def _cfg(corpora, tiny_gpt2_dir, tmp_path, **train):
 def test_flops_per_token_matches_nanogpt_for_gpt2_124m_and_skips_untied_embeddings():
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from raycpt.core.train import flops_per_token
+    from raycpt.core.train.loop import flops_per_token
 
     with torch.device("meta"):  # shapes only, no memory
         gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))

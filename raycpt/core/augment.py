@@ -1,6 +1,6 @@
 """Synthetic rewriting of a small domain corpus (`raycpt augment`; WRAP, arXiv 2401.16380; EntiGraph, arXiv
 2409.07431): a generator LM rewrites each training document in a few styles, `copies` times each, into a jsonl
-corpus that `raycpt.core.sources` reads like any other (`<output>/texts`, one `unit_XXXXX.jsonl` per read unit).
+corpus that `raycpt.core.data.sources` reads like any other (`<output>/texts`, one `unit_XXXXX.jsonl` per read unit).
 
 Per read unit of the domain corpus (the units the data step cut, `data.unit_mb`), `AugmentWorker`:
 1. reads its documents and drops every one that is not in the domain TRAIN split: the held-out documents (the
@@ -18,7 +18,7 @@ Per read unit of the domain corpus (the units the data step cut, `data.unit_mb`)
    atomically, then a done marker (`unit_XXXXX.done`, its counts and the settings' key): a rerun skips every unit
    whose marker has the same key, so a killed job resumes per unit, and changed settings redo them all.
 
-`augment_corpus` plans the units, skips the finished ones, maps the rest (`raycpt.core.shards.map_in_process` here,
+`augment_corpus` plans the units, skips the finished ones, maps the rest (`raycpt.core.data.shards.map_in_process` here,
 `raycpt.edge.data.RayDataMapper` on Ray Data: one model per actor) and writes `augment.json`. Generation runs
 with HF `generate` only: vLLM is not used (not implemented), even where it is installed.
 """
@@ -37,12 +37,12 @@ from typing import Any
 import torch
 
 from raycpt.core.config import AUGMENT_MANIFEST, AUGMENT_TEXTS, ExperimentConfig
+from raycpt.core.data.shards import Mapper, map_in_process, split_hash, text_key, threshold_u
+from raycpt.core.data.sources import Unit, corpus_units, read_unit, source_text, unit_bytes
 from raycpt.core.errors import InputError
 from raycpt.core.files import write_json
-from raycpt.core.models import load_model, load_tokenizer, max_positions, padded_batch, resolve_model_source
+from raycpt.core.model.loading import load_model, load_tokenizer, max_positions, padded_batch, resolve_model_source
 from raycpt.core.prepare import MANIFEST_FILE, Manifest, load_eval_task
-from raycpt.core.shards import Mapper, map_in_process, split_hash, text_key, threshold_u
-from raycpt.core.sources import Unit, corpus_units, read_unit, source_text, unit_bytes
 
 STYLE_TEMPLATES = {
     "paraphrase": "Paraphrase the following text in clear, high-quality English, in the style of an encyclopedia "

@@ -2,6 +2,10 @@
 
 Every field has a default except `data.domain`. `load_config(path, overrides)` is the only entry point the
 commands use; it raises `ConfigError` listing every problem, so a user fixes a config in one pass.
+
+One file on purpose, over the core's ~450-line norm: the sections' docstrings are the configuration reference
+(`python -m raycpt.config_reference` renders docs/config.md from them) and the validation reads across sections,
+so a field, its meaning and its checks are found in one place.
 """
 
 from __future__ import annotations
@@ -238,7 +242,7 @@ class EvalConfig:
     method: str = "probe"
     """How finished trials, the base model and the winner are scored on the task: probe (a linear probe on frozen
     features: `eval/f1`) | prompt (each label's log-likelihood after a prompt, lm-evaluation-harness style:
-    `eval/prompt_f1`; raycpt.core.prompting) | both. `select.metric` names the one the pick uses."""
+    `eval/prompt_f1`; raycpt.core.eval.prompting) | both. `select.metric` names the one the pick uses."""
     template: str = "Text: {text}\nLabel: {label}"
     """eval.method prompt: the prompt for one text; {text} is the text, {label} the slot whose label word is scored."""
     shots: int = 4
@@ -381,7 +385,7 @@ class LawConfig:
     the fallback; final.yaml of `raycpt analyze --suggest`); 0 = 10 x the largest budget (train.steps x tokens per
     step) of any trial in the sweep."""
     max_loo_error: float = 0.05
-    """The schedule-aware CPT law (raycpt.core.cpt_law) recommends the final run only when its leave-one-trial-out
+    """The schedule-aware CPT law (core.forecast.cpt_law) recommends the final run only when its leave-one-trial-out
     error on the trials' curves is at most this; otherwise the recommendation falls back (and says so)."""
     max_extrapolation: float = 4.0
     """How far past the data the CPT law may predict: the recommended run's forward area (sum of its lr over its
@@ -521,7 +525,7 @@ METHODS = ("full", "lora")
 LOSS_IMPLS = ("auto", "hf", "chunked", "liger")
 STRATEGIES = ("ddp", "fsdp")
 ACCELERATOR_TYPES = ("H100", "H200", "A100-80G", "A100-40G", "L40S", "L4", "A10G")
-"""GPUs the memory plan knows (their memory: raycpt.core.plan.ACCELERATOR_MEMORY_MIB)."""
+"""GPUs the memory plan knows (their memory: raycpt.core.forecast.plan.ACCELERATOR_MEMORY_MIB)."""
 KEEP_OPTIMIZER = ("latest", "all")
 KEEP_WEIGHTS = ("finished", "all")
 KEEP_PRE_DECAY = ("winner", "top_k", "all", "none")

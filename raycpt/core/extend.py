@@ -4,7 +4,7 @@ A wsd trial of T1 steps checkpoints its last stable step S1 (raycpt.core.schedul
 The extension resumes that checkpoint (weights, AdamW state, step count, RNG) with `train.steps` set to the target's
 T2 steps: the scheduler is rebuilt from the config and only its step count is restored, so it holds the peak lr
 to T2's own last stable step and cools down exactly as a run of T2 steps would; the mixture plan is prefix-stable
-(raycpt.core.data.mixture_plan, and synthetic_plan with data.synthetic), so the data stream goes on where the
+(raycpt.core.data.blocks.mixture_plan, and synthetic_plan with data.synthetic), so the data stream goes on where the
 trial's stopped. The result equals one uninterrupted wsd run of T2 steps (tests/test_extend.py).
 
 `plan_extension` checks the request before any work (InputError, one line); `extend_local` runs it in this
@@ -20,15 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raycpt.core import cpt_law
 from raycpt.core import metrics as m
-from raycpt.core.checkpoint import checkpoint_metrics, checkpoints_in, keeping_newest_checkpoint, pre_decay_checkpoint
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, apply_overrides, config_from_dict, parse_override
 from raycpt.core.errors import InputError
 from raycpt.core.files import read_json, write_json
+from raycpt.core.forecast import cpt_law
 from raycpt.core.prepare import BASE_METRICS_FILE, MANIFEST_FILE, Manifest, prepare_experiment
 from raycpt.core.schedule import stable_end
-from raycpt.core.train import train
+from raycpt.core.train.checkpoint import (
+    checkpoint_metrics,
+    checkpoints_in,
+    keeping_newest_checkpoint,
+    pre_decay_checkpoint,
+)
+from raycpt.core.train.loop import train
 
 SUMMARY_FILE = "summary.json"
 """The analysed sweep (raycpt.results.summary.SUMMARY_FILE): its winner and trial rows."""

@@ -28,14 +28,14 @@ F1_CLASS_PREFIX = "eval/f1_class/"
 PREDICTIONS = "eval/predictions"
 """The probe's predicted label for every validation text, in the task's order (paired intervals need them)."""
 PROMPT_F1 = "eval/prompt_f1"
-"""Macro-F1 of prompted classification (each label's log-likelihood after a prompt; raycpt.core.prompting)."""
+"""Macro-F1 of prompted classification (each label's log-likelihood after a prompt; raycpt.core.eval.prompting)."""
 PROMPT_ACCURACY = "eval/prompt_accuracy"
 PROMPT_F1_CLASS_PREFIX = "eval/prompt_f1_class/"
 PROMPT_PREDICTIONS = "eval/prompt_predictions"
 DOWNSTREAM = {F1: PREDICTIONS, PROMPT_F1: PROMPT_PREDICTIONS}
 """Each downstream metric `select.metric` may name -> the per-text predictions its paired intervals use."""
 LM_EVAL_PREFIX = "lm_eval/"
-"""lm-evaluation-harness scores (eval.lm_eval_tasks; raycpt.core.harness): 'lm_eval/<task>/<metric>', or
+"""lm-evaluation-harness scores (eval.lm_eval_tasks; raycpt.core.eval.harness): 'lm_eval/<task>/<metric>', or
 'lm_eval/<task>/<filter>/<metric>' for a filter other than lm-eval's 'none', each with a 95% interval (CI_LOW,
 CI_HIGH) from lm-eval's standard error. Split-less: a model is scored once on each task's own evaluation split."""
 GEN_PREFIX = "gen/"

@@ -21,7 +21,7 @@ import torch
 
 from raycpt.core import metrics
 from raycpt.core.config import AUGMENT_MANIFEST, ExperimentConfig
-from raycpt.core.data import (
+from raycpt.core.data.blocks import (
     TIMING_FIELDS,
     PreparedCorpus,
     Task,
@@ -31,16 +31,16 @@ from raycpt.core.data import (
     prepare_corpus,
     tokenizer_fingerprint,
 )
+from raycpt.core.data.shards import Mapper, UnitResult, map_in_process
+from raycpt.core.data.sources import corpus_units, source_text, unit_bytes
 from raycpt.core.errors import InputError
-from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
+from raycpt.core.eval.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
+from raycpt.core.eval.generation import generation_spec, read_pairs, require_scorers
+from raycpt.core.eval.harness import check_tasks, harness_spec
+from raycpt.core.eval.prompting import check_prompt, prompt_spec, scores_without_task
 from raycpt.core.files import read_json, write_json
-from raycpt.core.generation import generation_spec, read_pairs, require_scorers
-from raycpt.core.harness import check_tasks, harness_spec
-from raycpt.core.models import load_model, load_tokenizer, max_positions, resolve_model_source
-from raycpt.core.prompting import check_prompt, prompt_spec, scores_without_task
+from raycpt.core.model.loading import load_model, load_tokenizer, max_positions, resolve_model_source
 from raycpt.core.resources import trial_concurrency
-from raycpt.core.shards import Mapper, UnitResult, map_in_process
-from raycpt.core.sources import corpus_units, source_text, unit_bytes
 
 MANIFEST_FILE = "data_manifest.json"
 BASE_METRICS_FILE = "base_metrics.json"

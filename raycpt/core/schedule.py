@@ -1,5 +1,5 @@
 """The learning-rate schedule as a pure function of the step: `lr_at(step, ...)`. No torch here; the loop's
-scheduler (`raycpt.core.train.build_scheduler`) is a LambdaLR over it.
+scheduler (`raycpt.core.train.loop.build_scheduler`) is a LambdaLR over it.
 
 Every schedule re-warms linearly from 0 to `peak_lr` over `warmup_steps`, then:
 - cosine: decays to `peak_lr * min_lr_ratio` at `total_steps` along a half cosine (transformers'

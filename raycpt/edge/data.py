@@ -1,4 +1,4 @@
-"""The data step on Ray Data: the per-unit and per-bucket work of `raycpt.core.shards` as actor pools (one
+"""The data step on Ray Data: the per-unit and per-bucket work of `raycpt.core.data.shards` as actor pools (one
 tokenizer per actor, built once), streamed back to the driver as each finishes. The blocks are the same as the
 in-process path's, whatever the number of workers (units and buckets are fixed by the corpus, not by Ray)."""
 
@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import ray
 
-from raycpt.core.shards import map_in_process
+from raycpt.core.data.shards import map_in_process
 from raycpt.edge.session import ray_session
 
 
 class RayDataMapper:
-    """A `raycpt.core.shards.Mapper` on Ray Data. Ray is joined or started (`ray_session`) only when some work has
+    """A `raycpt.core.data.shards.Mapper` on Ray Data. Ray is joined or started (`ray_session`) only when some work has
     two or more items, and left as found when the `with` block ends; `workers` caps the actors per stage (default:
     the cluster's CPUs); `dashboard=False` where no Tune run follows in the same session (`raycpt prepare`);
     `num_gpus` per actor (`raycpt augment` with resources.use_gpu: one generator per GPU) also caps the actors at

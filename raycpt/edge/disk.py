@@ -12,7 +12,7 @@ prunes what trials leave on disk while the sweep runs.
 
 Both layouts: one-worker trials checkpoint into their Tune trial dir (<exp>/tune/<trial>/checkpoint_*),
 multi-worker ones through Ray Train (<exp>/trials/trial_<id>/checkpoint_*). What is removed from a checkpoint,
-and how, is raycpt.core.checkpoint's (`strip_optimizer`, `remove_weights`): this module decides when and where.
+and how, is raycpt.core.train.checkpoint's (`strip_optimizer`, `remove_weights`): this module decides when and where.
 
 A change waits for Tune's next experiment-state snapshot (Tune calls `get_state` while saving it): a driver killed
 before then resumes its trials from the checkpoints that snapshot lists, which still hold their optimizer state.
@@ -33,7 +33,9 @@ from typing import Any
 from ray.tune import Callback
 
 from raycpt.core import metrics
-from raycpt.core.checkpoint import (
+from raycpt.core.config import CheckpointConfig
+from raycpt.core.extend import trial_checkpoint_dirs
+from raycpt.core.train.checkpoint import (
     CHECKPOINT_GLOB,
     checkpoint_step,
     dir_bytes,
@@ -41,8 +43,6 @@ from raycpt.core.checkpoint import (
     remove_weights,
     strip_optimizer,
 )
-from raycpt.core.config import CheckpointConfig
-from raycpt.core.extend import trial_checkpoint_dirs
 
 TRIALS_DIR = "trials"
 """Ray Train runs of multi-worker trials inside the experiment dir (raycpt.edge.tune.TRIALS_DIR)."""

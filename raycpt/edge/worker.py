@@ -1,4 +1,4 @@
-"""Where the loop runs on Ray: one CPT trial on 1..N workers. A thin wrapper: the loop is `raycpt.core.train.train`.
+"""Where the loop runs on Ray: one CPT trial on 1..N workers. A thin wrapper: the loop is `core.train.loop.train`.
 
 The Ray lines are few: [1] rebuild the config, [2] get a checkpoint to resume from, [3] prepare the model (DDP,
 device; or FSDP2 shards), [4] report metrics + checkpoint from every rank (ddp: rank 0 alone writes the checkpoint;
@@ -29,12 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from raycpt.core import metrics as m
 from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
 from raycpt.core.errors import InputError
-from raycpt.core.evaluate import autocast_dtype
+from raycpt.core.eval.evaluate import autocast_dtype
 from raycpt.core.files import write_json
-from raycpt.core.parallel import apply_fsdp
+from raycpt.core.model.parallel import apply_fsdp
 from raycpt.core.prepare import BASE_METRICS_FILE, Manifest, cached_base, measure_base
 from raycpt.core.resources import trial_resources
-from raycpt.core.train import train
+from raycpt.core.train.loop import train
 from raycpt.edge.policy import checkpoint_config, failure_config
 from raycpt.edge.staging import remove_orphans, staging_dir
 
@@ -182,7 +182,7 @@ def build_trainer(cfg: ExperimentConfig, data: Manifest, *, storage_path: str | 
     """[5] A TorchTrainer for one trial, with the checkpoint and failure policy of raycpt.edge.policy.
     `resume_from`: a checkpoint dir the run starts from (`raycpt extend`: a trial's pre-decay checkpoint); once the
     run has checkpoints of its own, Ray Train restarts it from its latest instead. `forgetting_bound`,
-    `on_forgetting`: the loop's forgetting guard (raycpt.core.train.train)."""
+    `on_forgetting`: the loop's forgetting guard (raycpt.core.train.loop.train)."""
     r = cfg.resources
     return TorchTrainer(
         train_fn_per_worker,

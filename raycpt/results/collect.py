@@ -10,8 +10,8 @@ from typing import Any
 import pandas as pd
 
 from raycpt.core import metrics
-from raycpt.core.checkpoint import has_weights
 from raycpt.core.errors import InputError
+from raycpt.core.train.checkpoint import has_weights
 
 ERROR_LINE_CHARS = 200
 """A failed trial's last error line is cut here: enough for the exception and its message."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from raycpt.core import metrics
-from raycpt.core.stats import Interval, paired_f1_difference, paired_ppl_change
+from raycpt.core.eval.stats import Interval, paired_f1_difference, paired_ppl_change
 
 VS_BEST_PREFIX = "vs_best/"
 """Paired difference of a trial against the winner: 'vs_best/f1'."""

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from raycpt.core import metrics
-from raycpt.core.checkpoint import has_weights, write_hf_weights
 from raycpt.core.config import CONFIG_FILE, DTYPES, ExperimentConfig, config_from_dict, to_dict
+from raycpt.core.data.sources import _is_local
 from raycpt.core.errors import ExportCheckError, InputError
 from raycpt.core.files import read_json, write_json
-from raycpt.core.models import load_model, load_tokenizer, resolve_model_source
+from raycpt.core.model.loading import load_model, load_tokenizer, resolve_model_source
 from raycpt.core.prepare import Manifest, score_model
-from raycpt.core.sources import _is_local
+from raycpt.core.train.checkpoint import has_weights, write_hf_weights
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.compare import paired_lifts
 from raycpt.results.format import fixed, interval_text, num, splitless_label, splitless_names
@@ -65,7 +65,7 @@ def write_weights(checkpoint: Path, export: Path, cfg: ExperimentConfig) -> None
     """The checkpoint's model as HF safetensors in `export`, in `export.dtype` (auto: the base model's) and in files
     of at most `export.max_shard_size` (model.safetensors, or model-0000k-of-0000n.safetensors +
     model.safetensors.index.json), with config.json (naming that dtype) and generation_config.json. Any checkpoint
-    format, gathered by raycpt.core.checkpoint.write_hf_weights: a ddp save_pretrained dir, an fsdp checkpoint's DCP
+    format, gathered by core.train.checkpoint.write_hf_weights: a ddp save_pretrained dir, an fsdp checkpoint's DCP
     shards (on CPU, no process group; needs the whole model's memory), or a LoRA adapter merged into its base
     (merged in the run's model.dtype, then cast). With `export.adapter`, a LoRA checkpoint's adapter is also copied
     to `export/adapter/`."""

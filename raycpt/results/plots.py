@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from raycpt.core import cpt_law
 from raycpt.core.config import ExperimentConfig, load_saved_config
 from raycpt.core.files import read_json
+from raycpt.core.forecast import cpt_law
 from raycpt.results import collect
 from raycpt.results.format import hp_labels, ppl_text, short_ids
 from raycpt.results.recommendation import trial_curves

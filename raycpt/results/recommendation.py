@@ -1,4 +1,4 @@
-"""The sweep's schedule-aware CPT law and the final run it recommends: raycpt.core.cpt_law fitted on every eval of
+"""The sweep's schedule-aware CPT law and the final run it recommends: core.forecast.cpt_law fitted on every eval of
 every trial that reported one (ASHA-stopped trials included), each trial described by the lr curve it ran, stored as
 `Summary.recommendation` (`sweep_recommendation`; {"error": ...} when none can be made). `raycpt analyze --suggest`
 turns it into final.yaml and next.yaml (raycpt.results.suggest), `raycpt extend` predicts with its fits, and
@@ -17,8 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from raycpt.core import cpt_law, metrics
+from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig
+from raycpt.core.forecast import cpt_law
 from raycpt.results.accounting import tokens_per_step, trial_budget, trial_steps, trial_value
 
 TARGET_MULTIPLE = 10

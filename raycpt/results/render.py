@@ -27,7 +27,7 @@ from rich.text import Text
 from raycpt.core import metrics
 from raycpt.core.config import load_saved_config, to_dict
 from raycpt.core.errors import InputError
-from raycpt.core.harness import main_metrics
+from raycpt.core.eval.harness import main_metrics
 from raycpt.core.prepare import Manifest
 from raycpt.results.accounting import KEY as COMPUTE_KEY
 from raycpt.results.accounting import PREFIX as COMPUTE_PREFIX
@@ -324,7 +324,7 @@ MAX_TASK_COLUMNS = 4
 
 
 def _lm_eval_tasks(summary: Summary) -> dict[str, str]:
-    """{task: its main metric (raycpt.core.harness.main_metrics)} of every lm-eval task the base model, a trial or
+    """{task: its main metric (raycpt.core.eval.harness.main_metrics)} of every lm-eval task the base model, a trial or
     an extension has."""
     rows = [*summary.trials, *((ext.get("metrics") or {}) for ext in summary.extensions or [])]
     return main_metrics(splitless_names(rows) + splitless_names([summary.base or {}], metrics.BASE_PREFIX))

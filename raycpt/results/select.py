@@ -29,7 +29,7 @@ import pandas as pd
 
 from raycpt.core import metrics
 from raycpt.core.config import SelectConfig
-from raycpt.core.stats import Interval, paired_f1_difference
+from raycpt.core.eval.stats import Interval, paired_f1_difference
 from raycpt.results.collect import WEIGHTS_KEPT
 from raycpt.results.format import num
 

@@ -28,8 +28,8 @@ import yaml
 
 from raycpt.core import metrics
 from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
-from raycpt.core.cpt_law import horizon_lr
 from raycpt.core.errors import ConfigError, InputError
+from raycpt.core.forecast.cpt_law import horizon_lr
 from raycpt.results.accounting import trial_steps, trial_value
 from raycpt.results.collect import HP_PREFIX
 from raycpt.results.recommendation import describe_recommendation

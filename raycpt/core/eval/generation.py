@@ -5,7 +5,7 @@ defaults (13a tokenisation; chrF: character 6-grams, beta 2), both 0-100, and RO
 (its English tokeniser, lower case, no stemming), the mean over examples, 0-1.
 
 Each score comes with a 95% percentile-bootstrap interval over examples: the examples are resampled and the corpus
-score is recomputed from their summed statistics (raycpt.core.stats.corpus_interval; sacrebleu's own bootstrap does
+score is recomputed from their summed statistics (raycpt.core.eval.stats.corpus_interval; sacrebleu's own bootstrap does
 the same), seeded with eval.seed.
 """
 
@@ -23,8 +23,8 @@ from torch import nn
 from raycpt.core import metrics
 from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
-from raycpt.core.models import max_positions, padded_batch
-from raycpt.core.stats import corpus_interval
+from raycpt.core.eval.stats import corpus_interval
+from raycpt.core.model.loading import max_positions, padded_batch
 
 INSTALL_HINT = "pip install 'raycpt[generate]'"
 BATCH_SIZE = 8

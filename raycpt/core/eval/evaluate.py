@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycpt.core import metrics
-from raycpt.core.data import Task
-from raycpt.core.generation import generation_scores
-from raycpt.core.harness import harness_scores
-from raycpt.core.models import load_tokenizer, padded_batch
-from raycpt.core.prompting import PromptSpec, prompt_scores
-from raycpt.core.stats import f1_interval, ppl_interval
+from raycpt.core.data.blocks import Task
+from raycpt.core.eval.generation import generation_scores
+from raycpt.core.eval.harness import harness_scores
+from raycpt.core.eval.prompting import PromptSpec, prompt_scores
+from raycpt.core.eval.stats import f1_interval, ppl_interval
+from raycpt.core.model.loading import load_tokenizer, padded_batch
 
 MAX_LOSS_FOR_PPL = 50.0
 """exp(50) ~ 5e21: a diverged model's perplexity stays a finite number that tables and JSON can hold."""
@@ -52,7 +52,7 @@ def heldout_block_losses(model: nn.Module, blocks: np.ndarray, *, batch_size: in
     """Mean next-token loss of every block ([n_blocks] float64; blocks are equally long, so their mean is the
     per-token loss), each worker scoring a disjoint shard, then all-reduced. Every worker runs the same number
     of forward passes (one short of blocks scores a repeat it does not count), so sharded models stay in step.
-    Per-block values are what the bootstrap intervals resample (raycpt.core.stats)."""
+    Per-block values are what the bootstrap intervals resample (raycpt.core.eval.stats)."""
     was_training = model.training
     model.eval()
     device = torch.device(device)

@@ -1,7 +1,7 @@
 """Reading corpora: local files (txt / jsonl / json / parquet / csv, dirs and globs), packaged corpora and hub
 datasets, as a `datasets.Dataset` (`load_documents`, for the labelled task and checks) or as *read units* (`Unit`,
 `plan_units`, `read_unit`): pieces of a corpus cut from file sizes alone, each read on its own, in order, by
-whichever worker gets it (raycpt.core.shards)."""
+whichever worker gets it (raycpt.core.data.shards)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ slot moves into the continuation, so a label word tokenises as it would mid-sent
 bootstrap interval, accuracy, per-class F1 and the predictions (for paired intervals), like the probe's.
 
 The PromptSpec also carries the section's other ways of prompting the model, lm-evaluation-harness tasks
-(raycpt.core.harness) and generation against references (raycpt.core.generation), so every place that scores a
+(raycpt.core.eval.harness) and generation against references (raycpt.core.eval.generation), so every place that scores a
 model's downstream task (a trial's end, the base model, the winner on test) runs them with it.
 """
 
@@ -25,10 +25,10 @@ from torch import nn
 
 from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
-from raycpt.core.generation import GenerationSpec, generation_spec
-from raycpt.core.harness import HarnessSpec, harness_spec
-from raycpt.core.models import padded_batch
-from raycpt.core.stats import f1_interval
+from raycpt.core.eval.generation import GenerationSpec, generation_spec
+from raycpt.core.eval.harness import HarnessSpec, harness_spec
+from raycpt.core.eval.stats import f1_interval
+from raycpt.core.model.loading import padded_batch
 
 TEXT_SLOT, LABEL_SLOT = "{text}", "{label}"
 EXAMPLE_SEPARATOR = "\n\n"
@@ -45,9 +45,9 @@ class PromptSpec:
     max_length: int
     """Tokens kept of each text (its start), as the probe does."""
     harness: HarnessSpec | None = None
-    """lm-evaluation-harness tasks scored on the same model (eval.lm_eval_tasks; raycpt.core.harness), or None."""
+    """lm-evaluation-harness tasks scored on the same model (eval.lm_eval_tasks; raycpt.core.eval.harness), or None."""
     generation: GenerationSpec | None = None
-    """Generation scored against references (eval.generate_path; raycpt.core.generation), or None."""
+    """Generation scored against references (eval.generate_path; raycpt.core.eval.generation), or None."""
 
 
 def prompt_spec(e: EvalConfig) -> PromptSpec | None:

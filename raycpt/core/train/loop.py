@@ -3,14 +3,14 @@
 `train(cfg, manifest, report)` loads the released weights, applies dropout, and runs AdamW with a linear re-warm
 and a re-decay (`train.schedule`: cosine, or warmup-stable-decay; raycpt.core.schedule) over a deterministic
 domain/general mixture (with data.synthetic, train.synthetic_ratio of its domain side drawn from the synthetic
-corpus; raycpt.core.data.synthetic_plan), whose micro-batches a background thread gathers ahead of the step
-(raycpt.core.batches).
+corpus; raycpt.core.data.blocks.synthetic_plan), whose micro-batches a background thread gathers ahead of the step
+(raycpt.core.data.batches).
 Every `eval_every` steps (and at the last step, and at a wsd run's last stable step) it scores the fixed held-out
 blocks, saves a checkpoint (HF `save_pretrained` dir + `TrainState`; sharded DCP under `resources.strategy: fsdp`;
-raycpt.core.checkpoint says what one holds) and calls `report(metrics, checkpoint_dir)`. The Ray edge calls it from
+core.train.checkpoint says what one holds) and calls `report(metrics, checkpoint_dir)`. The Ray edge calls it from
 `raycpt.edge.worker`; `raycpt train CONFIG --no-ray` (`run_local`) runs one trial on a machine without Ray; tests
 call it directly. `train_step` is one optimizer step, what benchmarks and the memory test run too.
-`train.method: lora` trains PEFT adapters on the frozen weights (`raycpt.core.adapters`); `train.precision: fp16`
+`train.method: lora` trains PEFT adapters on the frozen weights (`raycpt.core.model.adapters`); `train.precision: fp16`
 adds a GradScaler. `train.distill_weight > 0` adds a KL term to the base model's next-token distributions on the
 general replay rows (`Distill`, `distill_teacher`; docs/distill.md).
 """
@@ -32,9 +32,26 @@ import torch
 from torch import nn
 
 from raycpt.core import metrics as m
-from raycpt.core.adapters import apply_lora, peft_model_of, shadowed_params, unwrap
-from raycpt.core.batches import Batches
-from raycpt.core.checkpoint import (
+from raycpt.core.config import ExperimentConfig
+from raycpt.core.data.batches import Batches
+from raycpt.core.data.blocks import load_blocks, mixture_seed, synthetic_plan
+from raycpt.core.errors import InputError
+from raycpt.core.eval.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
+from raycpt.core.eval.prompting import prompt_spec, scores_without_task
+from raycpt.core.model.adapters import apply_lora, peft_model_of, shadowed_params, unwrap
+from raycpt.core.model.loading import apply_dropout, load_model
+from raycpt.core.model.loss import (
+    causal_lm_loss,
+    causal_lm_loss_and_logits,
+    compile_for_loss,
+    distill_kl,
+    resolve_loss_impl,
+    select_rows,
+)
+from raycpt.core.model.parallel import fsdp_root, no_gradient_sync, root_unsharded
+from raycpt.core.prepare import Manifest, prepare_experiment
+from raycpt.core.schedule import lr_factor, stable_end
+from raycpt.core.train.checkpoint import (
     TrainState,
     checkpoint_name,
     is_adapter_checkpoint,
@@ -44,23 +61,6 @@ from raycpt.core.checkpoint import (
     load_train_state,
     save_checkpoint,
 )
-from raycpt.core.config import ExperimentConfig
-from raycpt.core.data import load_blocks, mixture_seed, synthetic_plan
-from raycpt.core.errors import InputError
-from raycpt.core.evaluate import autocast_dtype, f1_metrics, heldout_block_losses, ppl_metrics
-from raycpt.core.loss import (
-    causal_lm_loss,
-    causal_lm_loss_and_logits,
-    compile_for_loss,
-    distill_kl,
-    resolve_loss_impl,
-    select_rows,
-)
-from raycpt.core.models import apply_dropout, load_model
-from raycpt.core.parallel import fsdp_root, no_gradient_sync, root_unsharded
-from raycpt.core.prepare import Manifest, prepare_experiment
-from raycpt.core.prompting import prompt_spec, scores_without_task
-from raycpt.core.schedule import lr_factor, stable_end
 
 Report = Callable[[dict[str, Any], "str | None"], None]
 ADAMW_BETAS = (0.9, 0.95)
@@ -83,7 +83,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, steps: 
     """A LambdaLR over `raycpt.core.schedule.lr_factor`: linear re-warm to lr, then `schedule` over `steps`.
     cosine is transformers' own schedule (get_cosine_with_min_lr_schedule_with_warmup, which lr_factor equals to
     the last bit), so cosine runs keep their numbers. The scheduler's state is its step count alone: a resumed or
-    extended run rebuilds the schedule from its config (raycpt.core.checkpoint.load_train_state)."""
+    extended run rebuilds the schedule from its config (raycpt.core.train.checkpoint.load_train_state)."""
     if schedule == "cosine":
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -176,7 +176,7 @@ def train_step(model: nn.Module, micro_batches: Sequence[torch.Tensor], optimize
 
     `distill` (with `general`, one bool [B] CPU tensor per micro-batch, True for a general replay row): a
     micro-batch with general rows G trains on CE + distill.weight x KL, the KL(p_teacher || p_model) per token
-    averaged over positions 0..T-2 of the G rows (`raycpt.core.loss.distill_kl`; the positions the CE scores), the
+    averaged over positions 0..T-2 of the G rows (`raycpt.core.model.loss.distill_kl`; the positions the CE scores), the
     teacher's logits from one extra no-grad forward on those rows; one without adds nothing. The returned losses
     stay the CE; the KLs go to `distill.kl`."""
     grad_accum = len(micro_batches)
@@ -260,7 +260,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
     model_flops_per_token = flops_per_token(model, d.block_size)
     peak = peak_tflops(t.peak_tflops, device) * 1e12 * world_size  # MFU is of every worker's accelerator
     model.to(device)
-    model = wrap_model(model)  # DDP, FSDP2 (raycpt.core.parallel.apply_fsdp) or nothing
+    model = wrap_model(model)  # DDP, FSDP2 (raycpt.core.model.parallel.apply_fsdp) or nothing
     sharded = fsdp_root(model) is not None  # every rank runs every forward: the layers all-gather their params
     loss_impl, loss_note = resolve_loss_impl(t.loss_impl, device, unwrap(model))
     if rank == 0:  # once per trial: which loss runs, and why (a fallback is a warning)
@@ -322,7 +322,7 @@ def train(cfg: ExperimentConfig, manifest: Manifest, report: Report, *, checkpoi
             scores.update({m.GENERAL_LOSS: None, m.GENERAL_PPL: None})
         return scores
 
-    # --- loop: this worker's micro-batches are gathered in the background (raycpt.core.batches) ------------------
+    # --- loop: this worker's micro-batches are gathered in the background (raycpt.core.data.batches) ------------------
     model.train()
     loss_acc = torch.zeros((), device=device)
     steps_in_window, window_start = 0, time.perf_counter()

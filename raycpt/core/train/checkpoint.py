@@ -1,7 +1,7 @@
 """Checkpoints: what one is on disk, and everything that writes, reads, recognises, slims or exports one. No Ray.
 
 A checkpoint is one directory, `checkpoint_step<NNNNNN>` (`checkpoint_name`), saved as one unit by
-`save_checkpoint` at every eval of the loop (raycpt.core.train). Every format holds, beside its weights:
+`save_checkpoint` at every eval of the loop (raycpt.core.train.loop). Every format holds, beside its weights:
 
 - `trainer_state.pt` (STATE_FILE, loaded with weights_only=True): the `TrainState` (step, time, early-stopping
   count, restarts, RNG), the scheduler's state and the fp16 loss scaler's; and under ddp the optimizer's state
@@ -56,11 +56,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raycpt.core import metrics as m
-from raycpt.core.adapters import apply_lora, merge_for_export, peft_model_of, unwrap
 from raycpt.core.config import CONFIG_FILE, ExperimentConfig, TrainConfig, config_from_dict, to_dict
 from raycpt.core.errors import InputError
 from raycpt.core.files import read_json, write_json
-from raycpt.core.models import load_model
+from raycpt.core.model.adapters import apply_lora, merge_for_export, peft_model_of, unwrap
+from raycpt.core.model.loading import load_model
 
 CHECKPOINT_GLOB = "checkpoint_*"
 """A checkpoint's directory name, as a glob (`checkpoint_name`)."""
@@ -428,7 +428,7 @@ def remove_weights(path: Path) -> int:
 
 def keeping_newest_checkpoint(report: Callable[[dict[str, Any], str | None], None]
                               ) -> Callable[[dict[str, Any], str | None], None]:
-    """`report` (the loop's, raycpt.core.train.Report), after removing the previous checkpoint once a newer one is
+    """`report` (the loop's, raycpt.core.train.loop.Report), after removing the previous checkpoint once a newer one is
     written. For runs outside Ray, where nothing resumes from an older one: the loop writes one per eval, each the
     weights plus AdamW state, which would fill a disk over a long run (in Ray, the checkpoint manager keeps what
     `checkpoint` says). A wsd run's pre-decay checkpoint (metrics.PRE_DECAY) is never removed."""

@@ -51,8 +51,8 @@ import torch
 
 from raycpt.core.config import ACCELERATOR_TYPES, ExperimentConfig, TrainConfig, with_overrides
 from raycpt.core.errors import ConfigError, InputError
-from raycpt.core.loss import chunked_supported, resolve_loss_impl
-from raycpt.core.parallel import decoder_layers
+from raycpt.core.model.loss import chunked_supported, resolve_loss_impl
+from raycpt.core.model.parallel import decoder_layers
 from raycpt.core.prepare import check_model
 
 GiB = 2**30
@@ -65,7 +65,7 @@ estimate leaves out."""
 CUDA_RUNTIME_BYTES = int(1.5 * GiB)
 """CUDA context, cuBLAS workspace and NCCL buffers per GPU (approximate)."""
 LOSS_CHUNK_ROWS = 1024
-"""Rows of logits the chunked loss holds at once (raycpt.core.loss.causal_lm_loss's chunk_size)."""
+"""Rows of logits the chunked loss holds at once (raycpt.core.model.loss.causal_lm_loss's chunk_size)."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GATE_NAMES = ("gate_proj", "gate_up_proj", "w3", "wi_0")
 """Submodule names of gated (SwiGLU/GeGLU) MLPs: Llama, Mistral, Qwen, Gemma, Phi-3, T5-style."""

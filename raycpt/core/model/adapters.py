@@ -6,7 +6,7 @@ embeddings and LM head fully too, `train.lora_train_embeddings`), so only the ad
 (`build_optimizer` keeps params that require grad).
 
 Checkpoints of a LoRA run hold the adapter only, in PEFT's own format, next to the run's config, whose
-`model.source` names the frozen base (saved, loaded and merged by raycpt.core.checkpoint: `save_adapter`,
+`model.source` names the frozen base (saved, loaded and merged by raycpt.core.train.checkpoint: `save_adapter`,
 `load_adapter_weights`, `load_merged`). Resume rebuilds base + `apply_lora` from the config and loads the adapter's
 weights into it, so the optimizer's params line up with the saved state. The export merges the adapter into the
 base weights (`merge_for_export`): a plain HF model that loads without PEFT. `export.adapter` also copies the

@@ -1,7 +1,7 @@
 """A corpus of any size -> hash-assigned train / held-out documents, tokenised and packed into `.npy` shards, in two
 stages that any number of workers can run (sequentially here; `raycpt.edge.data` runs them on Ray Data):
 
-1. `UnitWorker` (one per *read unit*, see raycpt.core.sources: a byte range of a .jsonl / .txt file, some row
+1. `UnitWorker` (one per *read unit*, see raycpt.core.data.sources: a byte range of a .jsonl / .txt file, some row
    groups of a parquet file, a whole csv / json file, a contiguous slice of a hub dataset): read the documents, drop
    downstream texts (by the hash of their normalised text), hash each document, tokenise it with the exact encoder
    the driver chose, and spill `(u, key, position, tokens)` into one file per *bucket* (`key % buckets`).
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raycpt.core.sources import Unit, read_unit
-from raycpt.core.tokenize import BackendOnly, encoder_by_name
+from raycpt.core.data.sources import Unit, read_unit
+from raycpt.core.data.tokenize import BackendOnly, encoder_by_name
 
 BUCKET_BYTES = 64 * 2**20
 """Input bytes per bucket (shard) when data.shards is 0: one bucket's tokens are in memory at once."""
@@ -85,14 +85,14 @@ class ShardSpec:
     """The model source the tokenizer loads from (a local dir after resolution)."""
     trust_remote_code: bool
     encoder: str
-    """The encoder name the driver verified (raycpt.core.tokenize.choose_encoder)."""
+    """The encoder name the driver verified (raycpt.core.data.tokenize.choose_encoder)."""
     eos: int
     banned: tuple[int, ...]
     """Keys (text_key) of downstream validation / test texts, dropped wherever they occur."""
     dedup: bool
     block_size: int
     backend: str = ""
-    """The tokenizer's Rust backend as JSON (raycpt.core.tokenize.backend_json): workers encode with it, without
+    """The tokenizer's Rust backend as JSON (raycpt.core.data.tokenize.backend_json): workers encode with it, without
     loading transformers; '' when the encoder is the tokenizer itself (`transformers`)."""
     threads: int = 0
     """Encoder threads per worker (tiktoken's core releases the GIL); 0 = OMP_NUM_THREADS where set (Ray sets it to
@@ -128,7 +128,7 @@ class UnitWorker:
         if spec.backend and not spec.encoder.startswith("transformers"):
             tokenizer = BackendOnly.from_json(spec.backend)
         else:
-            from raycpt.core.models import load_tokenizer  # imports torch: only a slow tokenizer's workers pay
+            from raycpt.core.model.loading import load_tokenizer  # imports torch: only a slow tokenizer's workers pay
 
             tokenizer = load_tokenizer(spec.tokenizer, spec.trust_remote_code)
         threads = spec.threads or int(os.environ.get("OMP_NUM_THREADS") or 0)

@@ -1,7 +1,7 @@
 """The loop's input: its micro-batches, gathered in a background thread, a chunk of them at a time, ahead of the step.
 
-`Batches` walks the mixture plan (raycpt.core.data.mixture_plan) from a start step in the loop's order (step, then
-micro-batch; this worker's positions, raycpt.core.data.worker_positions). A thread gathers the blocks of the next
+`Batches` walks the mixture plan (core.data.blocks.mixture_plan) from a start step in the loop's order (step, then
+micro-batch; this worker's positions, raycpt.core.data.blocks.worker_positions). A thread gathers the blocks of the next
 `chunk` micro-batches from the memory-mapped corpora into one of two reused host buffers (pinned on CUDA), with one
 indexed read per corpus, while the loop trains on the chunk before; `next()` copies one micro-batch of it to the
 device (non-blocking from pinned memory on CUDA) and hands the buffer back once the chunk's copies are done. A chunk
@@ -15,7 +15,7 @@ uninterrupted run drew. The thread ends with `close()` (or the `with` block); an
 With `with_general=True` (distillation, `train.distill_weight`) each micro-batch comes with its rows' flags, True for
 a general replay row: (the same ids, a bool [micro_batch] tensor on the CPU, read from the plan: no device sync).
 
-A third corpus, the synthetic one (data.synthetic; raycpt.core.data.synthetic_plan), comes with its own flags,
+A third corpus, the synthetic one (data.synthetic; raycpt.core.data.blocks.synthetic_plan), comes with its own flags,
 `is_synthetic`: a synthetic position is on the domain side of the plan (is_domain True) and reads the synthetic
 corpus instead of the domain one. Its rows are domain-side rows: not general, counted in `domain_blocks`.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycpt.core.data import worker_positions
+from raycpt.core.data.blocks import worker_positions
 
 THREAD_NAME = "raycpt-batches"
 CHUNK_BYTES = 16 * 2**20
@@ -40,7 +40,7 @@ CHUNK_BYTES = 16 * 2**20
 def gather_blocks(domain: Any, general: Any, from_domain: np.ndarray, index: np.ndarray, out: np.ndarray,
                   synthetic: Any = None, from_synthetic: np.ndarray | None = None) -> None:
     """out[j] = (domain if from_domain[j] else general)[index[j]] for every row j, one indexed read per corpus.
-    `domain` / `general`: [n, block_size] arrays or raycpt.core.shards.ShardedBlocks (both take an integer array of
+    `domain` / `general`: [n, block_size] arrays or raycpt.core.data.shards.ShardedBlocks (both take an integer array of
     rows). With `from_synthetic` (a subset of from_domain), those rows read `synthetic` instead of `domain`."""
     sources = ((domain, from_domain), (general, ~from_domain))
     if from_synthetic is not None:
@@ -66,7 +66,7 @@ class Batches(Iterator[Any]):
     CHUNK_BYTES). `domain_blocks` counts the domain-side blocks (real and synthetic) among those handed out so far,
     `synthetic_blocks` the synthetic ones among them. `with_general`: yield (ids, is_general) pairs instead,
     is_general a bool [micro_batch] CPU tensor (True: the row is general replay; a synthetic row is not).
-    `synthetic`, `is_synthetic`: the synthetic corpus and the plan's flags for it (raycpt.core.data.synthetic_plan);
+    `synthetic`, `is_synthetic`: the synthetic corpus and the plan's flags for it (core.data.blocks.synthetic_plan);
     None: two corpora, as before. Use as a context manager (or call `close()`): the thread never outlives it."""
 
     def __init__(self, domain: Any, general: Any, is_domain: np.ndarray, index: np.ndarray, *, start_step: int,

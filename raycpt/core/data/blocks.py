@@ -4,9 +4,9 @@ labelled task.
 Flow (`prepare_corpus`, called by `raycpt.core.prepare.prepare_experiment`): cut the source into read units ->
 per unit: drop any downstream validation/test text (leakage guard), give each document its split by a seeded hash
 of its normalised text (train / held-out, fixed before any trial, stable when documents are added), tokenise once
-(raycpt.core.tokenize: the fastest encoder that reproduces the tokenizer's ids) -> per hash bucket: order, drop
+(raycpt.core.data.tokenize: the fastest encoder that reproduces the tokenizer's ids) -> per hash bucket: order, drop
 exact duplicates (data.dedup), EOS after each document, pack into `block_size` blocks -> `.npy` shards in the cache
-(raycpt.core.shards), keyed by the source files, tokenizer, block size and split settings. Trials memory-map the
+(raycpt.core.data.shards), keyed by the source files, tokenizer, block size and split settings. Trials memory-map the
 shards as one array; nothing is re-tokenised per trial.
 """
 
@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raycpt.core.errors import InputError
-from raycpt.core.files import write_json
-from raycpt.core.packaged import cache_dir
-from raycpt.core.shards import (
+from raycpt.core.data.shards import (
     BUCKET_BYTES,
     Mapper,
     ShardedBlocks,
@@ -38,7 +35,7 @@ from raycpt.core.shards import (
     normalize_text,
     text_key,
 )
-from raycpt.core.sources import (
+from raycpt.core.data.sources import (
     UNIT_BYTES,
     Unit,
     corpus_units,
@@ -47,7 +44,10 @@ from raycpt.core.sources import (
     source_text,
     unit_bytes,
 )
-from raycpt.core.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder
+from raycpt.core.data.tokenize import VERIFY_CHARACTERS, VERIFY_DOCUMENTS, backend_json, choose_encoder
+from raycpt.core.errors import InputError
+from raycpt.core.files import write_json
+from raycpt.core.packaged import cache_dir
 
 # ---------------------------------------------------------------------------------------------------------------
 # Leakage guard, tokenising and packing
@@ -80,7 +80,7 @@ class PreparedCorpus:
     heldout_tokens: int
     test_tokens: int
     tokenized_by: str = "?"
-    """The encoder that produced the ids (raycpt.core.tokenize: tiktoken | tokenizers | transformers), all exact."""
+    """The encoder that produced the ids (core.data.tokenize: tiktoken | tokenizers | transformers), all exact."""
     shards: int = 0
     duplicates_removed: int = 0
     """Exact duplicates (same normalised text) dropped with data.dedup=exact."""
@@ -122,7 +122,7 @@ def prepare_corpus(source: str | dict, tokenizer, *, text_field: str, block_size
                    shards: int = 0, unit_mb: float = UNIT_BYTES / 2**20, streaming: bool = False,
                    tokenizer_source: str = "", trust_remote_code: bool = False, mapper: Mapper = map_in_process,
                    on_unit: Callable[[UnitResult | None, int], None] | None = None) -> PreparedCorpus:
-    """Read, guard, split (by hash), tokenise and pack one corpus into cached shards (raycpt.core.shards), with
+    """Read, guard, split (by hash), tokenise and pack one corpus into cached shards (raycpt.core.data.shards), with
     the stages run by `mapper` (in this process, or on Ray Data; workers load the tokenizer from `tokenizer_source`,
     default its name_or_path); returns where the blocks are."""
     label = source_text(source)

@@ -39,7 +39,7 @@ from torch import nn
 from raycpt.core import metrics
 from raycpt.core.config import EvalConfig
 from raycpt.core.errors import InputError
-from raycpt.core.stats import BOOTSTRAP_SAMPLES
+from raycpt.core.eval.stats import BOOTSTRAP_SAMPLES
 
 INSTALL_HINT = "pip install 'raycpt[lm-eval]'"
 Z_95 = 1.959963984540054

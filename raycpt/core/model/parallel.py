@@ -5,7 +5,7 @@ one unit), as torchtitan does. The loop drives a sharded model like a DDP one; t
 `no_gradient_sync` for the micro-batches of a step but the last, and `root_unsharded` for code that calls a
 submodule directly (the probe's decoder-only forward). Sharded checkpoints (torch.distributed.checkpoint: every rank
 writes its own shard of the model and optimizer into one DCP directory, and loading reshards onto any number of
-workers) are raycpt.core.checkpoint's `save_sharded` / `load_sharded`.
+workers) are raycpt.core.train.checkpoint's `save_sharded` / `load_sharded`.
 """
 
 from __future__ import annotations
