@@ -225,16 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = paired(rows, name, reference, manifest)
             study["arms"][name][f"vs {reference}"] = pairs
             for split, got in pairs.items():
-                cells = []
-                for metric, relative in (("domain_ppl", True), ("general_ppl", True), ("f1", False)):
-                    if metric not in got:
-                        cells.append("-")
-                        continue
-                    v, lo, hi = got[metric], got[metric + m.CI_LOW], got[metric + m.CI_HIGH]
-                    star = "*" if lo > 0 or hi < 0 else " "
-                    cells.append(f"{v:+.1%} [{lo:+.1%}, {hi:+.1%}]{star}" if relative
-                                 else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}")
-                print(f"  {name:28s} {split:5s} " + " ".join(f"{c:>26s}" for c in cells))
+                print(f"  {name:28s} {split:5s} {paired_cells(got)}")
     if fits:
         print("\nthe sweep's CPT law on each arm (final validation loss, nats; error = predicted / observed - 1)")
         for name, arm in study["arms"].items():
@@ -244,12 +235,31 @@ def main(argv: list[str] | None = None) -> int:
                 f"({law[target]['error']:+.1%}" + (f", along the curve {law[target]['curve_error']:.1%}"
                                                     if "curve_error" in law[target] else "") + ")"
                 for target in ("domain", "general") if target in law) + f"  [product: {law['verdict']}]")
+    write_study(study, rows, started, args.out)
+    return 0
+
+
+def paired_cells(got: dict[str, float]) -> str:
+    """Paired differences (domain ppl, general ppl relative; F1 absolute) with their 95% intervals, one line;
+    * marks an interval that excludes 0."""
+    cells = []
+    for metric, relative in (("domain_ppl", True), ("general_ppl", True), ("f1", False)):
+        if metric not in got:
+            cells.append("-")
+            continue
+        v, lo, hi = got[metric], got[metric + m.CI_LOW], got[metric + m.CI_HIGH]
+        star = "*" if lo > 0 or hi < 0 else " "
+        cells.append(f"{v:+.1%} [{lo:+.1%}, {hi:+.1%}]{star}" if relative else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}")
+    return " ".join(f"{c:>26s}" for c in cells)
+
+
+def write_study(study: dict[str, Any], rows: dict[str, dict[str, Any]], started: float, out: Path | None) -> None:
+    """The study's numbers (every arm's scores, the wall time) as JSON at `out`, when given."""
     study["rows"] = {name: {k: v for k, v in row.items() if isinstance(v, (int, float))} for name, row in rows.items()}
     study["seconds"] = time.perf_counter() - started
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(study, indent=1, default=str))
-    return 0
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(study, indent=1, default=str))
 
 
 if __name__ == "__main__":

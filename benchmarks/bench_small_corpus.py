@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_payoff import PAIRED, TEST, VAL, cell, train_arm
+from bench_payoff import PAIRED, TEST, VAL, cell, paired_cells, train_arm, write_study
 
 from raycpt.core import metrics as m
 from raycpt.core.augment import augment_corpus
@@ -152,21 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                                  block_size=manifest.block_size)
             got = {k.removeprefix(PAIRED): v for k, v in lifts.items()}
             study["arms"][name]["vs real"][split] = got
-            cells = []
-            for metric, relative in (("domain_ppl", True), ("general_ppl", True), ("f1", False)):
-                if metric not in got:
-                    cells.append("-")
-                    continue
-                v, lo, hi = got[metric], got[metric + m.CI_LOW], got[metric + m.CI_HIGH]
-                star = "*" if lo > 0 or hi < 0 else " "
-                cells.append(f"{v:+.1%} [{lo:+.1%}, {hi:+.1%}]{star}" if relative
-                             else f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]{star}")
-            print(f"  {name:12s} {split:5s} " + " ".join(f"{c:>26s}" for c in cells))
-    study["rows"] = {name: {k: v for k, v in row.items() if isinstance(v, (int, float))} for name, row in rows.items()}
-    study["seconds"] = time.perf_counter() - started
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(study, indent=1, default=str))
+            print(f"  {name:12s} {split:5s} {paired_cells(got)}")
+    write_study(study, rows, started, args.out)
     return 0
 
 

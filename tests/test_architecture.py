@@ -42,14 +42,20 @@ def _graph() -> dict[str, set[str]]:
     return {name: {m for m, _, _ in _imports(path) if m in modules and m != name} for name, path in modules.items()}
 
 
-def test_imports_point_down_the_layers_only():
+def _upward_imports(floor) -> list[str]:
+    """Every import from a module to one on a higher floor (`floor(module)`: a number, or None when it has none)."""
     wrong = []
     for name, path in _modules().items():
-        mine = _layer(name)
+        mine = floor(name)
         for target, _, line in _imports(path):
-            theirs = _layer(target)
+            theirs = floor(target)
             if mine is not None and theirs is not None and theirs > mine:
-                wrong.append(f"{path.name}:{line} {name} imports {target}")
+                wrong.append(f"{path.relative_to(PACKAGE)}:{line} {name} imports {target}")
+    return wrong
+
+
+def test_imports_point_down_the_layers_only():
+    wrong = _upward_imports(_layer)
     assert not wrong, "\n".join(wrong)
 
 
@@ -67,13 +73,7 @@ def _core_floor(module: str) -> int | None:
 
 
 def test_core_rooms_import_down_only():
-    wrong = []
-    for name, path in _modules().items():
-        mine = _core_floor(name)
-        for target, _, line in _imports(path):
-            theirs = _core_floor(target)
-            if mine is not None and theirs is not None and theirs > mine:
-                wrong.append(f"{path.relative_to(PACKAGE)}:{line} {name} imports {target}")
+    wrong = _upward_imports(_core_floor)
     assert not wrong, "\n".join(wrong)
 
 
