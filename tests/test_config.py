@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from raycpt.cli import main
-from raycpt.core.config import load_config, with_overrides
+from raycpt.core.config import load_config, with_overrides, with_sample
 from raycpt.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +26,26 @@ def test_overrides_are_typed_and_reach_the_right_field():
     assert cfg.name == "x"
     trial = with_overrides(cfg, {"train.dropout": 0.1, "train.mix_ratio": 0.5})
     assert (trial.train.dropout, trial.train.mix_ratio, cfg.train.dropout) == (0.1, 0.5, 0.0)
+
+
+def test_a_trials_sample_gives_the_config_a_full_rebuild_gives_without_rebuilding_it(monkeypatch):
+    """Trials get the sweep's typed config with their sampled values applied: the same config a rebuild from the
+    YAML with those values would give (types included: a choice of 1 for a float field is 1.0), while the search
+    space is not validated again at each trial start."""
+    import raycpt.core.config as config
+
+    cfg = load_config(ROOT / "experiments" / "laptop.yaml")
+    samples = [{"train.lr": 3.3e-4, "train.steps": 8, "train.dropout": 0.1, "train.mix_ratio": 1},
+               {"train.lr": 1e-4, "train.steps": 12, "train.dropout": 0.0, "train.mix_ratio": 0.61}]
+    rebuilt = [with_overrides(cfg, sample) for sample in samples]
+    validations = []
+    monkeypatch.setattr(config, "_validate_space", lambda *a: validations.append(a))
+    for sample, expected in zip(samples, rebuilt, strict=True):
+        trial = with_sample(cfg, sample)
+        assert trial == expected and type(trial.train.mix_ratio) is float and type(trial.train.steps) is int
+    assert validations == [] and cfg.train.lr == 2e-4, "a trial start re-validated the space or changed the sweep's"
+    with pytest.raises(ConfigError, match="search.space.data.block_size: not sweepable"):
+        with_sample(cfg, {"data.block_size": 64})
 
 
 def test_validation_gathers_every_problem_with_the_fix(tmp_path):

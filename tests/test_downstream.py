@@ -12,6 +12,7 @@ import random
 import textwrap
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from raycpt import cli
 from raycpt.core import metrics
-from raycpt.core.config import config_from_dict
+from raycpt.core.config import SelectConfig, config_from_dict
 from raycpt.core.errors import InputError
 from raycpt.core.eval import evaluate
 from raycpt.core.eval.evaluate import f1_metrics
@@ -30,7 +31,7 @@ from raycpt.core.model.loading import load_model
 from raycpt.core.prepare import measure_base
 from raycpt.results import render
 from raycpt.results.export import export_winner
-from raycpt.results.select import Selection
+from raycpt.results.select import Selection, select_winner
 from raycpt.results.summary import Summary
 from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, finished_trial, write_jsonl
 
@@ -110,8 +111,9 @@ def test_lm_eval_scores_a_model_whose_likelihoods_are_known(unigram_dir, task_di
         assert scores[name] == 0.75
         assert scores[name + "_ci_low"] == pytest.approx(0.75 - 1.959964 * 0.25, abs=1e-6)
         assert scores[name + "_ci_high"] == pytest.approx(0.75 + 1.959964 * 0.25, abs=1e-6)
-    assert set(scores) == {p + "lm_eval/known_mc/acc" + s for p in ("base/", "base/test/") for s in ("", "_ci_low",
-                                                                                                       "_ci_high")}
+        assert scores[name + "_samples"] == [1.0, 1.0, 1.0, 0.0]  # per document, in order: the 4th is the wrong one
+    assert set(scores) == {p + "lm_eval/known_mc/acc" + s for p in ("base/", "base/test/")
+                           for s in ("", "_ci_low", "_ci_high", "_samples")}
     assert model.training  # train mode restored, and the process's random state lm-eval seeded put back
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
 
@@ -126,6 +128,13 @@ def test_unknown_task_or_missing_lm_eval_fail_validate_in_one_line(task_dir, tin
     assert cli.main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "eval.lm_eval_tasks: 'known_mcq' (close: known_mc" in err
+    # select.metric naming an lm-eval score of a task the config does not score
+    for metric in ("lm_eval/hellaswag/acc", "lm_eval/known_mc"):
+        bad = {**config, "eval": {**config["eval"], "lm_eval_tasks": ["known_mc"]}, "select": {"metric": metric}}
+        path.write_text(yaml.safe_dump(bad))
+        assert cli.main(["validate", str(path), "--config-only"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"select.metric: '{metric}' names no score of eval.lm_eval_tasks (known_mc)" in err
     # a data file the YAML names that is not there
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -269,6 +278,13 @@ def test_the_trial_the_base_once_and_the_winner_on_test_get_the_scores(scored):
             assert low <= value <= high and math.isfinite(value), (prefix, name)
     assert base["base/lm_eval/known_mc/acc"] == base["base/test/lm_eval/known_mc/acc"]
     assert card["metrics"]["lm_eval/known_mc/acc"] == row["lm_eval/known_mc/acc"]
+    # per-document values travel with the trial and the base model, so the pick can pair them
+    for values, name in ((row, "lm_eval/known_mc/acc"), (base, "base/lm_eval/known_mc/acc")):
+        assert len(values[name + "_samples"]) == 4 and sum(values[name + "_samples"]) / 4 == values[name]
+    sel = select_winner(pd.DataFrame([{**row, "trial_id": "t1", "status": "finished"}]), base,
+                        SelectConfig(metric="lm_eval/known_mc/acc"))
+    assert sel.trial_id == "t1" and "highest validation lm_eval/known_mc/acc" in sel.reasons[0]
+    assert "lm_eval/known_mc/acc (" in sel.verdict and "no interval" not in sel.verdict, sel.verdict
 
 
 def test_report_and_card_show_lm_eval_and_generation(scored):

@@ -137,3 +137,29 @@ def test_a_trial_without_general_ppl_is_not_eligible_when_the_sweep_measures_for
     trials = frame(("a", "finished", 16, 50.0, None, None, ""), ("b", "finished", 16, 55.0, None, None, ""))
     sel = select_winner(trials, {"base/domain_ppl": 70.0}, SelectConfig())
     assert sel.trial_id == "a" and not sel.flagged and not sel.excluded
+
+
+def test_an_lm_eval_accuracy_picks_the_trial_that_is_significantly_better_and_ties_go_to_lower_domain_ppl():
+    """select.metric lm_eval/<task>/<metric>: paired over the per-example values of the same documents."""
+    name = "lm_eval/known_mc/acc"
+    right = (~BASE_WRONG).astype(float)  # 400 documents, the base model right on ~70%
+
+    def row(tid, domain, values):
+        return {"trial_id": tid, "status": "finished", "step": 16, "eval/domain_ppl": domain, "eval/general_ppl": 30.0,
+                "error": "", name: float(np.mean(values)), name + "_samples": list(values)}
+
+    better = right.copy()
+    better[np.flatnonzero(right == 0)[:60]] = 1.0  # 60 more documents right: +15 points
+    tied = better.copy()
+    tied[np.flatnonzero(tied == 1)[:2]] = 0.0  # 2 fewer: inside the noise of 400 documents
+    base = {**BASE, "base/" + name: float(right.mean()), "base/" + name + "_samples": list(right)}
+    rule = SelectConfig(metric=name)
+    sel = select_winner(pd.DataFrame([row("low", 40.0, right), row("high", 55.0, better)]), base, rule)
+    assert sel.trial_id == "high" and "highest validation lm_eval/known_mc/acc (0.8" in sel.reasons[0]
+    assert sel.beats_base is True and "beats the base model on validation lm_eval/known_mc/acc (+0.150" in sel.verdict
+    sel = select_winner(pd.DataFrame([row("best", 55.0, better), row("close", 45.0, tied)]), base, rule)
+    assert sel.trial_id == "close" and "tie broken by lower domain ppl (45.00)" in sel.reasons[0]
+    worse = right.copy()
+    worse[np.flatnonzero(right == 1)[:80]] = 0.0
+    sel = select_winner(pd.DataFrame([row("worse", 30.0, worse), row("ok", 50.0, right)]), base, rule)
+    assert "lm_eval/known_mc/acc significantly below the base model's" in sel.excluded["worse"]

@@ -311,7 +311,10 @@ class SearchConfig:
 class SelectConfig:
     metric: str = metrics.F1
     """The downstream metric the pick uses (its paired intervals decide ties): eval/f1 (the probe's macro-F1) |
-    eval/prompt_f1 (prompted classification's; needs eval.method prompt or both)."""
+    eval/prompt_f1 (prompted classification's; needs eval.method prompt or both) | an lm-eval score of one of
+    eval.lm_eval_tasks, lm_eval/<task>/<metric> (e.g. lm_eval/hellaswag/acc_norm; a filter other than 'none' goes
+    between: lm_eval/gsm8k/strict-match/exact_match), paired through its per-example values (a corpus-level score
+    such as BLEU has none: then only equal scores tie)."""
     max_forgetting: float = 0.10
     """A winner's general ppl (point estimate) may be at most (1 + max_forgetting) x the base model's. Ties in F1
     are decided by paired bootstrap intervals on the validation texts (docs/selection.md)."""
@@ -751,6 +754,24 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_sample(cfg: ExperimentConfig, sample: dict[str, Any]) -> ExperimentConfig:
+    """A trial's config: `cfg` with the trial's sampled hyperparameters (`train.*` keys, as search.space names
+    them) applied, each converted to its field's type as the YAML would be. The rest is `cfg` itself: the whole
+    config, its search space and every value the space can produce were validated once, when the sweep started
+    (`validate`), so a trial start builds and checks nothing else."""
+    problems: list[str] = []
+    changes = {}
+    for key, value in sample.items():
+        section, _, name = key.partition(".")
+        if section != "train" or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            problems.append(f"search.space.{key}: not sweepable (only train.* fields are)")
+            continue
+        changes[name] = _coerce(value, getattr(cfg.train, name), key, problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))
+
+
 def with_overrides(cfg: ExperimentConfig, overrides: dict[str, Any]) -> ExperimentConfig:
     """A copy of `cfg` with dotted overrides applied (how a trial's sampled hyperparameters are applied)."""
     return config_from_dict(apply_overrides(to_dict(cfg), overrides))
@@ -973,9 +994,16 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     if e.method in ("prompt", "both") and not ("{text}" in e.template and "{label}" in e.template):
         p.append(f"eval.template: {e.template!r} needs a {{text}} and a {{label}} slot, e.g. "
                  "'Review: {text}\nSentiment: {label}'")
-    if cfg.select.metric not in metrics.DOWNSTREAM:
-        p.append(f"select.metric: '{cfg.select.metric}' is not allowed"
-                 f"{_closest(cfg.select.metric, list(metrics.DOWNSTREAM))}")
+    if cfg.select.metric.startswith(metrics.LM_EVAL_PREFIX):
+        task = cfg.select.metric.removeprefix(metrics.LM_EVAL_PREFIX).split("/", 1)
+        if len(task) < 2 or not task[1] or task[0] not in e.lm_eval_tasks:
+            p.append(f"select.metric: '{cfg.select.metric}' names no score of eval.lm_eval_tasks "
+                     f"({', '.join(e.lm_eval_tasks) or 'none'}); write lm_eval/<task>/<metric> for one of them, "
+                     "e.g. lm_eval/hellaswag/acc_norm")
+    elif (pick := cfg.select.metric) not in metrics.DOWNSTREAM:  # the reference lists the forms from the docstring
+        p.append(f"select.metric: '{pick}' is not allowed"
+                 f"{_closest(cfg.select.metric, list(metrics.DOWNSTREAM))} (or an lm-eval score, "
+                 "lm_eval/<task>/<metric>)")
     elif cfg.select.metric == metrics.PROMPT_F1 and e.method == "probe":
         p.append("select.metric: eval/prompt_f1 needs eval.method prompt or both (trials score only the probe now)")
     elif cfg.select.metric == metrics.F1 and e.method == "prompt" and e.task:

@@ -33,7 +33,12 @@ PROMPT_ACCURACY = "eval/prompt_accuracy"
 PROMPT_F1_CLASS_PREFIX = "eval/prompt_f1_class/"
 PROMPT_PREDICTIONS = "eval/prompt_predictions"
 DOWNSTREAM = {F1: PREDICTIONS, PROMPT_F1: PROMPT_PREDICTIONS}
-"""Each downstream metric `select.metric` may name -> the per-text predictions its paired intervals use."""
+"""The classification scores `select.metric` may name -> the per-text predictions its paired intervals use. It may
+also name an lm-eval score (`lm_eval/<task>/<metric>`), whose paired intervals use its per-example values
+(SAMPLES)."""
+SAMPLES = "_samples"
+"""Suffix of an lm-eval score's per-example values, one per document in doc_id order ('lm_eval/hellaswag/acc_norm
+_samples'): what makes two models' scores on the same documents comparable as a paired difference."""
 LM_EVAL_PREFIX = "lm_eval/"
 """lm-evaluation-harness scores (eval.lm_eval_tasks; raycpt.core.eval.harness): 'lm_eval/<task>/<metric>', or
 'lm_eval/<task>/<filter>/<metric>' for a filter other than lm-eval's 'none', each with a 95% interval (CI_LOW,
@@ -125,6 +130,12 @@ def prefixed(prefix: str, metric: str) -> str:
     """A split-less metric (SPLITLESS_PREFIXES) under a split's prefix: 'eval/' keeps it as trials report it
     ('gen/bleu'), 'base/' gives 'base/gen/bleu', 'test/' 'test/gen/bleu', 'base/test/' 'base/test/gen/bleu'."""
     return metric if prefix == EVAL_PREFIX else prefix + metric
+
+
+def paired_values(metric: str) -> str:
+    """The per-text or per-example values a `select.metric`'s paired intervals are computed from: the predictions
+    of a classification score (DOWNSTREAM), the per-example values of an lm-eval score."""
+    return DOWNSTREAM.get(metric) or metric + SAMPLES
 
 
 def short_name(metric: str) -> str:

@@ -19,7 +19,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
 from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from raycpt.core import metrics
-from raycpt.core.config import ExperimentConfig, SearchConfig, TrainConfig, config_from_dict, to_dict, with_overrides
+from raycpt.core.config import ExperimentConfig, SearchConfig, TrainConfig, with_sample
 from raycpt.core.prepare import Manifest
 from raycpt.core.resources import trial_resources
 from raycpt.core.schedule import stable_end
@@ -151,11 +151,12 @@ def max_reports(cfg: ExperimentConfig) -> int:
     return max(1, math.ceil(max_steps(cfg) / _extreme(cfg, "train.eval_every", cfg.train.eval_every, min)))
 
 
-def train_driver_fn(config: dict[str, Any], base_cfg: dict[str, Any] | None = None, data: Manifest | None = None,
+def train_driver_fn(config: dict[str, Any], base_cfg: ExperimentConfig | None = None, data: Manifest | None = None,
                     trials_dir: str = "") -> dict[str, Any]:
-    """One trial: apply the sampled hyperparameters, run the core loop: in this trial when it has one worker,
-    else on a TorchTrainer's workers."""
-    cfg = with_overrides(config_from_dict(base_cfg or {}), config.get("train_loop_config", {}))
+    """One trial: apply the sampled hyperparameters to the sweep's typed config (sent to Ray once, through
+    tune.with_parameters), run the core loop: in this trial when it has one worker, else on a TorchTrainer's
+    workers."""
+    cfg = with_sample(base_cfg or ExperimentConfig(), config.get("train_loop_config", {}))
     in_tune = _in_tune_session()
     if in_tune and cfg.resources.num_workers == 1:
         return train_in_trial(cfg, data)
@@ -209,7 +210,7 @@ class ResumableASHA(ASHAScheduler):
 def build_trainable(cfg: ExperimentConfig, data: Manifest, exp_dir: Path):
     """The Tune trainable: `train_driver_fn` with the base config, the manifest and the trial's resources
     (raycpt.core.resources). Built the same way for a new sweep and for `Tuner.restore`."""
-    trainable = tune.with_parameters(train_driver_fn, base_cfg=to_dict(cfg), data=data,
+    trainable = tune.with_parameters(train_driver_fn, base_cfg=cfg, data=data,
                                      trials_dir=str(exp_dir / TRIALS_DIR))
     driver = dict(trial_resources(cfg.resources).driver)
     request = {"cpu": driver.pop("CPU", 0.0), "gpu": driver.pop("GPU", 0.0)}

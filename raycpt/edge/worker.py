@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from torch.nn.parallel import DistributedDataParallel
 
 from raycpt.core import metrics as m
-from raycpt.core.config import ExperimentConfig, config_from_dict, to_dict
+from raycpt.core.config import ExperimentConfig
 from raycpt.core.errors import InputError
 from raycpt.core.eval.evaluate import autocast_dtype
 from raycpt.core.files import write_json
@@ -76,7 +76,7 @@ def check_data_visible(manifest: Manifest, node: str) -> None:
 
 def train_fn_per_worker(train_loop_config: dict[str, Any]) -> None:
     # [1] Rebuild the config
-    cfg = config_from_dict(train_loop_config["cfg"])
+    cfg: ExperimentConfig = train_loop_config["cfg"]  # the trial's typed config, as the driver built it
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
 
@@ -187,7 +187,7 @@ def build_trainer(cfg: ExperimentConfig, data: Manifest, *, storage_path: str | 
     return TorchTrainer(
         train_fn_per_worker,
         # Train V2 has no resume_from_checkpoint: the start checkpoint travels in the loop's config
-        train_loop_config={"cfg": to_dict(cfg), "data": data, "resume_from": str(resume_from or ""),
+        train_loop_config={"cfg": cfg, "data": data, "resume_from": str(resume_from or ""),
                            "forgetting_bound": forgetting_bound, "on_forgetting": on_forgetting},
         scaling_config=ray.train.ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker,

@@ -5,9 +5,10 @@ validation predictions and per-block losses) and the base model's metrics, testa
    the sweep has a general corpus, a trial without a general ppl, or a base model without one, is not eligible;
    without a general corpus forgetting is not measured and the bound does not apply); validation F1 not
    significantly below the base model's (the paired 95% interval of F1(trial) - F1(base) lies wholly below 0).
-2. Among eligible trials, the one with the highest validation F1 (select.metric: the probe's or the prompt's)
-   leads; every eligible trial whose paired F1 difference to the leader has an interval that includes 0 is tied
-   with it, and ties go to the lower domain ppl.
+2. Among eligible trials, the one with the highest validation F1 (select.metric: the probe's or the prompt's;
+   or an lm-eval score, `lm_eval/<task>/<metric>`, paired through its per-example values) leads; every eligible
+   trial whose paired difference to the leader has an interval that includes 0 is tied with it, and ties go to
+   the lower domain ppl.
    The rest are ranked the same way, group by group. Without a labelled task: lowest domain ppl.
 3. None eligible: the lowest domain ppl among the trials that kept their weights wins, flagged (the disk policy
    deletes stopped trials' weights; a pick that cannot be exported is no pick).
@@ -29,7 +30,7 @@ import pandas as pd
 
 from raycpt.core import metrics
 from raycpt.core.config import SelectConfig
-from raycpt.core.eval.stats import Interval, paired_f1_difference
+from raycpt.core.eval.stats import Interval, paired_f1_difference, paired_mean_difference
 from raycpt.results.collect import WEIGHTS_KEPT
 from raycpt.results.format import num
 
@@ -65,6 +66,23 @@ def f1_gap(a: dict[str, Any], b: dict[str, Any], labels: list[str] | None, class
     return paired_f1_difference(labels, pred_a, pred_b, labels=classes)
 
 
+def score_label(metric: str) -> str:
+    """How the rule's lines name select.metric: 'F1', 'prompt_f1', 'lm_eval/known_mc/acc'."""
+    return "F1" if metric == metrics.F1 else metrics.short_name(metric) if metric in metrics.DOWNSTREAM else metric
+
+
+def score_gap(a: dict[str, Any], b: dict[str, Any], labels: list[str] | None, classes: list[str] | None,
+              metric: str = metrics.F1) -> Interval | None:
+    """Paired interval of score(a) - score(b) for `metric` (select.metric): F1 from the per-text predictions, an
+    lm-eval score from its per-example values on the same documents; None when either lacks them."""
+    if metric in metrics.DOWNSTREAM:
+        return f1_gap(a, b, labels, classes, metrics.DOWNSTREAM[metric])
+    values_a, values_b = _predictions(a, metrics.paired_values(metric)), _predictions(b, metrics.paired_values(metric))
+    if values_a is None or values_b is None or len(values_a) != len(values_b):
+        return None
+    return paired_mean_difference(values_a, values_b)
+
+
 def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig,
                   labels: list[str] | None = None, classes: list[str] | None = None) -> Selection:
     """The rule above. `labels`/`classes`: the task's validation labels and classes, which the predictions in
@@ -73,8 +91,8 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
         return Selection(None, ["no trials ran"], flagged=True)
     base_general = num(base.get(metrics.base_name(metrics.GENERAL_PPL)))
     bound = (1 + rule.max_forgetting) * base_general if not math.isnan(base_general) else math.inf
-    metric, predictions = rule.metric, metrics.DOWNSTREAM[rule.metric]
-    base_row = {predictions: base.get(metrics.base_name(predictions))}
+    metric, paired = rule.metric, metrics.paired_values(rule.metric)
+    base_row = {paired: base.get(metrics.base_name(paired))}
     rows = {row["trial_id"]: row for row in trials.to_dict("records")}
     # a general corpus exists when the base model or any trial has a general ppl; without one, forgetting is not
     # measured and the bound does not apply
@@ -83,7 +101,7 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
     excluded: dict[str, str] = {}
     for tid, row in rows.items():
         general, domain = num(row.get(metrics.GENERAL_PPL)), num(row.get(metrics.DOMAIN_PPL))
-        below_base = f1_gap(row, base_row, labels, classes, predictions)
+        below_base = score_gap(row, base_row, labels, classes, metric)
         if row["status"] == "stopped":
             excluded[tid] = f"stopped by the scheduler at step {int(num(row.get(metrics.STEP)))}"
         elif row["status"] == "failed":
@@ -100,8 +118,8 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
             excluded[tid] = (f"forgetting: general ppl {general:.2f} > bound {bound:.2f} "
                              f"({1 + rule.max_forgetting:.2f} x base {base_general:.2f})")
         elif below_base is not None and below_base.high < 0:
-            excluded[tid] = (f"F1 significantly below the base model's (paired difference {below_base.value:+.3f}, "
-                             f"95% CI [{below_base.low:+.3f}, {below_base.high:+.3f}])")
+            excluded[tid] = (f"{score_label(metric)} significantly below the base model's (paired difference "
+                             f"{below_base.value:+.3f}, 95% CI [{below_base.low:+.3f}, {below_base.high:+.3f}])")
     eligible = [tid for tid in rows if tid not in excluded]
     use_f1 = any(not math.isnan(num(rows[t].get(metric))) for t in eligible)
 
@@ -116,7 +134,7 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
     def tied_with(leader: str, candidates: list[str]) -> list[str]:
         tied = []
         for tid in candidates:
-            gap = f1_gap(rows[tid], rows[leader], labels, classes, predictions)
+            gap = score_gap(rows[tid], rows[leader], labels, classes, metric)
             # without predictions (results of an older raycpt), only equal F1 ties
             if tid == leader or (gap.contains(0.0) if gap is not None else f1(tid) == f1(leader)):
                 tied.append(tid)
@@ -155,7 +173,7 @@ def select_winner(trials: pd.DataFrame, base: dict[str, Any], rule: SelectConfig
     if use_f1:
         leader = max(eligible, key=lambda t: (f1(t), -domain(t)))
         tied = tied_with(leader, eligible)
-        label = "F1" if metric == metrics.F1 else metrics.short_name(metric)
+        label = score_label(metric)
         reason = (f"highest validation {label} ({f1(leader):.4f}) among {len(eligible)} eligible trial(s)"
                   if winner == leader else
                   f"tied with the highest validation {label} ({f1(leader):.4f}, trial {leader})")
@@ -179,13 +197,13 @@ def _versus_base(row: dict[str, Any], base: dict[str, Any], base_row: dict[str, 
             return None, ""
         return None, ("it lowers domain ppl below the base model's" if lower_domain
                       else "no trial lowers domain ppl below the base model's")
-    gap = f1_gap(row, base_row, labels, classes, metrics.DOWNSTREAM[metric])
-    label = "F1" if metric == metrics.F1 else metrics.short_name(metric)
+    gap = score_gap(row, base_row, labels, classes, metric)
+    label = score_label(metric)
     if gap is None:
-        return None, "F1 against the base model has no interval (no validation predictions recorded)"
+        return None, f"{label} against the base model has no interval (no per-text values recorded)"
     if gap.low > 0 and lower_domain:
         return True, (f"it beats the base model on validation {label} ({gap.value:+.3f}, 95% CI [{gap.low:+.3f}, "
                       f"{gap.high:+.3f}]) and lowers domain ppl")
     return False, (f"no trial beats the base model on downstream {label} (best: {gap.value:+.3f}, 95% CI "
                    f"[{gap.low:+.3f}, {gap.high:+.3f}] on validation)" if gap.low <= 0 else
-                   "no trial beats the base model: the best F1 comes without lower domain ppl")
+                   f"no trial beats the base model: the best {label} comes without lower domain ppl")

@@ -218,10 +218,20 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def flat_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+def per_example(samples: list[dict[str, Any]], metric: str, filter_name: str) -> list[float] | None:
+    """One value of `metric` per document, in doc_id order, from lm-eval's logged samples (acc: 1.0 or 0.0); None
+    when the metric has no numeric value per document (corpus-level scores such as BLEU)."""
+    rows = sorted((s for s in samples if s.get("filter", "none") == filter_name), key=lambda s: s.get("doc_id", 0))
+    values = [_number(s.get(metric)) for s in rows]
+    return values if values and all(v is not None for v in values) else None
+
+
+def flat_scores(results: dict[str, dict[str, Any]], samples: dict[str, list[dict[str, Any]]] | None = None
+                ) -> dict[str, Any]:
     """lm-eval's results, {task: {"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}}, as flat metrics
-    (`lm_eval/<task>/<metric>`) with value ± Z_95 x stderr as their interval (none without a stderr)."""
-    flat: dict[str, float] = {}
+    (`lm_eval/<task>/<metric>`) with value ± Z_95 x stderr as their interval (none without a stderr) and, from its
+    logged `samples`, the per-example values (`..._samples`: what paired intervals between models use)."""
+    flat: dict[str, Any] = {}
     for task, row in results.items():
         for key, raw in row.items():
             metric, comma, filter_name = key.partition(",")
@@ -234,12 +244,15 @@ def flat_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             if stderr is not None:
                 flat[name + metrics.CI_LOW] = value - Z_95 * stderr
                 flat[name + metrics.CI_HIGH] = value + Z_95 * stderr
+            values = per_example((samples or {}).get(task, []), metric, filter_name)
+            if values is not None:
+                flat[name + metrics.SAMPLES] = values
     return flat
 
 
-def harness_scores(model: nn.Module, tokenizer, spec: HarnessSpec) -> dict[str, float]:
-    """The spec's tasks scored on `model` as it is in memory: flat `lm_eval/...` metrics with intervals. Restores
-    the model's train mode and the process's random state."""
+def harness_scores(model: nn.Module, tokenizer, spec: HarnessSpec) -> dict[str, Any]:
+    """The spec's tasks scored on `model` as it is in memory: flat `lm_eval/...` metrics with intervals and
+    per-example values. Restores the model's train mode and the process's random state."""
     import lm_eval  # deferred: lm-eval is optional, and its import takes seconds
     from lm_eval.models.huggingface import HFLM  # deferred: as above
 
@@ -250,11 +263,11 @@ def harness_scores(model: nn.Module, tokenizer, spec: HarnessSpec) -> dict[str, 
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
             out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), task_manager=manager,
                                           num_fewshot=None if spec.num_fewshot < 0 else spec.num_fewshot,
-                                          limit=spec.limit or None, log_samples=False,
+                                          limit=spec.limit or None, log_samples=True,
                                           bootstrap_iters=BOOTSTRAP_SAMPLES)
     finally:
         model.train(was_training)
-    return flat_scores(out["results"])
+    return flat_scores(out["results"], out.get("samples"))
 
 
 def main_metrics(names: Iterable[str]) -> dict[str, str]:

@@ -284,6 +284,19 @@ def paired_f1_difference(y_true: Sequence[Hashable] | np.ndarray, pred_a: Sequen
     return _percentile_interval(macro_f1(t, a, k) - macro_f1(t, b, k), stats, confidence)
 
 
+def paired_mean_difference(values_a: Sequence[float] | np.ndarray, values_b: Sequence[float] | np.ndarray, *,
+                           seed: int = 0, samples: int = BOOTSTRAP_SAMPLES, confidence: float = CONFIDENCE) -> Interval:
+    """mean(a) - mean(b) over the same examples (a per-example score such as lm-eval's acc: 1 right, 0 wrong), with
+    a paired bootstrap interval: both are averaged over the same resampled examples every time."""
+    _check_options(samples, confidence)
+    a, b = _float_array(values_a, "values_a"), _float_array(values_b, "values_b")
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired values must be two non-empty lists of one length (got {a.size} and {b.size})")
+    diff = a - b
+    stats = np.concatenate([diff[idx].mean(axis=1) for idx in _index_chunks(diff.size, samples, seed)])
+    return _percentile_interval(float(diff.mean()), stats, confidence)
+
+
 # ---------------------------------------------------------------------------------------------------- perplexity
 
 
