@@ -264,7 +264,7 @@ def test_an_extension_killed_midway_resumes_from_its_own_checkpoint_to_the_same_
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("workers,strategy", [(1, "ddp"), (2, "fsdp")])  # 2-worker ddp: tests/test_ddp.py
+@pytest.mark.parametrize("workers,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
 def test_extend_on_ray_train_equals_the_uninterrupted_run(corpora, tiny_gpt2_dir, capsys, tmp_path, local_ray,
                                                           workers, strategy):
     """`raycpt extend` on Ray Train (the path `raycpt train` takes), 1 and 2 workers with the same global batch:
