@@ -105,11 +105,13 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text", **extra) -> P
 
 
 def write_corpora(root: Path) -> dict[str, str]:
-    """Small domain and general corpora (jsonl), repeated with variations so they pack into many blocks."""
-    domain = [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES]
-    general = [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES]
-    return {"domain": str(write_jsonl(root / "domain.jsonl", domain)),
-            "general": str(write_jsonl(root / "general.jsonl", general))}
+    """Small domain and general corpora (jsonl) in `root`, repeated with variations so they pack into many blocks;
+    a file already there is kept (written again, it would be another source to the data cache)."""
+    texts = {"domain": [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES],
+             "general": [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES]}
+    root.mkdir(parents=True, exist_ok=True)
+    return {name: str(path if (path := root / f"{name}.jsonl").exists() else write_jsonl(path, lines))
+            for name, lines in texts.items()}
 
 
 @pytest.fixture()

@@ -22,7 +22,7 @@ from raycpt.core.model.loading import apply_dropout, load_model
 from raycpt.core.model.loss import distill_kl
 from raycpt.core.prepare import prepare_experiment
 from raycpt.core.train.loop import Distill, train, train_step
-from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
+from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_corpora, write_jsonl
 
 # --- distill_kl --------------------------------------------------------------------------------------------------
 
@@ -149,11 +149,10 @@ def test_batches_with_general_flags_hand_out_the_same_ids_and_the_plans_flags(tm
 # --- the loop ----------------------------------------------------------------------------------------------------
 
 def _cfg(tmp, source: str, **train_fields) -> ExperimentConfig:
-    domain = write_jsonl(tmp / "domain.jsonl", [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES])
-    general = write_jsonl(tmp / "general.jsonl", [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES])
+    corpora = write_corpora(tmp)
     return config_from_dict({
         "name": "distill", "storage_path": str(tmp), "model": {"source": source},
-        "data": {"domain": str(domain), "general": str(general), "block_size": 32, "heldout_fraction": 0.1,
+        "data": {**corpora, "block_size": 32, "heldout_fraction": 0.1,
                  "heldout_blocks": 4},
         "train": {"lr": 1e-2, "steps": 3, "batch_size": 4, "eval_every": 1, "warmup_steps": 0, "mix_ratio": 0.75,
                   **train_fields},

@@ -38,14 +38,12 @@ def bf16_base(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def exported(bf16_base, tmp_path_factory):
     """A finished 2-step trial (fp32 weights, the default model.dtype) of the bf16 base, exported."""
-    from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
+    from tests.conftest import write_corpora
 
     tmp = tmp_path_factory.mktemp("export")
-    domain = write_jsonl(tmp / "domain.jsonl", [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES])
-    general = write_jsonl(tmp / "general.jsonl", [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES])
     cfg = config_from_dict({
         "name": "card", "storage_path": str(tmp / "runs"), "model": {"source": str(bf16_base)},
-        "data": {"domain": str(domain), "general": str(general), "block_size": 32, "heldout_fraction": 0.1,
+        "data": {**write_corpora(tmp), "block_size": 32, "heldout_fraction": 0.1,
                  "heldout_blocks": 4},
         "train": {"lr": 3e-3, "steps": 2, "batch_size": 4, "eval_every": 2, "warmup_steps": 1, "mix_ratio": 0.75},
     })

@@ -25,18 +25,17 @@ from raycpt.core.prepare import prepare_experiment
 from raycpt.core.train.checkpoint import STATE_FILE
 from raycpt.core.train.loop import flops_per_token, train
 from raycpt.results.export import ADAPTER_DIR, write_weights
-from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, ROOT, write_jsonl
+from tests.conftest import ROOT, write_corpora
 
 GPT2_TINY_LINEARS = {"c_attn": (64, 192), "attn.c_proj": (64, 64), "c_fc": (64, 256), "mlp.c_proj": (256, 64)}
 """(in, out) of the packaged tiny GPT-2's linear (Conv1D) layers in each of its 2 decoder layers."""
 
 
 def _cfg(tmp: Path, source: str, **fields) -> ExperimentConfig:
-    domain = write_jsonl(tmp / "domain.jsonl", [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES])
-    general = write_jsonl(tmp / "general.jsonl", [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES])
+    corpora = write_corpora(tmp)
     return config_from_dict({
         "name": "lora", "storage_path": str(tmp), "model": {"source": source},
-        "data": {"domain": str(domain), "general": str(general), "block_size": 32, "heldout_fraction": 0.1,
+        "data": {**corpora, "block_size": 32, "heldout_fraction": 0.1,
                  "heldout_blocks": 8},
         "train": {"method": "lora", "lr": 1e-2, "steps": 8, "batch_size": 4, "eval_every": 4, "warmup_steps": 1,
                   "mix_ratio": 0.75, **fields},

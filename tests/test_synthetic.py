@@ -22,7 +22,7 @@ from raycpt.core.data.blocks import TIMING_FIELDS, load_blocks, mixture_plan, sy
 from raycpt.core.errors import ConfigError, InputError
 from raycpt.core.prepare import Manifest, prepare_experiment
 from raycpt.core.train.loop import train
-from tests.conftest import DOMAIN_SENTENCES, GENERAL_SENTENCES, write_jsonl
+from tests.conftest import write_corpora, write_jsonl
 
 SYNTHETIC_SENTENCES = [
     "Question: what does the critic praise in the drama? Answer: the acting, the photography and the tears it earns.",
@@ -155,10 +155,7 @@ def _written(path, texts: list[str]) -> str:
 
 
 def _raw(tmp, source: str, synthetic: bool = True, **train_fields) -> dict:
-    data = {"domain": _written(tmp / "domain.jsonl", [f"{s} Review {i}." for i in range(60) for s in DOMAIN_SENTENCES]),
-            "general": _written(tmp / "general.jsonl",
-                                [f"{s} Report {i}." for i in range(60) for s in GENERAL_SENTENCES]),
-            "block_size": 32, "heldout_fraction": 0.1, "heldout_blocks": 4}
+    data = {**write_corpora(tmp), "block_size": 32, "heldout_fraction": 0.1, "heldout_blocks": 4}
     if synthetic:  # the dir raycpt augment writes: a jsonl file and a done marker per read unit
         _written(tmp / "augment" / "texts" / "unit_00000.jsonl",
                  [f"{s} Rewrite {i}." for i in range(40) for s in SYNTHETIC_SENTENCES])
