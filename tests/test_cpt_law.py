@@ -52,19 +52,23 @@ def test_areas_by_hand():
 
 
 @pytest.mark.parametrize("target", ["domain", "general"])
-def test_fit_recovers_the_generating_parameters_and_predicts_a_longer_held_out_schedule(target):
+@pytest.mark.parametrize(("noise", "tolerance"), [(0.0, 0.01), (0.0002, 0.15)])
+def test_fit_recovers_the_generating_parameters_and_predicts_a_longer_held_out_schedule(target, noise, tolerance):
+    """Exact curves give back the generating parameters (the search reaches the optimum, not a point where the
+    optimizer's tolerance stopped it); with 0.02% noise they are recovered within 15% (the general loss's E, beta
+    and C trade off against each other: at 0.05% noise its best fit has beta 15% off)."""
     rng = np.random.default_rng(0)
-    curves = [generated(*spec, rng, noise=0.0005) for spec in SPECS]
+    curves = [generated(*spec, rng, noise=noise) for spec in SPECS]
     fit = fit_cpt_law(curves, target, BASE[target])
     truth = TRUE[target]
     # E and C in the generator's units (the fit measures area in units of the largest trial's)
     e = math.exp(fit.params["log_e"]) / fit.scale * UNIT
     c = fit.params["c"] / fit.scale * UNIT
-    assert e == pytest.approx(math.exp(truth["log_e"]), rel=0.25)
-    assert c == pytest.approx(truth["c"], rel=0.25)
-    assert fit.params["beta"] == pytest.approx(truth["beta"], rel=0.15)
-    assert fit.params["b_own"] == pytest.approx(truth["b_own"], rel=0.15)
-    assert fit.params["b_other"] == pytest.approx(truth["b_other"], rel=0.15)
+    assert e == pytest.approx(math.exp(truth["log_e"]), rel=tolerance)
+    assert c == pytest.approx(truth["c"], rel=tolerance)
+    assert fit.params["beta"] == pytest.approx(truth["beta"], rel=tolerance)
+    assert fit.params["b_own"] == pytest.approx(truth["b_own"], rel=tolerance)
+    assert fit.params["b_other"] == pytest.approx(truth["b_other"], rel=tolerance)
     assert fit.loo_error is not None and fit.loo_error < 0.01
     # with the noise of real evals (0.2%), a wsd run 2.5x longer than any trial, at an lr and mix no trial used, is
     # predicted within 1% at every eval
@@ -118,10 +122,30 @@ def test_fallback_engages_and_says_why_on_curves_the_law_cannot_fit():
     rec, _ = recommend(curves, base_domain_loss=BASE["domain"], base_general_loss=BASE["general"],
                        reference=curves[0], total_steps=48, tokens_per_step=512, max_forgetting=0.1, bootstrap=0)
     assert rec.source == "fallback" and rec.predicted_domain_loss is None
-    assert "leave-one-trial-out error" in rec.reasons[0]
-    # the reference trial's settings, its lr scaled down for a run twice as long
-    assert rec.mix_ratio == 0.6 and rec.schedule == "cosine"
+    assert "leave-one-trial-out error" in rec.reasons[0] and "Ibrahim" in rec.reasons[-1]
+    # Ibrahim et al.'s recipe around the reference trial (lr 3e-4 for 24 steps, mix 0.6): its lr scaled down for
+    # a run twice as long, re-warmed over 1% of 48 steps (rounds to 0: at least 1), cosine to 0.1 x, its own
+    # replay (40%: more than the recipe's 5%)
     assert rec.peak_lr == pytest.approx(3e-4 * 2 ** -0.3)
+    assert (rec.mix_ratio, rec.schedule, rec.warmup_steps, rec.min_lr_ratio) == (0.6, "cosine", 1, 0.1)
+
+
+def test_fallback_recipe_keeps_some_replay_and_the_winner_fallback_keeps_the_trials_schedule():
+    rng = np.random.default_rng(3)
+    curves = [generated(*spec, rng, noise=0.15) for spec in SPECS]
+    reference = curves[1]  # trial b: lr 1e-4, 24 steps, wsd, no replay (mix 1.0), warmup 1
+    common = dict(base_domain_loss=BASE["domain"], base_general_loss=BASE["general"], reference=reference,
+                  total_steps=240, tokens_per_step=512, max_forgetting=0.1, bootstrap=0)
+    recipe, _ = recommend(curves, **common)
+    assert recipe.source == "fallback" and recipe.mix_ratio == 0.95  # 5% replay at least
+    assert (recipe.schedule, recipe.warmup_steps, recipe.min_lr_ratio) == ("cosine", 2, 0.1)  # 1% of 240 = 2.4
+    assert recipe.peak_lr == pytest.approx(1e-4 * 10 ** -0.3)
+    winner, _ = recommend(curves, **common, fallback_kind="winner")
+    # the trial's own schedule, mix and min lr; its warmup of 1 in 24 steps stretched to 10 in 240
+    assert (winner.schedule, winner.mix_ratio, winner.warmup_steps, winner.min_lr_ratio) == ("wsd", 1.0, 10, 0.1)
+    assert "trial b's settings" in winner.reasons[-1]
+    no_general, _ = recommend(curves, **{**common, "base_general_loss": None})
+    assert no_general.mix_ratio == 1.0  # no general corpus: nothing to replay
 
 
 def test_fallback_when_too_few_trials_or_the_run_reaches_beyond_the_data():

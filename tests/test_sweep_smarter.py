@@ -167,10 +167,12 @@ def test_suggest_writes_a_final_run_and_a_narrowed_sweep_that_validate(summary, 
     target = 10 * 24 * 8 * 64  # law.target_tokens 0: 10 x the largest trial budget
     assert final.search.space == {} and final.name == "smoke-final" and final.storage_path == str(sweep_dir.parent)
     assert final.train.steps == math.ceil(target / (8 * 64)) == 240
-    assert final.train.warmup_steps == 2 * 10 and final.train.eval_every == 6 * 10  # scaled by 240 / 24
-    # the winner's lr scaled by the horizon rule for 10x its tokens: x 10**-0.3 = x 0.501
+    assert final.train.eval_every == 6 * 10  # scaled by 240 / 24
+    # the fallback is Ibrahim et al.'s recipe around the winner: its lr scaled by the horizon rule for 10x its
+    # tokens (x 10**-0.3 = x 0.501), re-warmed over 1% of 240 steps, cosine down to 0.1 x, at least 5% replay
     assert final.train.lr == pytest.approx(winner["hp/train.lr"] * 0.5012, rel=1e-3)
-    assert final.train.mix_ratio == pytest.approx(winner.get("hp/train.mix_ratio") or 0.9)
+    assert final.train.warmup_steps == 2 and final.train.schedule == "cosine" and final.train.min_lr_ratio == 0.1
+    assert final.train.mix_ratio == pytest.approx(min(winner.get("hp/train.mix_ratio") or 0.9, 0.95))
     assert final.law.target_tokens == target
     header = final_path.read_text().split("\nmodel:")[0]
     assert "fallback" in header and "NOT the law's pick" in header and "predicts" not in header

@@ -396,6 +396,11 @@ class LawConfig:
     lr_horizon_exponent: float = 0.3
     """The fallback's lr for a longer run: the reference trial's lr x (run tokens / its tokens) ** -exponent (the
     token-horizon rule of Bjorck et al. 2025)."""
+    fallback: str = "recipe"
+    """The run recommended when the CPT law cannot carry one: recipe (Ibrahim et al. 2024's continual pre-training
+    recipe around the reference trial's lr: re-warm over 1% of the steps, cosine re-decay to 0.1 x the peak, at
+    least 5% general replay) | winner (the reference trial's own schedule, warmup and mix). Both scale the lr by
+    law.lr_horizon_exponent."""
 
 
 @dataclass
@@ -533,6 +538,7 @@ KEEP_OPTIMIZER = ("latest", "all")
 KEEP_WEIGHTS = ("finished", "all")
 KEEP_PRE_DECAY = ("winner", "top_k", "all", "none")
 ON_FORGETTING = ("stop", "warn")
+LAW_FALLBACKS = ("recipe", "winner")
 AUGMENT_STYLES = ("paraphrase", "qa", "summary", "simple", "entities")
 """augment.styles built in (their prompts: raycpt.core.augment.STYLE_TEMPLATES)."""
 HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
@@ -986,6 +992,8 @@ def validate(cfg: ExperimentConfig) -> list[str]:
     _check_range(p, "law.max_loo_error", cfg.law.max_loo_error, 0)
     _check_range(p, "law.max_extrapolation", cfg.law.max_extrapolation, 1)
     _check_range(p, "law.lr_horizon_exponent", cfg.law.lr_horizon_exponent, 0, 1)
+    if cfg.law.fallback not in LAW_FALLBACKS:
+        p.append(f"law.fallback: '{cfg.law.fallback}' is not allowed{_closest(cfg.law.fallback, list(LAW_FALLBACKS))}")
     _check_range(p, "select.max_forgetting", cfg.select.max_forgetting, 0)
     e = cfg.eval
     if e.method not in EVAL_METHODS:

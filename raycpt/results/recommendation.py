@@ -94,7 +94,7 @@ def sweep_recommendation(trials: list[dict[str, Any]], histories: dict[str, pd.D
         reference=by_id[reference_row["trial_id"]], total_steps=max(1, math.ceil(target / per_step)),
         tokens_per_step=per_step, max_forgetting=cfg.select.max_forgetting, bootstrap=BOOTSTRAP,
         seed=cfg.data.seed, max_loo_error=cfg.law.max_loo_error, max_extrapolation=cfg.law.max_extrapolation,
-        lr_exponent=cfg.law.lr_horizon_exponent)
+        lr_exponent=cfg.law.lr_horizon_exponent, fallback_kind=cfg.law.fallback)
     return {**rec.to_dict(), "target_tokens": target, "tokens_per_step": per_step,
             "reference_trial": reference_row["trial_id"], "curves": len(curves),
             "fits": {name: fit.to_dict() for name, fit in fits.items()}}

@@ -2,10 +2,11 @@
 
 * `DIR/final.yaml`: one run at the target budget (law.target_tokens) as the sweep recommends it
   (`Summary.recommendation`, raycpt.results.recommendation.sweep_recommendation): the schedule-aware CPT law's peak lr,
-  mix and schedule when its fit is good enough and the run within its support, else the fallback (the reference
-  trial's settings, its lr scaled by the token-horizon rule) — the file's header says which, and why. The
-  reference trial's other sampled values; steps = target tokens / tokens per step, warmup and eval_every scaled by
-  the same factor; no search space. Ready for `raycpt train` (its name is the sweep's + "-final", so it never
+  mix and schedule when its fit is good enough and the run within its support, else the fallback (law.fallback:
+  Ibrahim et al.'s re-warm / cosine re-decay / replay recipe around the reference trial's lr, or that trial's own
+  settings; the lr scaled by the token-horizon rule) — the file's header says which, and why. The reference
+  trial's other sampled values; steps = target tokens / tokens per step, the recommendation's warmup and min lr,
+  eval_every scaled by the same factor; no search space. Ready for `raycpt train` (its name is the sweep's + "-final", so it never
   writes into the sweep's dir).
 * `DIR/next.yaml`: the same sweep with its search space narrowed around the recommendation (the law's pick or the
   fallback, as in final.yaml): train.lr log-uniform from lr / LR_REGION_FACTOR to lr x LR_REGION_FACTOR (capped at
@@ -81,7 +82,12 @@ def final_config(cfg: ExperimentConfig, summary: Summary, exp_dir: Path) -> dict
     train["mix_ratio"] = round(float(rec["mix_ratio"]), MIX_DIGITS)
     train["schedule"] = rec["schedule"]
     train["steps"], train["tokens"] = steps, 0  # the final run is counted in steps (a token budget would win)
-    train["warmup_steps"] = min(steps, int(round(int(train["warmup_steps"]) * scale)))
+    if rec.get("warmup_steps") is not None:  # the recommendation's own (summaries before it carried one: scaled)
+        train["warmup_steps"] = int(rec["warmup_steps"])
+    else:
+        train["warmup_steps"] = min(steps, int(round(int(train["warmup_steps"]) * scale)))
+    if rec.get("min_lr_ratio") is not None:
+        train["min_lr_ratio"] = float(rec["min_lr_ratio"])
     train["eval_every"] = max(1, int(round(int(train["eval_every"]) * scale)))
     raw["search"]["space"] = {}
     raw["search"]["num_samples"] = 1

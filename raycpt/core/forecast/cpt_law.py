@@ -204,15 +204,21 @@ def _fit_points(pts: _Points, base_loss: float, start: tuple[float, float] | Non
     def sse(x: np.ndarray) -> float:
         return _solve(float(x[0]), float(x[1]), pts, base_loss)[1]
 
+    def log_sse(x: np.ndarray) -> float:
+        # searched on a log scale: the sse of a good fit is ~1e-5, below L-BFGS-B's stopping tolerance (relative to
+        # max(|f|, 1)), which left fits short of their optimum
+        return math.log(sse(x) + 1e-300)
+
     starts = [] if start is None else [start]
     if grid_starts:
         grid = [(le, b) for le in np.linspace(*LOG_E_BOUNDS, GRID[0]) for b in np.linspace(*BETA_BOUNDS, GRID[1])]
         starts += sorted(grid, key=lambda p: sse(np.array(p)))[:grid_starts]
     best_x, best_sse = None, math.inf
     for x0 in starts:
-        result = optimize.minimize(sse, np.array(x0), method="L-BFGS-B", bounds=[LOG_E_BOUNDS, BETA_BOUNDS])
-        if result.fun < best_sse:
-            best_x, best_sse = result.x, float(result.fun)
+        result = optimize.minimize(log_sse, np.array(x0), method="L-BFGS-B", bounds=[LOG_E_BOUNDS, BETA_BOUNDS],
+                                   options={"ftol": 1e-12, "gtol": 1e-10, "maxiter": 500})
+        if sse(result.x) < best_sse:
+            best_x, best_sse = result.x, sse(result.x)
     linear, best_sse = _solve(float(best_x[0]), float(best_x[1]), pts, base_loss)
     return {"log_e": float(best_x[0]), "beta": float(best_x[1]), "b_own": float(linear[0]),
             "b_other": float(linear[1]), "c": float(linear[2])}, best_sse
@@ -269,6 +275,17 @@ benchmarks/bench_payoff.py prints this law's error and reach on held-out longer 
 LR_HORIZON_EXPONENT = 0.3
 """The fallback's lr rule, LR*(D) proportional to D**-beta (Bjorck et al. 2025, "Scaling Optimal LR Across Token
 Horizons"): a run of k times the tokens gets k**-0.3 times the lr."""
+Fallback = Literal["recipe", "winner"]
+"""What the recommendation falls back to when the law cannot carry the run (law.fallback):
+recipe: Ibrahim et al. 2024's continual pre-training recipe around the reference trial's lr (re-warm over
+RECIPE_WARMUP_FRACTION of the steps, cosine re-decay to RECIPE_MIN_LR_RATIO x the peak, at least RECIPE_MIN_REPLAY
+general replay); winner: the reference trial's own schedule, warmup and mix."""
+RECIPE_WARMUP_FRACTION = 0.01
+"""Ibrahim et al.'s re-warming: 1% of the run's steps (at least one)."""
+RECIPE_MIN_LR_RATIO = 0.1
+"""Ibrahim et al.'s re-decay: cosine down to 0.1 x the peak lr."""
+RECIPE_MIN_REPLAY = 0.05
+"""Ibrahim et al.'s replay: a few percent of general data at least (5% their smallest that held forgetting)."""
 
 
 @dataclass
@@ -290,6 +307,10 @@ class Recommendation:
     schedule: str
     total_steps: int
     reasons: list[str] = field(default_factory=list)
+    warmup_steps: int | None = None
+    """The run's warmup steps (None: the reference trial's, scaled to the run's length)."""
+    min_lr_ratio: float | None = None
+    """Where the schedule decays to, as a fraction of the peak lr (None: the reference trial's)."""
     predicted_domain_loss: float | None = None
     predicted_general_loss: float | None = None
     domain_loss_ci: tuple[float, float] | None = None
@@ -308,9 +329,39 @@ def horizon_lr(lr: float, tokens_from: float, tokens_to: float, exponent: float 
     return lr * (tokens_to / tokens_from) ** -exponent
 
 
+def fallback_run(reference: Curve, total_steps: int, tokens_per_step: int, why: list[str], *,
+                 kind: Fallback = "recipe", lr_exponent: float = LR_HORIZON_EXPONENT, replay: bool = True
+                 ) -> Recommendation:
+    """The run recommended when the law cannot carry one: the reference trial's lr scaled by the horizon rule and,
+    for `recipe`, Ibrahim et al.'s re-warm (RECIPE_WARMUP_FRACTION of the steps), cosine re-decay to
+    RECIPE_MIN_LR_RATIO x the peak and at least RECIPE_MIN_REPLAY replay (when there is a general corpus:
+    `replay`); for `winner`, the reference trial's schedule, scaled warmup and mix. `why`: the law's reasons."""
+    ref = reference.run
+    ref_tokens = ref.total_steps * tokens_per_step
+    lr = horizon_lr(ref.peak_lr, ref_tokens, total_steps * tokens_per_step, lr_exponent)
+    scaled = (f"its lr {ref.peak_lr:.3g} scaled by the horizon rule (x{lr / ref.peak_lr:.2f} for "
+              f"{total_steps * tokens_per_step / ref_tokens:.1f}x its tokens)")
+    if kind == "winner":
+        return Recommendation("fallback", lr, reference.mix_ratio, ref.schedule, total_steps,
+                              why + [f"fell back to trial {reference.trial_id}'s settings with {scaled}"],
+                              scaled_warmup(ref, total_steps), ref.min_lr_ratio)
+    mix = min(reference.mix_ratio, 1.0 - RECIPE_MIN_REPLAY) if replay else reference.mix_ratio
+    warmup = min(total_steps, max(1, round(RECIPE_WARMUP_FRACTION * total_steps)))
+    return Recommendation("fallback", lr, mix, "cosine", total_steps, why + [
+        f"fell back to Ibrahim et al.'s continual pre-training recipe around trial {reference.trial_id}: {scaled}, "
+        f"re-warmed over {warmup} step(s), cosine re-decay to {RECIPE_MIN_LR_RATIO:g}x, mix {mix:.2f}"
+        + (f" (at least {RECIPE_MIN_REPLAY:.0%} replay)" if replay and mix < reference.mix_ratio else "")],
+        warmup, RECIPE_MIN_LR_RATIO)
+
+
+def scaled_warmup(reference: RunSchedule, total_steps: int) -> int:
+    """The reference run's warmup stretched to a run of `total_steps` (the law's candidates keep its shape)."""
+    return min(total_steps, round(reference.warmup_steps * total_steps / max(1, reference.total_steps)))
+
+
 def _candidates(domain: CptLawFit, general: CptLawFit | None, reference: RunSchedule, total_steps: int,
                 lrs: Sequence[float], mixes: Sequence[float], schedules: Sequence[str]) -> list[Candidate]:
-    warmup = min(total_steps, round(reference.warmup_steps * total_steps / max(1, reference.total_steps)))
+    warmup = scaled_warmup(reference, total_steps)
     found = []
     for lr in lrs:
         for schedule in schedules:
@@ -338,22 +389,19 @@ def recommend(curves: Sequence[Curve], *, base_domain_loss: float, base_general_
               reference: Curve, total_steps: int, tokens_per_step: int, max_forgetting: float,
               schedules: Sequence[str] = ("cosine", "wsd"), bootstrap: int = 100, seed: int = 0,
               max_loo_error: float = MAX_LOO_ERROR, max_extrapolation: float = MAX_EXTRAPOLATION,
-              lr_exponent: float = LR_HORIZON_EXPONENT) -> tuple[Recommendation, dict[str, CptLawFit]]:
+              lr_exponent: float = LR_HORIZON_EXPONENT, fallback_kind: Fallback = "recipe"
+              ) -> tuple[Recommendation, dict[str, CptLawFit]]:
     """The run of `total_steps` the law recommends: peak lr, mix and schedule that minimise predicted domain loss
     with predicted general ppl within (1 + max_forgetting) x the base model's, searched inside the ranges the
     trials covered. When the law cannot say (too few curves, fit error over `max_loo_error`, the run's forward area
-    beyond `max_extrapolation` x the data's), the reference trial's settings with its lr scaled by the horizon
-    rule, and the reasons. Returns the recommendation and the fits made (to report and plot)."""
+    beyond `max_extrapolation` x the data's), `fallback_run` of `fallback_kind`, with the reasons. Returns the
+    recommendation and the fits made (to report and plot)."""
     fits: dict[str, CptLawFit] = {}
     reasons: list[str] = []
-    ref_tokens = reference.run.total_steps * tokens_per_step
 
     def fallback(why: list[str]) -> tuple[Recommendation, dict[str, CptLawFit]]:
-        lr = horizon_lr(reference.run.peak_lr, ref_tokens, total_steps * tokens_per_step, lr_exponent)
-        why = why + [f"fell back to trial {reference.trial_id}'s settings with its lr {reference.run.peak_lr:.3g} "
-                     f"scaled by the horizon rule (x{lr / reference.run.peak_lr:.2f} for "
-                     f"{total_steps * tokens_per_step / ref_tokens:.1f}x its tokens)"]
-        return Recommendation("fallback", lr, reference.mix_ratio, reference.run.schedule, total_steps, why), fits
+        return fallback_run(reference, total_steps, tokens_per_step, why, kind=fallback_kind,
+                            lr_exponent=lr_exponent, replay=base_general_loss is not None), fits
 
     try:
         fits["domain"] = fit_cpt_law(curves, "domain", base_domain_loss)
@@ -380,7 +428,8 @@ def recommend(curves: Sequence[Curve], *, base_domain_loss: float, base_general_
     if best is None:
         return fallback([f"no run inside the trials' lr and mix ranges is predicted within the forgetting bound "
                          f"(general ppl <= {1 + max_forgetting:.2f} x base)"])
-    run = replace(reference.run, peak_lr=best.peak_lr, total_steps=total_steps, schedule=best.schedule)
+    run = replace(reference.run, peak_lr=best.peak_lr, total_steps=total_steps, schedule=best.schedule,
+                  warmup_steps=scaled_warmup(reference.run, total_steps))
     reach = float(areas(run.lrs())[0][-1]) / domain.max_s1
     if reach > max_extrapolation:
         return fallback([f"the law's pick (lr {best.peak_lr:.3g}, mix {best.mix_ratio:.2f}, {best.schedule}) "
@@ -389,7 +438,7 @@ def recommend(curves: Sequence[Curve], *, base_domain_loss: float, base_general_
     rec = Recommendation("law", best.peak_lr, best.mix_ratio, best.schedule, total_steps,
                          [f"lowest predicted domain loss within the forgetting bound among {len(lrs)} lrs x "
                           f"{len(mixes)} mixes x {len(schedules)} schedules inside the trials' ranges"],
-                         best.domain_loss, best.general_loss, extrapolation=reach)
+                         run.warmup_steps, run.min_lr_ratio, best.domain_loss, best.general_loss, extrapolation=reach)
     if bootstrap:
         _bootstrap(rec, curves, fits, reference, bootstrap, seed)
     if general is not None and best.general_loss is not None:
@@ -405,7 +454,8 @@ def _bootstrap(rec: Recommendation, curves: Sequence[Curve], fits: dict[str, Cpt
     starts = {name: (fit.params["log_e"], fit.params["beta"]) for name, fit in fits.items()}
     base_domain = fits["domain"].base_loss
     base_general = fits["general"].base_loss if "general" in fits else None
-    run = replace(reference.run, peak_lr=rec.peak_lr, total_steps=rec.total_steps, schedule=rec.schedule)
+    run = replace(reference.run, peak_lr=rec.peak_lr, total_steps=rec.total_steps, schedule=rec.schedule,
+                  warmup_steps=rec.warmup_steps)
     s1, s2 = areas(run.lrs())
     domain_values, general_values = [], []
     for _ in range(n):
