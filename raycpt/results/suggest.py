@@ -6,8 +6,8 @@
   Ibrahim et al.'s re-warm / cosine re-decay / replay recipe around the reference trial's lr, or that trial's own
   settings; the lr scaled by the token-horizon rule) — the file's header says which, and why. The reference
   trial's other sampled values; steps = target tokens / tokens per step, the recommendation's warmup and min lr,
-  eval_every scaled by the same factor; no search space. Ready for `raycpt train` (its name is the sweep's + "-final", so it never
-  writes into the sweep's dir).
+  eval_every scaled by the same factor; no search space. Ready for `raycpt train` (its name is the sweep's +
+  "-final", so it never writes into the sweep's dir).
 * `DIR/next.yaml`: the same sweep with its search space narrowed around the recommendation (the law's pick or the
   fallback, as in final.yaml): train.lr log-uniform from lr / LR_REGION_FACTOR to lr x LR_REGION_FACTOR (capped at
   1), lr being the recommended peak lr brought back from the target budget to the reference trial's tokens by the
